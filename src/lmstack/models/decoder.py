@@ -1,0 +1,141 @@
+"""Decoder-only language models: GPT-2 (learned positions, LayerNorm, GELU) and Llama (RoPE, RMSNorm, SwiGLU, GQA).
+
+One class covers both; the config picks the blocks. Shapes: B batch, T new tokens, S cache length, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmstack.config import DecoderConfig
+from lmstack.models.blocks import (Block, KVCache, make_attention, make_mlp, make_norm, rope_table,
+                                   sinusoidal_table)
+
+
+def build_block(cfg: DecoderConfig) -> Block:
+    return Block(
+        attn=make_attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.attn_bias,
+                            dropout=cfg.dropout),
+        attn_norm=make_norm(cfg.norm, cfg.d_model, cfg.norm_eps),
+        mlp=make_mlp(cfg.d_model, cfg.d_ff, cfg.activation, cfg.gated_mlp, cfg.mlp_bias, cfg.dropout),
+        mlp_norm=make_norm(cfg.norm, cfg.d_model, cfg.norm_eps),
+        norm_first=True, dropout=cfg.dropout)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(build_block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        # Tied heads reuse tok_emb.weight, so the checkpoint holds one copy.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_buffers()
+        self.apply(self._init_weights)
+
+    def reset_buffers(self) -> None:
+        """(Re)build the non-persistent tables on the current default device (used after meta-device loading)."""
+        cfg = self.config
+        if cfg.positions == "rope":
+            cos, sin = rope_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # [P, D]
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------------------------------- cache
+
+    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a static KV cache for `batch_size` sequences of up to `max_len` tokens."""
+        cfg = self.config
+        max_len = max_len or cfg.max_seq_len
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = self.tok_emb.weight.device
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    @property
+    def cache_len(self) -> int:
+        cache = self.layers[0].attn.kv_cache
+        return 0 if cache is None else cache.k.shape[2]
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache.reorder(beam_idx)
+
+    # -------------------------------------------------------------------------------------- forward
+
+    def embed(self, tokens: Tensor, position_ids: Tensor) -> Tensor:
+        x = self.tok_emb(tokens)  # [B, T, C]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        elif self.config.positions == "sinusoidal":
+            x = x + self.pos_table[position_ids].to(x.dtype)
+        return self.drop(x)
+
+    def forward(self, tokens: Tensor, *, input_pos: Tensor | None = None, position_ids: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, last_only: bool = False,
+                return_hidden: bool = False) -> Tensor:
+        """tokens: [B, T] -> logits [B, T, V] ([B, 1, V] with `last_only`, hidden [B, T, C] with `return_hidden`).
+
+        input_pos:        [T] cache slots to write; needs `setup_cache`. None = no cache (training).
+        position_ids:     [B, T] positions for RoPE / learned embeddings; default input_pos or arange(T).
+        key_padding_mask: [B, S] bool, True for real tokens (S = T without cache, cache length with it).
+        attn_mask:        [B, 1, T, S] bool, overrides the causal mask (packed sequences use a block mask).
+        inputs_embeds:    [B, T, C] embeddings to use instead of looking `tokens` up (prompt tuning).
+        """
+        B, T = tokens.shape[:2] if inputs_embeds is None else inputs_embeds.shape[:2]
+        device = self.tok_emb.weight.device
+        if position_ids is None:
+            base = input_pos if input_pos is not None else torch.arange(T, device=device)
+            position_ids = base.unsqueeze(0).expand(B, T)
+        if inputs_embeds is None:
+            x = self.embed(tokens, position_ids)
+        else:
+            x = self.drop(inputs_embeds)
+        rope = None
+        if self.config.positions == "rope":
+            rope = (self.rope_cos[position_ids].unsqueeze(1).to(x.dtype),  # [B, 1, T, D]
+                    self.rope_sin[position_ids].unsqueeze(1).to(x.dtype))
+        mask, is_causal = attn_mask, False
+        if mask is None:
+            if input_pos is not None:  # cached: query at slot p sees slots <= p
+                slots = torch.arange(self.cache_len, device=device)
+                mask = (slots[None, :] <= input_pos[:, None])[None, None]  # [1, 1, T, S]
+            elif key_padding_mask is not None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+            else:
+                is_causal = True
+            if key_padding_mask is not None:
+                mask = mask & key_padding_mask[:, None, None, :]  # [B, 1, T, S]
+        for layer in self.layers:
+            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, input_pos=input_pos)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return x @ weight.t()  # [B, T, V]
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
