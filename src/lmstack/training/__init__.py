@@ -1,0 +1,1 @@
+"""The one trainer, its objectives, optimizer, schedule and checkpoints."""
