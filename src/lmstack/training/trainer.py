@@ -26,6 +26,9 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_text
@@ -294,13 +297,18 @@ class Trainer:
     # -------------------------------------------------------------------------------- checkpoints
 
     def trainable_state(self) -> dict[str, Tensor]:
+        """Full (unsharded) trainable weights; a collective call under FSDP, so every rank must make it."""
         named = {n for n, p in self.state_model.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_model.state_dict().items() if k in named}
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in state.items() if k in named}
 
     def save(self) -> Path | None:
         state = {"config": dataclasses.asdict(self.config), "run_config": self.run_config, "tokens": self.tokens,
                  "best_val": self.best_val, "evals_since_best": self.evals_since_best}
-        model_state, optim_state = self.trainable_state(), self.optimizer.state_dict()
+        # Gathered into full tensors keyed by parameter name, so any world size can resume from it.
+        model_state = self.trainable_state()
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return None
         try:
@@ -325,11 +333,13 @@ class Trainer:
                              {"max_steps", "max_tokens", "max_time", "out", "out_dir", "progress", "resume"},
                              last.path)
         model_state, optim_state, rng = ckpt.load_checkpoint_tensors(last)
-        missing = set(self.trainable_state()) - set(model_state)
+        named = {n for n, p in self.state_model.named_parameters() if p.requires_grad}
+        missing = named - set(model_state)
         if missing:
             raise LmstackError(f"{last.path}: checkpoint lacks trainable weights {sorted(missing)[:3]}")
-        self.state_model.load_state_dict(model_state, strict=False)
-        self.optimizer.load_state_dict(optim_state)
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, model_state, options=full)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=full)
         ckpt.set_rng_state(rng)
         self.step = last.step
         self.tokens = int(last.state.get("tokens", 0))
