@@ -74,6 +74,9 @@ class EncoderConfig:
     mask_token_id: int | None = None
     pooling: Literal["cls", "mean"] = "mean"
     normalize_embeddings: bool = True
+    embed_max_len: int | None = None  # sentence-transformers' max_seq_length; None = max_seq_len
+    mlm_head: bool = True  # BertForMaskedLM head; sentence-transformers checkpoints ship BertModel only
+    cls_pooler: bool = False  # BertModel's [CLS] dense+tanh pooler, kept when the checkpoint has it
     family: str = field(default="encoder", init=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +113,9 @@ class Seq2SeqConfig:
     bias: bool = True
     tie_embeddings: bool = True
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model), as in Vaswani et al.
+    final_norm: bool | None = None  # norm after the last encoder/decoder layer; None = norm_first
+    attn_scale: float | None = None  # None = 1/sqrt(head_dim); T5 uses 1.0
+    scale_decoder_outputs: bool = False  # multiply decoder output by d_model**-0.5 before the head (T5, tied)
     dropout: float = 0.1
     pad_token_id: int = 0
     bos_token_id: int = 1  # decoder start token
@@ -119,6 +125,7 @@ class Seq2SeqConfig:
     def __post_init__(self) -> None:
         self.d_ff = self.d_ff or 4 * self.d_model
         self.head_dim = self.head_dim or self.d_model // self.n_head
+        self.final_norm = self.norm_first if self.final_norm is None else self.final_norm
         if self.positions not in ("sinusoidal", "relative", "learned"):
             raise LmstackError(f"seq2seq positions must be sinusoidal, learned or relative, not {self.positions!r}")
 
@@ -127,7 +134,8 @@ ModelConfig = Union[DecoderConfig, EncoderConfig, Seq2SeqConfig]
 CONFIG_CLASSES: dict[str, type] = {"decoder": DecoderConfig, "encoder": EncoderConfig, "seq2seq": Seq2SeqConfig}
 
 _LLAMA = dict(positions="rope", norm="rmsnorm", activation="silu", gated_mlp=True, attn_bias=False, mlp_bias=False)
-_T5 = dict(positions="relative", norm="rmsnorm", norm_first=True, bias=False, scale_embeddings=False, norm_eps=1e-6)
+_T5 = dict(positions="relative", norm="rmsnorm", norm_first=True, bias=False, scale_embeddings=False, norm_eps=1e-6,
+           attn_scale=1.0, scale_decoder_outputs=True)
 
 PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "smollm2-135m": (DecoderConfig, dict(
@@ -141,7 +149,7 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "bert-base": (EncoderConfig, dict(mask_token_id=103)),
     "transformer-base": (Seq2SeqConfig, dict()),
     "t5-small": (Seq2SeqConfig, dict(vocab_size=32128, d_model=512, d_ff=2048, n_head=8, head_dim=64,
-                                     dropout=0.1, **_T5)),
+                                     dropout=0.1, pad_token_id=0, bos_token_id=0, eos_token_id=1, **_T5)),
     # Tiny configs for tests: same shapes of code paths, a few thousand parameters.
     "tiny-llama": (DecoderConfig, dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
                                        max_seq_len=128, **_LLAMA)),

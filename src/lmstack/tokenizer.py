@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -49,6 +50,10 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # the Rust parser's message is already one line
             raise LmstackError(f"{tok_file}: cannot read tokenizer ({e})") from None
+        # Files saved by transformers may carry fixed padding/truncation (MiniLM: pad to 128); transformers
+        # overrides them on every call, and callers here pad and truncate themselves.
+        backend.no_padding()
+        backend.no_truncation()
         cfg: dict[str, Any] = {}
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.exists():
@@ -105,11 +110,15 @@ class Tokenizer:
     # ----------------------------------------------------------------------------- encode/decode
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # The backend's post-processor adds what transformers adds (BERT's [CLS] ... [SEP]); add_bos/add_eos
+        # come on top, without doubling a token the post-processor already put there.
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        ids, added = enc.ids, enc.special_tokens_mask
         if add_special_tokens:
             if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
                 ids = [self.bos_token_id, *ids]
-            if self.add_eos and self.eos_token_id is not None:
+            if self.add_eos and self.eos_token_id is not None and not (added and added[-1] and
+                                                                        ids[-1] == self.eos_token_id):
                 ids = [*ids, self.eos_token_id]
         return ids
 
@@ -158,25 +167,36 @@ def _compile_template(source: str) -> jinja2.Template:
 class StreamDecoder:
     """Turns token ids into text pieces one at a time, never splitting a multi-byte character.
 
-    It decodes the pending ids with the previous few as context and emits only text that is complete (no
-    trailing U+FFFD from a partial UTF-8 sequence), the way transformers' TextStreamer and llama.cpp do.
+    Incremental, as in TGI and vLLM: each push decodes only a short window (the last emitted token or so as
+    context, plus the pending ids) and returns the text the newest ids add. Text that ends in U+FFFD (a partial
+    UTF-8 sequence) is held back until the rest of the character arrives. Pieces plus `flush()` concatenate to
+    `decode(ids)`. The context token matters for tokenizers whose decoder strips a leading space.
     """
+
+    max_pending = 4  # a UTF-8 character is at most 4 bytes: a longer U+FFFD run is invalid text, emit it
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = 0  # characters of decode(self.ids) already returned
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] are context, already emitted
+        self.read_offset = 0  # ids[read_offset:] are not emitted yet
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
-        if text.endswith("\ufffd"):
-            return ""  # wait for the rest of the character
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
+        text = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
+        pending = len(self.ids) - self.read_offset
+        if len(text) <= len(prefix) or (text.endswith("\ufffd") and pending < self.max_pending):
+            return ""  # nothing new yet, or wait for the rest of the character
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix):]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        """Whatever is still held back (e.g. an incomplete character at the end of a generation)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
+        text = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix):]
