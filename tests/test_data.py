@@ -531,3 +531,26 @@ def test_step_generator_depends_on_seed_and_step() -> None:
     draw = [torch.randint(10**9, (4,), generator=step_generator(s, k)) for s, k in [(0, 0), (0, 1), (1, 0), (0, 0)]]
     assert torch.equal(draw[0], draw[3])
     assert not torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
+
+
+def test_tail_split_is_a_contiguous_cut_of_the_token_stream(tmp_path):
+    """nanoGPT's split: the first 90% of a single document trains, the last 10% validates."""
+    text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(5000))
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(text)
+    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok"), kind="char", doc_split="file")
+    manifest = prepare_data([str(corpus)], str(tmp_path / "out"), str(tok), doc_split="file", split="tail",
+                            val_fraction=0.1, shard_tokens=1000, progress=False)
+    total = len(text) + 1  # + EOS
+    assert manifest["tokens"]["train"] == int(total * 0.9)
+    assert manifest["tokens"]["val"] == total - int(total * 0.9)
+    t = Tokenizer.from_dir(tmp_path / "out" / "tokenizer")
+
+    def read(split: str) -> list[int]:
+        ids: list[int] = []
+        for shard in manifest["shards"][split]:
+            ids += np.fromfile(tmp_path / "out" / shard["file"], dtype=manifest["dtype"]).tolist()
+        return ids
+    train_ids, val_ids = read("train"), read("val")
+    assert t.decode(train_ids + val_ids[:-1]) == text
+    assert val_ids[-1] == manifest["eos_id"]

