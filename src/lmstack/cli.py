@@ -27,6 +27,10 @@ app = typer.Typer(name="lmstack", help="A hackable toolkit for the whole life of
                   add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 models_app = typer.Typer(help="List and inspect models.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(models_app, name="models")
+tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(tokenizer_app, name="tokenizer")
+data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -233,6 +237,29 @@ verb(app, commands.chat, "chat", skip={"input", "output", "notices"}, run=_chat)
 verb(app, commands.convert, "convert", run=_convert)
 verb(models_app, commands.list_models, "list", extra=[JSON_FLAG], run=_models_list)
 verb(models_app, commands.show_model, "show", extra=[JSON_FLAG], run=_models_show)
+
+
+def _print_json(result: Any) -> None:
+    print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+
+
+def _tokenizer_train(**kwargs: Any) -> None:
+    print(f"wrote tokenizer to {commands.tokenizer_train(**kwargs)}", file=sys.stderr)
+
+
+def _data_prepare(**kwargs: Any) -> None:
+    manifest = commands.data_prepare(**kwargs)
+    print(json.dumps({"out": kwargs["out"], "documents": manifest["documents"], "tokens": manifest["tokens"],
+                      "dtype": manifest["dtype"]}, indent=2))
+
+
+def _pretrain(**kwargs: Any) -> None:
+    _print_json(commands.pretrain(**kwargs))
+
+
+verb(tokenizer_app, commands.tokenizer_train, "train", run=_tokenizer_train)
+verb(data_app, commands.data_prepare, "prepare", run=_data_prepare)
+verb(app, commands.pretrain, "pretrain", run=_pretrain)
 
 
 def main() -> None:

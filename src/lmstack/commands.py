@@ -325,3 +325,116 @@ def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype
     from lmstack.checkpoints.hf import export_hf
     export_hf(loaded.model, loaded.tokenizer, out)
     return out
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def tokenizer_train(inputs: list[str], *, out: str, kind: Literal["bpe", "char"] = "bpe", vocab_size: int = 8000,
+                    field: str = "text", min_frequency: int = 2, sentinels: int = 0,
+                    doc_split: Literal["file", "line", "blank-line"] = "blank-line") -> Path:
+    """Train a byte-level BPE or a char-level tokenizer on text / JSONL / Parquet files.
+
+    Args:
+        inputs: text, JSONL or Parquet files (or folders).
+        out: folder to write tokenizer.json and tokenizer_config.json to.
+        kind: bpe (byte-level BPE) or char.
+        vocab_size: BPE vocabulary size, special tokens included.
+        field: the JSONL / Parquet field holding the text.
+        min_frequency: BPE merges need at least this many occurrences.
+        sentinels: add this many T5 sentinels <extra_id_N> (for span corruption).
+        doc_split: how plain text splits into documents: file, line or blank-line.
+    """
+    from lmstack.data.tokenizer_train import train_tokenizer
+    return train_tokenizer(inputs, out, kind=kind, vocab_size=vocab_size, field=field, min_frequency=min_frequency,
+                           sentinels=sentinels, doc_split=doc_split)
+
+
+def data_prepare(inputs: list[str], *, out: str, tokenizer: str, field: str = "text", val_fraction: float = 0.1,
+                 min_chars: int = 1, dedup: bool = True, normalize: Literal["NFC", "NFKC", "none"] = "NFC",
+                 shard_tokens: int = 50_000_000, seed: int = 0,
+                 doc_split: Literal["file", "line", "blank-line"] = "blank-line",
+                 split: Literal["hash", "tail"] = "hash") -> dict[str, Any]:
+    """Clean, deduplicate, tokenize and pack text / JSONL / Parquet into train and val token shards.
+
+    Args:
+        inputs: text, JSONL or Parquet files (or folders); read streaming, so larger than RAM is fine.
+        out: folder for the shards and manifest.json.
+        tokenizer: a tokenizer folder, or any model name or path (its tokenizer is used).
+        field: the JSONL / Parquet field holding the text.
+        val_fraction: share of documents (split hash) or of tokens (split tail) that go to val.
+        min_chars: drop documents shorter than this after cleaning.
+        dedup: drop exact duplicate documents.
+        normalize: unicode normalization: NFC, NFKC or none.
+        shard_tokens: tokens per shard file.
+        seed: seed of the hash split.
+        doc_split: how plain text splits into documents: file, line or blank-line.
+        split: hash (by document) or tail (the last val_fraction of the token stream, as nanoGPT).
+    """
+    from lmstack.data.prepare import prepare_data
+    return prepare_data(inputs, out, tokenizer, field=field, val_fraction=val_fraction, min_chars=min_chars,
+                        dedup=dedup, normalize=normalize, shard_tokens=shard_tokens, seed=seed, doc_split=doc_split,
+                        split=split)
+
+
+def pretrain(*, config: str | None = None, objective: Literal["causal", "mlm", "span", "seq2seq"] = "causal",
+             model: str | None = None, shards: str | None = None, out: str | None = None,
+             tokenizer: str | None = None, seq_len: int | None = None, data: str | None = None,
+             strategy: Literal["single", "ddp", "fsdp"] = "single", max_steps: int | None = None,
+             max_tokens: int | None = None, max_time: float | None = None, batch_size: int | None = None,
+             micro_batch_size: int | None = None, lr: float | None = None, min_lr: float | None = None,
+             warmup_steps: int | None = None, weight_decay: float | None = None, grad_clip: float | None = None,
+             precision: Literal["fp32", "bf16"] | None = None, compile: bool | None = None,
+             eval_every: int | None = None, eval_batches: int | None = None, save_every: int | None = None,
+             keep_last: int | None = None, early_stopping_patience: int | None = None, seed: int | None = None,
+             progress: bool = True, resume: bool = True, set: list[str] | None = None) -> dict[str, Any]:
+    """Pretrain a model from a preset: causal LM, masked LM, T5 span corruption or seq2seq pairs.
+
+    Run under torchrun with --strategy ddp or fsdp for several processes or GPUs. A YAML --config gives
+    defaults; every flag given on the command line overrides it.
+
+    Args:
+        config: a YAML file (see configs/); flags override its values.
+        objective: causal (decoder), mlm (encoder), span (seq2seq, T5 span corruption) or seq2seq (pairs).
+        model: a preset name (lmstack models list), e.g. tiny-gpt2, gpt2-124m, tiny-bert, tiny-t5.
+        shards: a folder from `lmstack data prepare` (causal, mlm, span).
+        out: run folder: metrics.jsonl, loss.png, tensorboard/, checkpoints/, final/.
+        tokenizer: tokenizer folder (default: the one saved with the shards).
+        seq_len: tokens per training sequence.
+        data: the shared data folder that ${data} in a config refers to (default ../shared/data).
+        strategy: single, ddp or fsdp (FSDP2 fully_shard; needs torchrun).
+        max_steps: optimizer steps.
+        max_tokens: stop after this many tokens.
+        max_time: stop after this many seconds, with a checkpoint.
+        batch_size: sequences per optimizer step, over all ranks.
+        micro_batch_size: sequences per forward pass (gradient accumulation makes up the rest).
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: linear warmup steps.
+        weight_decay: AdamW weight decay (matrices only).
+        grad_clip: gradient norm clipping (0 = off).
+        precision: fp32 or bf16 (autocast).
+        compile: torch.compile the training step.
+        eval_every: steps between evaluations on val.
+        eval_batches: batches per evaluation.
+        save_every: steps between checkpoints (default eval_every).
+        keep_last: checkpoints to keep.
+        early_stopping_patience: stop after this many evaluations without a better val loss.
+        seed: random seed.
+        progress: show a progress bar.
+        resume: continue from the newest intact checkpoint in --out.
+        set: model config overrides as key=value (e.g. --set n_layer=4 --set dropout=0.1).
+    """
+    from lmstack.training.pretrain import parse_overrides
+    from lmstack.training.pretrain import pretrain as run_pretrain
+    train = {k: v for k, v in dict(
+        max_steps=max_steps, max_tokens=max_tokens, max_time=max_time, batch_size=batch_size,
+        micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, compile=compile,
+        eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, keep_last=keep_last,
+        early_stopping_patience=early_stopping_patience, seed=seed).items() if v is not None}
+    result = run_pretrain(objective=objective, model=model, shards=shards, out=out, config=config, seq_len=seq_len,
+                          tokenizer=tokenizer, strategy=strategy, data=data,
+                          model_overrides=parse_overrides(set or []) or None, resume=resume, progress=progress,
+                          **train)
+    return asdict(result)

@@ -175,11 +175,14 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def save_native(model: nn.Module, tokenizer: Tokenizer | None, out_dir: str | Path,
-                metadata: dict[str, Any] | None = None) -> Path:
-    """Write model.safetensors, lmstack.json (config + metadata) and the tokenizer files, each atomically."""
+                metadata: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model.safetensors, lmstack.json (config + metadata) and the tokenizer files, each atomically.
+
+    `state` replaces model.state_dict(), e.g. the full tensors gathered from an FSDP-sharded model.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": NATIVE_FORMAT}))
     if tokenizer is not None:
         tokenizer.save(out)
