@@ -1,0 +1,326 @@
+"""GGUF import: tiny files written with gguf.GGUFWriter, checked against gguf's own reader and dequantizer.
+
+Every file here is written the way llama.cpp's converter writes one (ggml dim order, q/k permuted for its RoPE,
+quantized with gguf.quants.quantize), so a round trip through `load_gguf` must give back the original model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from lmstack.checkpoints import instantiate, load_model
+from lmstack.checkpoints.gguf import (dequantize, load_gguf, permute_qk, read_gguf, unpermute_qk)
+from lmstack.config import from_name
+from lmstack.errors import LmstackError
+from lmstack.models.decoder import Decoder
+
+torch.set_num_threads(2)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["h e", "l l", "he ll", "Ġ w"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokens() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def tiny_vocab() -> tuple[list[str], list[int]]:
+    tokens = SPECIALS + byte_tokens() + ["he", "ll", "hell", "Ġw", "<think>"]
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS) - 1) + [4]  # CONTROL, NORMAL, USER_DEFINED
+    return tokens, types
+
+
+def tiny_model(preset: str) -> Decoder:
+    tokens, _ = tiny_vocab()
+    torch.manual_seed(0)
+    return Decoder(from_name(preset, vocab_size=len(tokens), bos_token_id=1, eos_token_id=2)).eval()
+
+
+# lmstack key (after "layers.N.") -> GGUF name (after "blk.N."), as llama.cpp names them
+LLAMA_NAMES = {
+    "attn_norm.weight": "attn_norm.weight", "attn.q_proj.weight": "attn_q.weight",
+    "attn.k_proj.weight": "attn_k.weight", "attn.v_proj.weight": "attn_v.weight",
+    "attn.o_proj.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+GLOBAL_NAMES = {"tok_emb.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                "norm.bias": "output_norm.bias", "lm_head.weight": "output.weight",
+                "pos_emb.weight": "position_embd.weight"}
+
+
+def llama_tensors(model: Decoder) -> dict[str, np.ndarray]:
+    """The model's weights under llama.cpp's names, with q and k permuted as convert_hf_to_gguf.py does."""
+    cfg, out = model.config, {}
+    for key, value in model.state_dict().items():
+        w = value.detach().numpy().astype(np.float32)
+        if key in GLOBAL_NAMES:
+            out[GLOBAL_NAMES[key]] = w
+            continue
+        _, n, rest = key.split(".", 2)
+        if rest == "attn.q_proj.weight":
+            w = permute_qk(w, cfg.n_head)
+        elif rest == "attn.k_proj.weight":
+            w = permute_qk(w, cfg.n_kv_head)
+        out[f"blk.{n}.{LLAMA_NAMES[rest]}"] = w
+    return out
+
+
+def gpt2_tensors(model: Decoder) -> dict[str, np.ndarray]:
+    """GPT-2 as llama.cpp stores it: fused attn_qkv (q, k, v stacked on the output dim)."""
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    out = {GLOBAL_NAMES[k]: v for k, v in state.items() if k in GLOBAL_NAMES}
+    for n in range(model.config.n_layer):
+        p = f"layers.{n}."
+        for part in ("weight", "bias"):
+            out[f"blk.{n}.attn_qkv.{part}"] = np.concatenate(
+                [state[f"{p}attn.{x}_proj.{part}"] for x in "qkv"], axis=0)
+            for ours, theirs in (("attn_norm", "attn_norm"), ("attn.o_proj", "attn_output"),
+                                 ("mlp_norm", "ffn_norm"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
+                out[f"blk.{n}.{theirs}.{part}"] = state[f"{p}{ours}.{part}"]
+    return out
+
+
+def write_gguf(path: Path, model: Decoder, qtype: Q = Q.F32, arch: str = "llama",
+               tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """Write `model` as a GGUF file; 2-D weights in `qtype`, norms (1-D) in F32 as llama.cpp keeps them."""
+    cfg = model.config
+    if tensors is None:
+        tensors = gpt2_tensors(model) if arch == "gpt2" else llama_tensors(model)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.block_count", cfg.n_layer)
+    w.add_uint32(f"{arch}.context_length", cfg.max_seq_len)
+    w.add_uint32(f"{arch}.embedding_length", cfg.d_model)
+    w.add_uint32(f"{arch}.feed_forward_length", cfg.d_ff)
+    w.add_uint32(f"{arch}.attention.head_count", cfg.n_head)
+    if arch == "gpt2":
+        w.add_float32("gpt2.attention.layer_norm_epsilon", cfg.norm_eps)
+    else:
+        w.add_uint32(f"{arch}.attention.head_count_kv", cfg.n_kv_head)
+        w.add_float32(f"{arch}.rope.freq_base", cfg.rope_base)
+        w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.norm_eps)
+        w.add_uint32(f"{arch}.rope.dimension_count", cfg.head_dim)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32 if qtype == Q.F32 else gguf.LlamaFileType.MOSTLY_Q8_0))
+    tokens, types = tiny_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(CHATML)
+    for name, arr in tensors.items():
+        if arr.ndim == 2 and qtype != Q.F32:
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+IDS = torch.tensor([[1, 40, 75, 3, 259, 200, 17, 2, 99, 5, 6, 7]])
+
+# --------------------------------------------------------------------------------------- container
+
+
+def test_reader_matches_gguf_reader(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("tiny-llama"), Q.Q8_0)
+    ours, ref = read_gguf(path), gguf.GGUFReader(path)
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = ours.metadata[key]
+        assert (value.tolist() if isinstance(value, np.ndarray) else value) == pytest.approx(field.contents()), key
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for mine, theirs in zip(ours.tensors, ref.tensors):
+        assert mine.shape == tuple(reversed(theirs.shape.tolist()))
+        assert mine.qtype == theirs.tensor_type
+        np.testing.assert_array_equal(ours.raw(mine), theirs.data.reshape(-1).view(np.uint8))
+
+
+# ----------------------------------------------------------------------------------- dequantization
+
+FILE_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+
+
+@pytest.mark.parametrize("qtype", FILE_TYPES, ids=lambda q: q.name)
+def test_load_dequantizes_like_gguf(tmp_path: Path, qtype: Q) -> None:
+    model = tiny_model("tiny-llama")
+    path = write_gguf(tmp_path / f"{qtype.name}.gguf", model, qtype)
+    config, state, tokenizer, meta = load_gguf(path)
+    cfg = model.config
+    ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+           for t in gguf.GGUFReader(path).tensors}
+    for n in range(cfg.n_layer):
+        ref[f"blk.{n}.attn_q.weight"] = unpermute_qk(ref[f"blk.{n}.attn_q.weight"], cfg.n_head)
+        ref[f"blk.{n}.attn_k.weight"] = unpermute_qk(ref[f"blk.{n}.attn_k.weight"], cfg.n_kv_head)
+    names = {v: k for k, v in GLOBAL_NAMES.items()}
+    for name, expected in ref.items():
+        if name.startswith("blk."):
+            _, n, rest = name.split(".", 2)
+            key = f"layers.{n}." + {v: k for k, v in LLAMA_NAMES.items()}[rest]
+        else:
+            key = names[name]
+        assert state[key].dtype == torch.float32
+        torch.testing.assert_close(state[key], torch.from_numpy(np.array(expected)), rtol=0, atol=0)
+    assert set(state) == set(model.state_dict())
+    assert meta["format"] == "gguf" and meta["architecture"] == "llama"
+    n_matrices = sum(v.dim() == 2 for v in model.state_dict().values())
+    expected_types = {"F32": len(state)} if qtype == Q.F32 else {qtype.name: n_matrices, "F32": len(state) - n_matrices}
+    assert meta["quant_types"] == expected_types
+    assert meta["file_type"] == ("ALL_F32" if qtype == Q.F32 else "Q8_0")
+    # The model runs and stays close to the original (quantization error only).
+    loaded = instantiate(config, state, dtype=torch.float32)
+    got, want = logits(loaded, IDS), logits(model, IDS)
+    assert torch.isfinite(got).all()
+    tol = {Q.F32: 1e-6, Q.F16: 1e-2, Q.BF16: 5e-2, Q.Q8_0: 5e-2}.get(qtype, 0.3)
+    assert (got - want).abs().max() < tol
+
+
+K_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL]
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda q: q.name)
+def test_kernels_match_gguf_on_random_blocks(qtype: Q) -> None:
+    """Random block bytes (with finite fp16 scales) dequantize exactly as gguf.quants does, torch kernel or not."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = 6, 2 * 256
+    rng = np.random.default_rng(int(qtype))
+    raw = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
+    scales = rng.uniform(-2, 2, size=(raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    # where each type keeps its fp16 scale(s): first bytes for the legacy / K types, last two for Q6_K, Q2_K, Q3_K
+    if qtype in (Q.Q6_K, Q.Q3_K):
+        raw[:, -2:] = scales[:, :2]
+    elif qtype == Q.Q2_K:
+        raw[:, -4:] = scales
+    elif qtype in (Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K):
+        raw[:, :4] = scales
+    else:
+        raw[:, :2] = scales[:, :2]
+    raw = raw.reshape(-1)
+    got = dequantize(raw, int(qtype), (rows, cols))
+    want = gguf.quants.dequantize(raw.reshape(rows, -1), qtype)
+    assert np.isfinite(want).all()
+    np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------- q/k un-permutation
+
+
+def test_qk_unpermute_round_trip(tmp_path: Path) -> None:
+    """Permute like llama.cpp, write F32, load: the exact original weights and logits come back."""
+    model = tiny_model("tiny-llama")
+    w = model.layers[0].attn.q_proj.weight.detach()
+    assert not torch.equal(permute_qk(w, 4), w)  # the permutation really moves rows
+    torch.testing.assert_close(unpermute_qk(permute_qk(w, 4), 4), w, rtol=0, atol=0)
+    loaded = load_model(str(write_gguf(tmp_path / "f32.gguf", model)))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(logits(loaded.model, IDS), logits(model, IDS), rtol=0, atol=0)
+    assert loaded.config.tie_embeddings and loaded.config.n_kv_head == 2 and loaded.config.positions == "rope"
+    assert loaded.config.bos_token_id == 1 and loaded.config.eos_token_id == 2
+
+
+def test_untied_output_head(tmp_path: Path) -> None:
+    model = tiny_model("tiny-llama")
+    untied = Decoder(from_name("tiny-llama", vocab_size=model.config.vocab_size, tie_embeddings=False)).eval()
+    loaded = load_model(str(write_gguf(tmp_path / "untied.gguf", untied)))
+    assert not loaded.config.tie_embeddings
+    torch.testing.assert_close(loaded.model.lm_head.weight, untied.lm_head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(logits(loaded.model, IDS), logits(untied, IDS), rtol=0, atol=0)
+
+
+def test_gpt2_architecture(tmp_path: Path) -> None:
+    """GPT-2 files: learned positions, LayerNorm with bias, fused qkv split back into q, k, v."""
+    model = tiny_model("tiny-gpt2")
+    loaded = load_model(str(write_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2")))
+    assert loaded.metadata["architecture"] == "gpt2" and loaded.config.positions == "learned"
+    torch.testing.assert_close(logits(loaded.model, IDS), logits(model, IDS), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_from_metadata(tmp_path: Path) -> None:
+    _, _, tok, _ = load_gguf(write_gguf(tmp_path / "m.gguf", tiny_model("tiny-llama")))
+    tokens, _ = tiny_vocab()
+    assert tok.vocab_size == len(tokens)
+    assert tok.bos_token == "<|im_start|>" and tok.eos_token == "<|im_end|>"
+    assert tok.encode("<|im_start|>hello world<|im_end|>") == [
+        1, tokens.index("hell"), tokens.index("o"), tokens.index("Ġw"), *[tokens.index(c) for c in "orld"], 2]
+    assert tok.decode(tok.encode("héllo, wörld! 😀")) == "héllo, wörld! 😀"
+    assert {tokens.index("<|im_end|>"), tokens.index("<|endoftext|>")} <= tok.stop_token_ids
+    # user-defined tokens match whole but are not special: decoding keeps them
+    assert tok.encode("a<think>b") == [tokens.index("a"), tokens.index("<think>"), tokens.index("b")]
+    assert tok.decode(tok.encode("<|im_start|>a<think>"), skip_special_tokens=True) == "a<think>"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    model = tiny_model("tiny-llama")
+    path = write_gguf(tmp_path / "mamba.gguf", model, arch="mamba", tensors=llama_tensors(model))
+    with pytest.raises(LmstackError, match=r"unsupported architecture 'mamba' \(supported: llama, gpt2\)"):
+        load_gguf(path)
+
+
+def assert_one_line_error(path: Path) -> str:
+    with pytest.raises(LmstackError) as info:
+        load_model(str(path))
+    message = str(info.value)
+    assert "\n" not in message and path.name in message
+    return message
+
+
+def test_truncated_files(tmp_path: Path) -> None:
+    data = write_gguf(tmp_path / "full.gguf", tiny_model("tiny-llama"), Q.Q8_0).read_bytes()
+    header_end = gguf.GGUFReader(tmp_path / "full.gguf").data_offset
+    # cut inside the counts, inside the metadata (the token list), inside the tensor table, inside the data
+    for cut in (10, 400, header_end - 20, header_end + 100, len(data) - 1, *range(5, header_end, 61)):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        assert "truncated" in assert_one_line_error(path)
+        path.unlink()
+
+
+def test_corrupt_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    noise = tmp_path / "noise.gguf"
+    noise.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert "not a GGUF file" in assert_one_line_error(noise)
+    # a valid magic and version, then garbage
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert "corrupt" in assert_one_line_error(garbage)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(LmstackError, match="empty.gguf"):
+        load_gguf(empty)
+    # a tensor offset pointing past the end of the file
+    data = bytearray(write_gguf(tmp_path / "ok.gguf", tiny_model("tiny-llama")).read_bytes())
+    bad = tmp_path / "bad_offset.gguf"
+    bad.write_bytes(bytes(data[: len(data) // 2]) + os.urandom(16))
+    assert_one_line_error(bad)
