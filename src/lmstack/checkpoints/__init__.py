@@ -7,8 +7,10 @@ dict in lmstack's key names, and a tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +141,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
 def instantiate(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str = "cpu",
                 source: str = "checkpoint") -> nn.Module:
     """Build the model on the meta device, then adopt the checkpoint's tensors (no double allocation)."""
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = build_model(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -161,6 +163,24 @@ def instantiate(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
     with torch.device(device):
         model.reset_buffers()
     return model.eval()
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                   "xavier_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Make torch.nn.init a no-op while a skeleton is built: the checkpoint overwrites every weight anyway, and
+    random init on the meta device pulls in torch._dynamo (seconds of import time)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def parse_dtype(name: str) -> torch.dtype:

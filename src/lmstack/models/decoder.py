@@ -34,7 +34,8 @@ class Decoder(nn.Module):
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         # Tied heads reuse tok_emb.weight, so the checkpoint holds one copy.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.reset_buffers()
+        if self.tok_emb.weight.device.type != "meta":  # a meta skeleton gets its tables in `instantiate`
+            self.reset_buffers()
         self.apply(self._init_weights)
 
     def reset_buffers(self) -> None:
