@@ -1,0 +1,39 @@
+"""Shared by the benchmark scripts: machine description, medians, and appending a dated section to
+docs/benchmarks.md (replacing an older section with the same title)."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def machine() -> str:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (StopIteration, OSError):
+        cpu = platform.processor() or "unknown CPU"
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def record(title: str, body: str, command: str) -> None:
+    """Write `body` under `## title` in docs/benchmarks.md with the date, machine and command."""
+    stamp = datetime.date.today().isoformat()
+    section = f"## {title}\n\n{stamp} · {machine()}\n\nCommand: `{command}`\n\n{body.strip()}\n"
+    BENCHMARKS_MD.parent.mkdir(parents=True, exist_ok=True)
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nMedians and ratios from runs on the stated machine; every table names the command that made it.\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    BENCHMARKS_MD.write_text(text)
