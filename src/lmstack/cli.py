@@ -257,6 +257,23 @@ def _pretrain(**kwargs: Any) -> None:
     _print_json(commands.pretrain(**kwargs))
 
 
+def _plan(as_json: bool, **kwargs: Any) -> None:
+    result = commands.plan(**kwargs)
+    if as_json:
+        _print_json(result)
+        return
+    mib = 2**20
+    for key in ("weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "total_bytes_per_device"):
+        print(f"{key.removesuffix('_bytes').replace('_', ' '):<24} {result[key] / mib:>12,.1f} MiB")
+    print(f"{'parameters':<24} {result['parameters']:>12,}")
+    print(f"{'trainable parameters':<24} {result['trainable_parameters']:>12,}")
+    print(f"{'train FLOPs per token':<24} {result['train_flops_per_token']:>12.3e}")
+    print(f"{'Chinchilla tokens':<24} {result['chinchilla_tokens']:>12.3e}")
+    if result.get("time_s") is not None:
+        print(f"{'time at peak x mfu':<24} {result['time_s'] / 3600:>12,.1f} h")
+
+
+verb(app, commands.plan, "plan", extra=[JSON_FLAG], run=_plan)
 verb(tokenizer_app, commands.tokenizer_train, "train", run=_tokenizer_train)
 verb(data_app, commands.data_prepare, "prepare", run=_data_prepare)
 verb(app, commands.pretrain, "pretrain", run=_pretrain)

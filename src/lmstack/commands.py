@@ -438,3 +438,33 @@ def pretrain(*, config: str | None = None, objective: Literal["causal", "mlm", "
                           model_overrides=parse_overrides(set or []) or None, resume=resume, progress=progress,
                           **train)
     return asdict(result)
+
+
+def plan(*, model: str, precision: Literal["fp32", "bf16", "int8", "nf4"] = "fp32",
+         method: Literal["full", "lora", "qlora"] = "full",
+         optimizer: Literal["adamw", "sgd", "sgd-momentum", "adafactor"] = "adamw", batch: int = 1, seq: int = 512,
+         grad_checkpointing: bool = False, gpus: int = 1, sharding: Literal["none", "fsdp"] = "none",
+         lora_rank: int = 8, lora_targets: str = "all-linear", peak_flops: float | None = None, mfu: float = 0.4,
+         tokens: int | None = None) -> dict[str, Any]:
+    """Predict memory per device and compute for training a model, before running it.
+
+    Args:
+        model: a preset, a model name or path (only its config is read), or a JSON/YAML config file.
+        precision: fp32, bf16 (mixed precision), or int8 / nf4 for a frozen base (lora / qlora).
+        method: full fine-tuning, lora or qlora.
+        optimizer: adamw, sgd, sgd-momentum or adafactor.
+        batch: sequences per device per step.
+        seq: tokens per sequence.
+        grad_checkpointing: keep only each layer's input for the backward.
+        gpus: number of devices.
+        sharding: none or fsdp (ZeRO-3: weights, grads and optimizer states split over the devices).
+        lora_rank: LoRA rank.
+        lora_targets: all-linear or a comma list of q,k,v,o,gate,up,down.
+        peak_flops: the device's peak FLOP/s, to estimate training time.
+        mfu: the model FLOP utilization to assume for that estimate.
+        tokens: training tokens (default: Chinchilla's 20 per parameter).
+    """
+    from lmstack.plan import plan as make_plan
+    return make_plan(model, precision=precision, method=method, optimizer=optimizer, batch=batch, seq=seq,
+                     grad_checkpointing=grad_checkpointing, gpus=gpus, sharding=sharding, lora_rank=lora_rank,
+                     lora_targets=lora_targets, peak_flops=peak_flops, mfu=mfu, tokens=tokens)

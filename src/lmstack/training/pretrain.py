@@ -273,9 +273,9 @@ def _pair_source(spec: Any, run: dict[str, Any], cfg: TrainConfig, seq_len: int)
     tok_dir = resolve_path(run["tokenizer"])
     if not (tok_dir / "tokenizer.json").exists() and run.get("tokenizer_train"):
         from lmstack.data.tokenizer_train import train_tokenizer
-        spec = dict(run["tokenizer_train"])
-        inputs = [str(resolve_path(p)) for p in spec.pop("inputs", [])]
-        train_tokenizer(inputs, str(tok_dir), **spec)
+        tok_spec = dict(run["tokenizer_train"])
+        inputs = [str(resolve_path(p)) for p in tok_spec.pop("inputs", [])]
+        train_tokenizer(inputs, str(tok_dir), **tok_spec)
     tok = Tokenizer.from_dir(tok_dir)
     limit = spec.get("limit")
     train = PairDataset(*(resolve_path(p) for p in spec["train"]), tok, seq_len, limit=limit)

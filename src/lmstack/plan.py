@@ -1,0 +1,452 @@
+"""`lmstack plan`: how much memory and compute a training run needs, before running it.
+
+The course rule of thumb (4 bytes to store a parameter, +20 to train it in fp32 with Adam) is reproduced in
+`rule_of_thumb`; `plan` then replaces its "8 bytes/param of activations" guess with a count of the tensors
+autograd really saves in lmstack's blocks (models/blocks.py, models/decoder.py). That count was derived with
+`torch.autograd.graph.saved_tensors_hooks` and is checked against it in tests/test_plan.py; the whole peak is
+checked against measured RSS by bench/plan_validate.py.
+
+Conventions (also returned in the plan's `conventions` entry):
+- fp32: weights, grads, optimizer states and activations in float32.
+- bf16: the trainer's mixed precision (TrainConfig.precision="bf16"): fp32 master weights, fp32 grads, fp32
+  optimizer states, matmuls under torch.autocast. Autocast keeps a bf16 copy of every matmul weight alive from
+  forward to backward (+2 bytes per matmul parameter), and matmul inputs/outputs are saved in bf16; the
+  residual stream, norms and the loss stay float32.
+- lora/qlora: the base is frozen and stored in `precision` (fp32 4 B, bf16 2 B, int8 1 B + one fp32 scale per
+  output row, nf4 4 bits + absmax per 64 with double quantization = 4.127 bits). int8/nf4 quantize the Linear
+  weights inside the blocks; embeddings, norms and biases stay bf16 (as in QLoRA). Adapters are fp32 and
+  compute runs under bf16 autocast for bf16/int8/nf4. lmstack.peft.lora's NF4 Linear dequantizes its weight in
+  forward and again in backward (as torchtune's linear_nf4), so one dequantized weight is alive at a time.
+- CPU peak RSS: the plan counts live tensors. glibc's malloc keeps part of the freed activation memory in the
+  heap, so a process's RSS high-water mark can exceed the plan by 5-25% (bench/plan_validate.py); with
+  MALLOC_MMAP_THRESHOLD_=131072 it matches the plan within 1%.
+- FSDP (ZeRO-3) divides weights, grads and optimizer states by the number of GPUs; activations are per device.
+  Two layers of gathered weights (the current one and the prefetched next) are added as `fsdp_gather_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmstack.config import PRESETS, DecoderConfig, ModelConfig, config_from_dict, from_name
+from lmstack.errors import LmstackError
+from lmstack.training.flops import matmul_params, train_flops_per_token
+
+Precision = Literal["fp32", "bf16", "int8", "nf4"]
+Method = Literal["full", "lora", "qlora"]
+Optimizer = Literal["adamw", "sgd", "sgd-momentum", "adafactor"]
+Sharding = Literal["none", "fsdp"]
+
+# RSS of an idle `python -c "import torch, lmstack..."` with 2 threads on the validation machine (AMD EPYC,
+# torch 2.13 CPU), measured by bench/plan_validate.py. On a GPU the CUDA context (~0.5 GB) comes on top.
+FRAMEWORK_OVERHEAD_BYTES = 267 * 2**20
+
+# NF4 (QLoRA, Dettmers et al. 2023): 4-bit codes + one absmax per block of 64, the absmaxes themselves quantized
+# to 8 bits with one fp32 scale per 256 of them: 4 + 8/64 + 32/(64*256) bits per parameter.
+NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+GB = 1e9
+
+
+# ------------------------------------------------------------------------------------- rule of thumb
+
+
+def rule_of_thumb(parameters: int) -> dict[str, Any]:
+    """The course note's estimate: 4 bytes to store a parameter in fp32; training adds Adam's two states (8),
+    the gradient (4) and a high-end guess for activations and temporaries (8): 24 bytes per parameter."""
+    per_param = {"weights": 4, "adam_states": 8, "gradients": 4, "activations_and_temp": 8}
+    return {"bytes_per_param": per_param, "store_bytes": 4 * parameters,
+            "train_bytes": sum(per_param.values()) * parameters,
+            "store_gb": 4 * parameters / GB, "train_gb": sum(per_param.values()) * parameters / GB,
+            "note": "1B parameters: 4 GB to store, 24 GB to train in fp32 with Adam (4 + 8 + 4 + 8 bytes/param)"}
+
+
+# ------------------------------------------------------------------------------------ model config
+
+
+def load_config(model: str) -> ModelConfig:
+    """A preset name, a JSON/YAML config file, or any checkpoint lmstack.checkpoints resolves (config only)."""
+    if model in PRESETS:
+        return from_name(model)
+    path = Path(model).expanduser()
+    if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
+        return _config_file(path)
+    from lmstack.checkpoints import detect_format, resolve
+
+    path = resolve(model)
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        from lmstack.checkpoints.gguf import gguf_config, read_gguf
+
+        return gguf_config(read_gguf(path))  # metadata only: the tensors stay in the memory map
+    if fmt == "native":
+        return _config_file(path / "lmstack.json")
+    return _hf_config(path)
+
+
+def _config_file(path: Path) -> ModelConfig:
+    """{"preset": name, **overrides}, a config dict with "family", or a native lmstack.json ({"config": ...})."""
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise LmstackError(f"{path}: not valid {path.suffix[1:].upper()} ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise LmstackError(f"{path}: expected a mapping of config fields")
+    if isinstance(values.get("config"), dict):
+        values = values["config"]
+    if "preset" in values:
+        rest = {k: v for k, v in values.items() if k != "preset"}
+        return from_name(str(values["preset"]), **rest)
+    return config_from_dict(values)
+
+
+def _hf_config(path: Path) -> ModelConfig:
+    """Run the HF importer on meta tensors built from the safetensors headers, so no weight is read."""
+    from lmstack.checkpoints.hf import IMPORTERS
+    from lmstack.io import read_json
+
+    hf = read_json(path / "config.json")
+    if hf.get("model_type") not in IMPORTERS:
+        raise LmstackError(f"{path / 'config.json'}: unsupported architecture {hf.get('model_type')!r}")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LmstackError(f"{path}: no *.safetensors weights found")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(_safetensors_meta(file))
+    config, _ = IMPORTERS[hf["model_type"]](hf, weights, path, None)
+    return config
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _safetensors_meta(file: Path) -> dict[str, torch.Tensor]:
+    # safetensors layout: u64 little-endian header length, then a JSON header {name: {dtype, shape, offsets}}.
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LmstackError(f"{file}: truncated safetensors file")
+        try:
+            header = json.loads(f.read(struct.unpack("<Q", head)[0]))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LmstackError(f"{file}: corrupt safetensors header") from None
+    return {name: torch.empty(info["shape"], dtype=_ST_DTYPES.get(info["dtype"], torch.float32), device="meta")
+            for name, info in header.items() if name != "__metadata__"}
+
+
+# -------------------------------------------------------------------------------------- model shape
+
+
+@dataclass
+class Shape:
+    """What the planner needs from the real model, built on the meta device (no memory, exact counts)."""
+
+    parameters: int
+    matmul_parameters: int  # weights that take part in matmuls, incl. a tied head (training/flops.py)
+    block_linears: dict[str, tuple[int, int]]  # per layer: name -> (in_features, out_features)
+    layer_parameters: int  # one block's parameters
+    param_shapes: list[tuple[int, ...]]
+
+
+def model_shape(config: ModelConfig) -> Shape:
+    from lmstack.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    layers = getattr(model, "layers", None)
+    if layers is None or len(layers) == 0:
+        raise NotImplementedError(f"the planner models decoder blocks only; {config.family!r} is not supported yet")
+    first = layers[0]
+    linears = {name.rsplit(".", 1)[-1]: m for name, m in first.named_modules() if isinstance(m, nn.Linear)}
+    return Shape(parameters=sum(p.numel() for p in model.parameters()), matmul_parameters=matmul_params(model),
+                 block_linears={k: (m.in_features, m.out_features) for k, m in linears.items()},
+                 layer_parameters=sum(p.numel() for p in first.parameters()),
+                 param_shapes=[tuple(p.shape) for p in model.parameters()])
+
+
+def lora_targets_of(targets: str, block_linears: dict[str, tuple[int, int]]) -> list[str]:
+    """Targets as lmstack.peft.lora.apply_lora reads them ("all-linear", "q,v", "q_proj,v_proj", ...).
+
+    "all-linear" keeps the Linears the block has (GPT-2's MLP has no gate_proj); an explicit name must exist."""
+    from lmstack.peft.lora import resolve_targets
+
+    names = resolve_targets(targets)
+    if targets.strip() == "all-linear":
+        names = [n for n in names if n in block_linears]
+    missing = [n for n in names if n not in block_linears]
+    if missing:
+        raise LmstackError(f"unknown LoRA target(s) {', '.join(missing)}: this model's blocks have "
+                           f"{', '.join(block_linears)}")
+    return names
+
+
+# -------------------------------------------------------------------------------------- activations
+
+
+def activation_bytes(cfg: DecoderConfig, batch: int, seq: int, *, autocast: bool, trainable_base: bool,
+                     lora_targets: list[str], lora_rank: int, grad_checkpointing: bool) -> dict[str, int]:
+    """Bytes autograd keeps between forward and backward for one micro-batch of the Decoder, plus the loss buffers.
+
+    Each term names the tensors saved by lmstack's code path (derived with saved_tensors_hooks, see the module
+    docstring). Shapes per token: C d_model, F d_ff, Dq = H*D query width, Dkv = Hkv*D, V vocabulary.
+    The CPU and CUDA SDPA kernels (flash / memory-efficient) save q, k, v, the output and a logsumexp per head,
+    never the T x T score matrix, and take GQA's shared k/v without expanding them.
+    """
+    C, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_head
+    Dq, Dkv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    a = 2 if autocast else 4  # matmul inputs/outputs: bf16 under autocast
+    f32 = 4  # norm statistics, softmax statistics and the loss are always float32 here
+    tokens = batch * seq
+    mlp_in = ("gate_proj", "up_proj") if cfg.gated_mlp else ("up_proj",)
+
+    def saves_input(name: str) -> bool:  # a Linear saves its input when its weight or its LoRA A needs a grad
+        return trainable_base or name in lora_targets
+
+    # The residual stream is fp32 unless a frozen base is stored in bf16 (lora/qlora under autocast): then the
+    # embedding output and every residual add are bf16.
+    residual_bf16 = autocast and not trainable_base
+    r = 2 if residual_bf16 else f32
+
+    def norm() -> int:
+        # LayerNorm: input, mean, rstd in the stream's dtype (CPU autocast keeps layer_norm in its input dtype).
+        # RMSNorm: its fp32 copy of the input, rstd, and x*rstd when the gain trains.
+        if cfg.norm == "layernorm":
+            return r * (C + 2)
+        return f32 * (C + 1) + (f32 * C if trainable_base else 0)
+
+    def input_reads(names: tuple[str, ...], width: int, source: str) -> int:
+        """Bytes/token saved for the input of Linears `names`; source: "norm" | "sdpa" | "mlp" (bf16 product)."""
+        readers = sum(saves_input(n) for n in names)
+        if not autocast:  # the readers share the tensor; the SDPA output is saved by SDPA already
+            return f32 * width if readers and source != "sdpa" else 0
+        if not trainable_base:  # LoRALinear sends its input through the fp32 adapter dtype and autocast casts it
+            return 2 * width * readers  # back: every adapter keeps its own bf16 copy
+        if source == "norm":  # the fp32 norm output is cast to bf16 by each Linear
+            return 2 * width * readers
+        return 0 if source == "sdpa" else 2 * width * (readers > 0)  # bf16 already: shared as is
+
+    attention = (norm() + input_reads(("q_proj", "k_proj", "v_proj"), C, "norm")
+                 + a * (2 * Dq + 2 * Dkv) + f32 * H  # SDPA: q, k, v, output [.., Dq], logsumexp per head
+                 + input_reads(("o_proj",), Dq, "sdpa"))  # o_proj reads a view of the SDPA output
+    if cfg.gated_mlp:  # silu saves the gate, act*up saves both factors
+        mlp_kept = a * 3 * F
+    else:  # the activation saves its input
+        mlp_kept = a * F
+    mlp = norm() + input_reads(mlp_in, C, "norm") + mlp_kept + input_reads(("down_proj",), F, "mlp")
+    lora = a * lora_rank * len(lora_targets)  # each adapter's B saves A's output [.., r]
+    per_layer = (attention + mlp + lora) * tokens
+
+    if grad_checkpointing:  # keep each layer's input; backward recomputes one layer at a time
+        layers = cfg.n_layer * r * C * tokens + per_layer
+    else:
+        layers = cfg.n_layer * per_layer
+    if not trainable_base:  # frozen embeddings: the first norm's input needs no grad, so it saves nothing
+        layers -= norm() * tokens
+
+    embeddings = 8 * tokens if trainable_base else 0  # token ids (int64) for the embedding grad
+    if cfg.positions == "rope":
+        # the gathered cos/sin [B, 1, T, D] in the stream's dtype, shared by all layers
+        embeddings += 2 * r * cfg.head_dim * tokens
+    head_input = (2 * C if autocast else f32 * C) if trainable_base else 0  # lm head (the tied embedding)
+    head = (norm() + head_input) * tokens
+    # cross_entropy on fp32 logits [B*T, V]: log_softmax output saved, target ids saved; in backward the
+    # grad of the log-probs and the grad of the logits are both alive (in forward: logits + log-probs).
+    loss = (f32 * V + 8) * tokens + 2 * f32 * V * tokens
+    return {"layers": layers, "embeddings": embeddings, "final_norm_and_head": head, "logits_and_loss": loss}
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+
+
+def optimizer_bytes(optimizer: str, shapes: list[tuple[int, ...]]) -> int:
+    """fp32 optimizer state for the trainable tensors `shapes`."""
+    n = sum(math.prod(s) for s in shapes)
+    if optimizer == "adamw":
+        return 8 * n  # exp_avg and exp_avg_sq
+    if optimizer == "sgd":
+        return 0  # plain SGD (momentum 0) keeps no state
+    if optimizer == "sgd-momentum":
+        return 4 * n  # one momentum buffer
+    if optimizer == "adafactor":
+        # factored second moment (row + column sums) for matrices, full for vectors; no first moment (beta1=None)
+        return sum(4 * (s[0] + math.prod(s[1:])) if len(s) >= 2 else 4 * math.prod(s) for s in shapes)
+    raise LmstackError(f"unknown optimizer {optimizer!r}; use adamw, sgd, sgd-momentum or adafactor")
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def plan(model: str, precision: Precision = "fp32", method: Method = "full", optimizer: Optimizer = "adamw",
+         batch: int = 1, seq: int = 512, grad_checkpointing: bool = False, gpus: int = 1,
+         sharding: Sharding = "none", lora_rank: int = 8, lora_targets: str = "all-linear",
+         peak_flops: float | None = None, mfu: float = 0.4, tokens: int | None = None,
+         framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES) -> dict[str, Any]:
+    """Memory per device and compute for training `model`; every byte count is per device (per GPU)."""
+    return plan_config(load_config(model), precision=precision, method=method, optimizer=optimizer, batch=batch,
+                       seq=seq, grad_checkpointing=grad_checkpointing, gpus=gpus, sharding=sharding,
+                       lora_rank=lora_rank, lora_targets=lora_targets, peak_flops=peak_flops, mfu=mfu,
+                       tokens=tokens, framework_overhead_bytes=framework_overhead_bytes)
+
+
+def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method = "full",
+                optimizer: Optimizer = "adamw", batch: int = 1, seq: int = 512, grad_checkpointing: bool = False,
+                gpus: int = 1, sharding: Sharding = "none", lora_rank: int = 8, lora_targets: str = "all-linear",
+                peak_flops: float | None = None, mfu: float = 0.4, tokens: int | None = None,
+                framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES) -> dict[str, Any]:
+    """`plan` for a config object (what tests and the validation script use)."""
+    _check_options(precision, method, optimizer, batch, seq, gpus, sharding, lora_rank, mfu, peak_flops, tokens)
+    if cfg.family != "decoder":
+        raise NotImplementedError(f"the planner models decoder blocks only; {cfg.family!r} is not supported yet")
+    if seq > cfg.max_seq_len:
+        raise LmstackError(f"seq {seq} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    shape = model_shape(cfg)
+    n = shape.parameters
+    n_layer = cfg.n_layer
+    full = method == "full"
+
+    # ---- trainable parameters
+    targets = [] if full else lora_targets_of(lora_targets, shape.block_linears)
+    lora_shapes = [s for t in targets for s in ((lora_rank, shape.block_linears[t][0]),
+                                                (shape.block_linears[t][1], lora_rank))] * n_layer
+    trainable_shapes = shape.param_shapes if full else lora_shapes
+    trainable = sum(math.prod(s) for s in trainable_shapes)
+
+    # ---- weights, grads, optimizer (fp32 master / adapters in every mode)
+    if full:
+        weights = 4 * n
+    else:
+        weights = _frozen_base_bytes(shape, n_layer, precision) + 4 * trainable
+    grads = 4 * trainable
+    opt = optimizer_bytes(optimizer, trainable_shapes)
+    shard = gpus if sharding == "fsdp" else 1
+    weights_dev, grads_dev, opt_dev = math.ceil(weights / shard), math.ceil(grads / shard), math.ceil(opt / shard)
+
+    # ---- activations and compute-dtype copies
+    autocast = precision != "fp32"
+    act = activation_bytes(cfg, batch, seq, autocast=autocast, trainable_base=full, lora_targets=targets,
+                           lora_rank=lora_rank, grad_checkpointing=grad_checkpointing)
+    activations = sum(act.values())
+    # Autocast's bf16 copies of fp32 matmul weights live until backward: all of them for full bf16 training,
+    # only the adapters' when the frozen base is already stored in bf16/int8/nf4.
+    if autocast and full:
+        cast_copies = 2 * shape.matmul_parameters
+    elif autocast:
+        # the first layer's q/k/v adapters read the frozen embeddings' stream: no grad flows to their input, so
+        # autograd does not keep their lora_a copy
+        first = sum(t in ("q_proj", "k_proj", "v_proj") for t in targets) * lora_rank * cfg.d_model
+        cast_copies = 2 * (trainable - first)
+    else:
+        cast_copies = 0
+    largest_linear = max(i * o for i, o in shape.block_linears.values())
+    dequant = 2 * largest_linear if precision in ("int8", "nf4") else 0  # one dequantized bf16 weight at a time
+    gather = 0
+    if sharding == "fsdp" and gpus > 1:  # ZeRO-3 all-gathers the current and the prefetched layer
+        gather = 2 * math.ceil(weights / n * shape.layer_parameters)  # at the average stored bytes per parameter
+    total = (weights_dev + grads_dev + opt_dev + activations + cast_copies + dequant + gather
+             + framework_overhead_bytes)
+
+    # ---- compute
+    d_attn = cfg.n_head * cfg.head_dim
+    if full:
+        flops_per_token = train_flops_per_token(shape.matmul_parameters, n_layer, d_attn, seq)
+    else:  # frozen matmuls skip the weight gradient: 2N forward + 2N input-gradient
+        flops_per_token = (train_flops_per_token(trainable, n_layer, d_attn, seq)
+                           + 4.0 * shape.matmul_parameters)
+    chinchilla = CHINCHILLA_TOKENS_PER_PARAM * n
+    train_tokens = tokens if tokens is not None else chinchilla
+    flops_total = flops_per_token * train_tokens
+    time_s = flops_total / (peak_flops * mfu * gpus) if peak_flops else None
+
+    rule = rule_of_thumb(n)
+    rule["planned_bytes_per_param"] = {
+        "weights": weights / n, "optimizer_states": opt / n, "gradients": grads / n,
+        "activations_and_temp": (activations + cast_copies + dequant) / n}
+    return {
+        "model": cfg.name, "family": cfg.family, "precision": precision, "method": method, "optimizer": optimizer,
+        "batch": batch, "seq": seq, "grad_checkpointing": grad_checkpointing, "gpus": gpus, "sharding": sharding,
+        "lora_rank": lora_rank if not full else None, "lora_targets": targets or None,
+        "parameters": n, "trainable_parameters": trainable, "matmul_parameters": shape.matmul_parameters,
+        "weights_bytes": weights_dev, "grads_bytes": grads_dev, "optimizer_bytes": opt_dev,
+        "activations_bytes": activations, "activations_breakdown": act,
+        "autocast_weight_copies_bytes": cast_copies, "dequant_buffer_bytes": dequant, "fsdp_gather_bytes": gather,
+        "framework_overhead_bytes": framework_overhead_bytes, "total_bytes_per_device": total,
+        "total_gb_per_device": total / GB,
+        "train_flops_per_token": flops_per_token, "chinchilla_tokens": chinchilla, "train_tokens": train_tokens,
+        "train_flops_total": flops_total, "train_flops_6nd": 6.0 * n * train_tokens,
+        "peak_flops": peak_flops, "mfu": mfu, "time_s": time_s,
+        "rule_of_thumb": rule, "conventions": _conventions(precision, method, optimizer),
+    }
+
+
+def _frozen_base_bytes(shape: Shape, n_layer: int, precision: str) -> int:
+    """Storage of the frozen base for LoRA/QLoRA: int8/nf4 quantize the blocks' Linear weights only."""
+    if precision == "fp32":
+        return 4 * shape.parameters
+    if precision == "bf16":
+        return 2 * shape.parameters
+    linear_weights = n_layer * sum(i * o for i, o in shape.block_linears.values())
+    if precision == "int8":  # 1 byte per weight + an fp32 scale per output row
+        quantized = n_layer * sum(i * o + 4 * o for i, o in shape.block_linears.values())
+    else:
+        quantized = math.ceil(linear_weights * NF4_BITS_PER_PARAM / 8)
+    return quantized + 2 * (shape.parameters - linear_weights)  # the rest (embeddings, norms, biases) in bf16
+
+
+def _conventions(precision: str, method: str, optimizer: str) -> dict[str, str]:
+    weights = {
+        "fp32": "fp32 weights, grads, optimizer states and activations",
+        "bf16": ("mixed precision as the trainer runs it: fp32 master weights, fp32 grads and optimizer states, "
+                 "bf16 autocast for matmuls (+2 B per matmul weight for autocast's bf16 copies)"),
+        "int8": "frozen base Linears in int8 with one fp32 scale per output row; compute in bf16 autocast",
+        "nf4": "frozen base Linears in NF4 (block 64, double-quantized absmax: 4.127 bits); compute in bf16 autocast",
+    }[precision]
+    if method != "full":
+        weights += "; base frozen, LoRA adapters trainable in fp32 (grads and optimizer states only for them)"
+    return {"precision": weights, "optimizer": f"{optimizer}, states in fp32",
+            "activations": "tensors saved by autograd in lmstack's Decoder blocks, SDPA without a TxT matrix",
+            "fsdp": "ZeRO-3: weights, grads and optimizer states divided by the GPU count; activations are not"}
+
+
+def _check_options(precision: str, method: str, optimizer: str, batch: int, seq: int, gpus: int, sharding: str,
+                   lora_rank: int, mfu: float, peak_flops: float | None, tokens: int | None) -> None:
+    if precision not in ("fp32", "bf16", "int8", "nf4"):
+        raise LmstackError(f"unknown precision {precision!r}; use fp32, bf16, int8 or nf4")
+    if method not in ("full", "lora", "qlora"):
+        raise LmstackError(f"unknown method {method!r}; use full, lora or qlora")
+    if method == "full" and precision in ("int8", "nf4"):
+        raise LmstackError(f"full fine-tuning cannot use {precision} weights: an optimizer step needs weights it "
+                           "can update in small increments, and int8/nf4 codes cannot hold them; use --method "
+                           "qlora (frozen quantized base + trainable adapters) or precision fp32/bf16")
+    if method == "qlora" and precision not in ("int8", "nf4"):
+        raise LmstackError(f"qlora keeps the frozen base quantized; use precision nf4 (or int8), not {precision!r} "
+                           "(or --method lora for an fp32/bf16 base)")
+    optimizer_bytes(optimizer, [])  # validates the name
+    if sharding not in ("none", "fsdp"):
+        raise LmstackError(f"unknown sharding {sharding!r}; use none or fsdp")
+    for name, value in (("batch", batch), ("seq", seq), ("gpus", gpus), ("lora_rank", lora_rank)):
+        if value < 1:
+            raise LmstackError(f"{name} must be >= 1, got {value}")
+    if not 0 < mfu <= 1:
+        raise LmstackError(f"mfu must be in (0, 1], got {mfu}")
+    if peak_flops is not None and peak_flops <= 0:
+        raise LmstackError(f"peak_flops must be > 0, got {peak_flops}")
+    if tokens is not None and tokens < 1:
+        raise LmstackError(f"tokens must be >= 1, got {tokens}")
