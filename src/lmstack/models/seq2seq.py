@@ -1,0 +1,337 @@
+"""Encoder-decoder models: the original Transformer (Vaswani et al.) and a T5-style variant. One class, two configs.
+
+Transformer: sinusoidal positions, embeddings scaled by sqrt(d_model), post-norm LayerNorm blocks, ReLU MLP with
+biases, cross-attention, a tied output head. `final_norm=True` adds the final encoder/decoder LayerNorms that
+`torch.nn.Transformer` has (the original post-norm model has none).
+
+T5 features built here: bucketed relative position bias (yes; one table for the encoder, bidirectional, and one
+for the decoder self-attention, unidirectional, each shared by all layers of its stack, none in cross-attention),
+attention without the 1/sqrt(d) scale (`attn_scale=1.0`), pre-norm RMSNorm without biases, final norms, no
+embedding scaling, decoder output scaled by d_model**-0.5 before the tied head (`scale_decoder_outputs`), the
+gated-GELU MLP of T5 v1.1 (`gated_mlp`). `from_hf_t5_state_dict` / `config_from_hf_t5` map HF T5 checkpoints.
+Not built: T5's own weight initialisation (we use a simple normal init) and its fp16 clamping.
+
+Decoding interface (used by generation.py): `encode`, `decode` (with `input_pos` after `setup_cache`),
+`clear_cache`, `reorder_cache`. Shapes: B batch, S source length, T target tokens, C d_model, H heads, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmstack.config import Seq2SeqConfig
+from lmstack.errors import LmstackError
+from lmstack.models.blocks import (Attention, Block, KVCache, make_attention, make_mlp, make_norm,
+                                   sinusoidal_table)
+
+# ------------------------------------------------------------------------------ relative position bias
+
+
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool, n_buckets: int,
+                             max_distance: int) -> Tensor:
+    """T5's buckets for key_pos - query_pos: exact for small distances, log-spaced up to max_distance."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:  # half the buckets for keys after the query
+        n_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * n_buckets
+        distance = relative_position.abs()
+    else:  # a causal decoder only looks back; future keys are masked anyway
+        distance = (-relative_position).clamp(min=0)
+    max_exact = n_buckets // 2
+    # clamp(min=1) only avoids log(0); those entries take the exact branch below.
+    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (n_buckets - max_exact)).long()).clamp(max=n_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned bias per (bucket, head), added to the attention scores of every layer in one stack."""
+
+    def __init__(self, n_buckets: int, max_distance: int, n_head: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(n_buckets, n_head))
+
+    def forward(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:  # [T], [S] -> [1, H, T, S]
+        buckets = relative_position_bucket(key_pos[None, :] - query_pos[:, None], self.bidirectional,
+                                           self.n_buckets, self.max_distance)  # [T, S]
+        return F.embedding(buckets, self.weight).permute(2, 0, 1).unsqueeze(0)
+
+
+def combine_mask(keep: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """One SDPA mask from a bool mask [B|1, 1, T, S] (True = attend) and an additive bias [1, H, T, S].
+
+    Without a bias the bool mask goes to SDPA as it is. With one, masked slots get the dtype's most negative
+    value (not -inf, so a fully masked row gives a uniform softmax instead of NaN).
+    """
+    if bias is None:
+        return keep
+    bias = bias.to(dtype)
+    if keep is None:
+        return bias
+    return torch.where(keep, bias, torch.finfo(dtype).min)  # [B|1, H, T, S]
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def build_block(cfg: Seq2SeqConfig, cross: bool) -> Block:
+    def attention() -> Attention:
+        return make_attention(cfg.d_model, cfg.n_head, cfg.n_head, cfg.head_dim, cfg.bias,
+                              scale=cfg.attn_scale, dropout=cfg.dropout)
+
+    def norm() -> nn.Module:
+        return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+
+    return Block(attn=attention(), attn_norm=norm(),
+                 mlp=make_mlp(cfg.d_model, cfg.d_ff, cfg.activation, cfg.gated_mlp, cfg.bias, cfg.dropout),
+                 mlp_norm=norm(), cross_attn=attention() if cross else None, cross_norm=norm() if cross else None,
+                 norm_first=cfg.norm_first, dropout=cfg.dropout)
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, config: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by source, target and (tied) head
+        # Learned positions: one table shared by both stacks, like the token embedding.
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.encoder_rel_bias = self.decoder_rel_bias = None
+        if cfg.positions == "relative":
+            self.encoder_rel_bias = RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
+                                                         cfg.n_head, bidirectional=True)
+            self.decoder_rel_bias = RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
+                                                         cfg.n_head, bidirectional=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder_layers = nn.ModuleList(build_block(cfg, cross=False) for _ in range(cfg.n_encoder_layer))
+        self.decoder_layers = nn.ModuleList(build_block(cfg, cross=True) for _ in range(cfg.n_decoder_layer))
+        self.encoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.final_norm else None
+        self.decoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.final_norm else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Encoder padding mask [B, 1, 1, S], kept with the cross-attention keys/values for cached decoding.
+        self.memory_mask: Tensor | None = None
+        if self.tok_emb.weight.device.type != "meta":  # a meta skeleton gets its tables in `instantiate`
+            self.reset_buffers()
+        self._init_weights()
+
+    def reset_buffers(self) -> None:
+        """(Re)build the non-persistent tables on the current default device (used after meta-device loading)."""
+        cfg = self.config
+        if cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RelativePositionBias):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.d_model ** -0.5)
+        # Token embeddings sized so that both the scaled input and the (tied) logits start near unit variance.
+        cfg = self.config
+        if cfg.scale_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.d_model ** -0.5)
+        elif cfg.scale_decoder_outputs:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=1.0)
+
+    # ---------------------------------------------------------------------------------------- cache
+
+    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a static self-attention KV cache in every decoder layer for up to `max_len` target tokens."""
+        cfg = self.config
+        max_len = max_len or cfg.max_seq_len
+        if cfg.positions != "relative" and max_len > cfg.max_seq_len:
+            raise LmstackError(f"cache length {max_len} exceeds max_seq_len={cfg.max_seq_len} of {cfg.name}")
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = self.tok_emb.weight.device
+        for layer in self.decoder_layers:
+            layer.attn.kv_cache = KVCache(batch_size, cfg.n_head, max_len, cfg.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        """Drop the self-attention caches, the cross-attention keys/values and the stored memory mask."""
+        for layer in self.decoder_layers:
+            layer.attn.kv_cache = None
+            layer.cross_attn.memory_kv = None
+        self.memory_mask = None
+
+    @property
+    def cache_len(self) -> int:
+        cache = self.decoder_layers[0].attn.kv_cache
+        return 0 if cache is None else cache.k.shape[2]
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Beam search: keep the rows `beam_idx` [B] of every cache, cross-attention keys/values included."""
+        for layer in self.decoder_layers:
+            if layer.attn.kv_cache is not None:
+                layer.attn.kv_cache.reorder(beam_idx)
+            if layer.cross_attn.memory_kv is not None:
+                k, v = layer.cross_attn.memory_kv  # [B, H, S, D]
+                layer.cross_attn.memory_kv = (k.index_select(0, beam_idx), v.index_select(0, beam_idx))
+        if self.memory_mask is not None and self.memory_mask.shape[0] > 1:
+            self.memory_mask = self.memory_mask.index_select(0, beam_idx)
+
+    # -------------------------------------------------------------------------------------- forward
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """tokens [B, T], positions [T] -> [B, T, C]: token embedding (scaled) plus absolute positions."""
+        x = self.tok_emb(tokens)
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.d_model)
+        if self.config.positions == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)  # [T, C] broadcasts over B
+        elif self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        return self.drop(x)
+
+    def _check_length(self, n: int, what: str) -> None:
+        if self.config.positions != "relative" and n > self.config.max_seq_len:
+            raise LmstackError(f"{what} has {n} tokens, more than max_seq_len={self.config.max_seq_len}")
+
+    def encode(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
+        """src [B, S], src_mask [B, S] bool (True = real token) or None -> memory [B, S, C]."""
+        S = src.shape[1]
+        self._check_length(S, "source")
+        pos = torch.arange(S, device=src.device)
+        x = self.embed(src, pos)  # [B, S, C]
+        keep = None if src_mask is None else src_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, S]
+        bias = self.encoder_rel_bias(pos, pos) if self.encoder_rel_bias is not None else None  # [1, H, S, S]
+        mask = combine_mask(keep, bias, x.dtype)
+        for layer in self.encoder_layers:
+            x = layer(x, mask=mask)
+        return self.encoder_norm(x) if self.encoder_norm is not None else x
+
+    def decode(self, tgt: Tensor, memory: Tensor | None, memory_mask: Tensor | None = None,
+               input_pos: Tensor | None = None, *, return_hidden: bool = False) -> Tensor:
+        """tgt [B, T] -> logits [B, T, V] (hidden [B, T, C] with `return_hidden`).
+
+        memory:      [B, S, C] encoder output. Cross-attention projects it once and keeps the keys/values;
+                     pass None on later cached steps to reuse them.
+        memory_mask: [B, S] bool, True = real source token. Kept with the keys/values, so None on later
+                     steps reuses it.
+        input_pos:   [T] target positions = cache slots to write (needs `setup_cache`). None = full causal
+                     decoding over tgt (training, teacher forcing).
+        """
+        T = tgt.shape[1]
+        device = tgt.device
+        if memory is not None or memory_mask is not None:
+            self.memory_mask = None if memory_mask is None else memory_mask.to(torch.bool)[:, None, None, :]
+        if memory is None and self.decoder_layers[0].cross_attn.memory_kv is None:
+            raise LmstackError("decode needs the encoder memory on its first call (memory=None reuses it)")
+        if input_pos is None:
+            self._check_length(T, "target")
+            query_pos = key_pos = torch.arange(T, device=device)
+        else:
+            if self.cache_len == 0:
+                raise LmstackError("decode with input_pos needs setup_cache(batch_size, max_len) first")
+            query_pos, key_pos = input_pos, torch.arange(self.cache_len, device=device)
+        x = self.embed(tgt, query_pos)  # [B, T, C]
+        mask, is_causal = None, False
+        if input_pos is None and self.decoder_rel_bias is None:
+            is_causal = True  # SDPA's own causal mask
+        else:  # a query at position p sees keys at positions <= p (cache slots hold positions)
+            keep = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, T, S]
+            bias = self.decoder_rel_bias(query_pos, key_pos) if self.decoder_rel_bias is not None else None
+            mask = combine_mask(keep, bias, x.dtype)
+        for layer in self.decoder_layers:
+            x = layer(x, mask=mask, is_causal=is_causal, input_pos=input_pos, memory=memory,
+                      memory_mask=self.memory_mask)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        if return_hidden:
+            return x
+        if self.config.scale_decoder_outputs:
+            x = x * self.config.d_model ** -0.5
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return x @ weight.t()  # [B, T, V]
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None) -> Tensor:
+        """Teacher forcing: src [B, S], tgt [B, T] (starts with the decoder start token) -> logits [B, T, V]."""
+        return self.decode(tgt, self.encode(src, src_mask), src_mask)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+
+# ---------------------------------------------------------------------------------- HF T5 mapping
+
+_T5_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
+
+
+def config_from_hf_t5(hf: dict[str, Any], name: str = "t5") -> Seq2SeqConfig:
+    """A Seq2SeqConfig from an HF T5 config.json dict (T5 and T5 v1.1: relu or gated-gelu)."""
+    proj = hf.get("feed_forward_proj", "relu")
+    gated = proj.startswith("gated-")
+    act = "gelu_new" if proj == "gated-gelu" else proj.removeprefix("gated-")  # HF's own special case
+    if act not in _T5_ACTIVATIONS:
+        raise LmstackError(f"unsupported T5 feed_forward_proj {proj!r}")
+    tied = hf.get("tie_word_embeddings", True)
+    # T5 v1.1 config.json files say tie_word_embeddings=false and have no scaling; transformers 5 always ties
+    # and writes the scaling as `scale_decoder_outputs` instead.
+    scale = hf.get("scale_decoder_outputs", tied)
+    return Seq2SeqConfig(
+        name=name, vocab_size=hf["vocab_size"], n_encoder_layer=hf["num_layers"],
+        n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"], n_head=hf["num_heads"],
+        d_model=hf["d_model"], d_ff=hf["d_ff"], head_dim=hf["d_kv"], max_seq_len=hf.get("n_positions", 512),
+        positions="relative", relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128), norm="rmsnorm", norm_first=True,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), activation=_T5_ACTIVATIONS[act], gated_mlp=gated,
+        bias=False, tie_embeddings=tied, scale_embeddings=False, final_norm=True, attn_scale=1.0,
+        scale_decoder_outputs=scale, dropout=hf.get("dropout_rate", 0.1),
+        pad_token_id=hf.get("pad_token_id", 0), bos_token_id=hf.get("decoder_start_token_id", 0),
+        eos_token_id=hf.get("eos_token_id", 1))
+
+
+_T5_KEY = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(.+)")
+_T5_SUBLAYERS = {"encoder": (("attn", "attn_norm"), ("mlp", "mlp_norm")),  # HF layer.N -> (module, its norm)
+                 "decoder": (("attn", "attn_norm"), ("cross_attn", "cross_norm"), ("mlp", "mlp_norm"))}
+_T5_LINEARS = {"SelfAttention.q": "q_proj", "SelfAttention.k": "k_proj", "SelfAttention.v": "v_proj",
+               "SelfAttention.o": "o_proj", "EncDecAttention.q": "q_proj", "EncDecAttention.k": "k_proj",
+               "EncDecAttention.v": "v_proj", "EncDecAttention.o": "o_proj", "DenseReluDense.wi": "up_proj",
+               "DenseReluDense.wi_0": "gate_proj", "DenseReluDense.wi_1": "up_proj",
+               "DenseReluDense.wo": "down_proj"}
+
+
+def from_hf_t5_state_dict(hf_state: dict[str, Tensor], config: Seq2SeqConfig) -> dict[str, Tensor]:
+    """Rename an HF T5ForConditionalGeneration state dict to Seq2Seq keys (tied copies are dropped)."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in hf_state.items():
+        if key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") or (
+                key == "lm_head.weight" and config.tie_embeddings):
+            continue  # copies of shared.weight
+        if key == "shared.weight":
+            out["tok_emb.weight"] = tensor
+        elif key == "lm_head.weight":
+            out["lm_head.weight"] = tensor
+        elif key in ("encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"):
+            out[f"{key.split('.')[0]}_norm.weight"] = tensor
+        elif (m := _T5_KEY.fullmatch(key)) is None:
+            raise LmstackError(f"unexpected T5 weight {key!r}")
+        else:
+            stack, block, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+            if sub >= len(_T5_SUBLAYERS[stack]):
+                raise LmstackError(f"unexpected T5 weight {key!r}")
+            module, norm = _T5_SUBLAYERS[stack][sub]
+            prefix = f"{stack}_layers.{block}"
+            if rest == "layer_norm.weight":
+                out[f"{prefix}.{norm}.weight"] = tensor
+            elif rest.endswith("relative_attention_bias.weight"):
+                if rest.startswith("SelfAttention") and block == 0:
+                    out[f"{stack}_rel_bias.weight"] = tensor
+                # HF also stores an unused cross-attention table in some checkpoints; it has no effect there.
+                elif not rest.startswith("EncDecAttention"):
+                    raise LmstackError(f"unexpected T5 weight {key!r}")
+            elif rest.removesuffix(".weight") in _T5_LINEARS:
+                out[f"{prefix}.{module}.{_T5_LINEARS[rest.removesuffix('.weight')]}.weight"] = tensor
+            else:
+                raise LmstackError(f"unexpected T5 weight {key!r}")
+    return out
