@@ -32,7 +32,7 @@ test: | $(PY)
 	$(PY) -m pytest tests --durations=15
 
 bench: | $(PY)
-	@set -e; scripts="$$(ls bench/*.py 2>/dev/null || true)"; \
+	@set -e; scripts="$$(ls bench/*.py 2>/dev/null | grep -v /common.py || true)"; \
 	if [ -z "$$scripts" ]; then echo "no benchmark scripts in bench/ yet"; fi; \
 	for script in $$scripts; do echo "== $$script"; $(PY) $$script; done
 
