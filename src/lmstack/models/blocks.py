@@ -69,7 +69,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache(nn.Module):
-    """A preallocated key/value cache: [B, Hkv, S_max, D]. Writes go to slots `input_pos`."""
+    """A preallocated key/value cache: [B, Hkv, S_max, D]. Writes go to slots `input_pos`.
+
+    input_pos [T] writes every row at the same slots; input_pos [B, T] gives each row its own slots (continuous
+    batching, where every row of a cache pool has its own length).
+    """
 
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
@@ -79,10 +83,23 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # input_pos: [T]; k, v: [B, Hkv, T, D] -> whole cache [B, Hkv, S_max, D]
+        # input_pos: [T] or [B, T]; k, v: [B, Hkv, T, D] -> whole cache [B, Hkv, S_max, D]
+        if input_pos.dim() == 2:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+            self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed view: [B, T, Hkv, D]
+            self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+            return self.k, self.v
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
+
+    def view(self, rows: slice, length: int) -> KVCache:
+        """A cache over `rows` and the first `length` slots that shares this one's storage (writes go through)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[rows, :, :length], persistent=False)
+        view.register_buffer("v", self.v[rows, :, :length], persistent=False)
+        return view
 
     def reorder(self, beam_idx: Tensor) -> None:
         """Beam search: keep the rows of the surviving beams."""

@@ -96,6 +96,8 @@ class Decoder(nn.Module):
         """tokens: [B, T] -> logits [B, T, V] ([B, 1, V] with `last_only`, hidden [B, T, C] with `return_hidden`).
 
         input_pos:        [T] cache slots to write; needs `setup_cache`. None = no cache (training).
+                          [B, T]: each row writes its own slots and sees its own slots <= each (continuous
+                          batching over a pool of cache rows of different lengths).
         position_ids:     [B, T] positions for RoPE / learned embeddings; default input_pos or arange(T).
         key_padding_mask: [B, S] bool, True for real tokens (S = T without cache, cache length with it).
         attn_mask:        [B, 1, T, S] bool, overrides the causal mask (packed sequences use a block mask).
@@ -105,7 +107,7 @@ class Decoder(nn.Module):
         device = self.tok_emb.weight.device
         if position_ids is None:
             base = input_pos if input_pos is not None else torch.arange(T, device=device)
-            position_ids = base.unsqueeze(0).expand(B, T)
+            position_ids = base if base.dim() == 2 else base.unsqueeze(0).expand(B, T)
         if inputs_embeds is None:
             x = self.embed(tokens, position_ids)
         else:
@@ -118,7 +120,8 @@ class Decoder(nn.Module):
         if mask is None:
             if input_pos is not None:  # cached: query at slot p sees slots <= p
                 slots = torch.arange(self.cache_len, device=device)
-                mask = (slots[None, :] <= input_pos[:, None])[None, None]  # [1, 1, T, S]
+                mask = slots <= input_pos[..., None]  # [T, S], or [B, T, S] for per-row slots
+                mask = mask.view(-1, 1, *mask.shape[-2:])  # [1|B, 1, T, S]
             elif key_padding_mask is not None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
             else:
