@@ -117,10 +117,11 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def spawn(args: argparse.Namespace, engine: str, dtype: str, compile: bool = False) -> dict | None:
+def spawn(args: argparse.Namespace, engine: str, dtype: str, compile: bool = False,
+          model: str | None = None) -> dict | None:
     cmd = [sys.executable, __file__, "--child", "--engine", engine, "--dtype", dtype, "--threads", str(args.threads),
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats), "--model", args.model] + (["--compile"] if compile else [])
+           "--repeats", str(args.repeats), "--model", model or args.model] + (["--compile"] if compile else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -147,10 +148,15 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    native = Path("runs/bench/smollm2-native-bf16")  # the same weights, converted once: load time from our format
+    if not (native / "lmstack.json").exists():
+        from lmstack import commands
+        commands.convert(args.model, str(native), to="native", dtype="bfloat16")
     rows = [("transformers fp32", spawn(args, "transformers", "float32")),
             ("transformers bf16", spawn(args, "transformers", "bfloat16")),
             ("lmstack fp32", spawn(args, "lmstack", "float32")),
-            ("lmstack bf16", spawn(args, "lmstack", "bfloat16"))]
+            ("lmstack bf16", spawn(args, "lmstack", "bfloat16")),
+            ("lmstack bf16, native checkpoint", spawn(args, "lmstack", "bfloat16", model=str(native)))]
     if not args.no_compile_row:
         rows.append(("lmstack bf16 + compile", spawn(args, "lmstack", "bfloat16", compile=True)))
     rows.append(("llama.cpp Q4_1", spawn(args, "llama.cpp", "q4_1")))
