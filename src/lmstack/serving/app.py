@@ -584,6 +584,24 @@ def create_app(engine: Engine, settings: Settings | None = None, *, load: bool =
     metrics = engine.metrics
     app.add_middleware(Gate, settings=settings, metrics=metrics)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, plus this server's limits on max_tokens and n (so clients and fuzzers see them)."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            caps = {"max_tokens": settings.max_tokens, "max_completion_tokens": settings.max_tokens,
+                    "n": engine.max_batch}
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                props = schema["components"]["schemas"][name]["properties"]
+                for field, maximum in caps.items():
+                    if field in props:
+                        for option in props[field].get("anyOf", [props[field]]):
+                            if option.get("type") == "integer":
+                                option["maximum"] = maximum
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
