@@ -238,9 +238,9 @@ def test_parallel_greedy_requests_equal_each_alone(client, reference, adapter):
 # --------------------------------------------------------------------------------- auth, limits
 
 
-def _post(server, path, body, key=KEY, **kw):
+def _post(server, path, body, key=KEY, timeout=60.0):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=timeout)
 
 
 def _error(response, status):
@@ -320,6 +320,11 @@ def test_timeout_and_disconnect_free_the_slot(engine, tmp_path):
         body = {"model": MODEL, "prompt": "Write a long story:", "max_tokens": 400, "temperature": 0}
         assert _error(_post(srv, "/v1/completions", body), 408)["code"] == "timeout"
         _wait_idle(sched)
+    settings = Settings(api_keys=[KEY], max_tokens=400, feedback_path=tmp_path / "f.jsonl")
+    with ServerThread(create_app(engine, settings)) as srv:
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            _post(srv, "/v1/completions", body, timeout=1.5)
+        _wait_idle(sched)
         with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60,
                           headers={"Authorization": f"Bearer {KEY}"}) as r:
             lines = r.iter_lines()
@@ -334,6 +339,17 @@ def _wait_idle(sched) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"the scheduler still holds {sched.load} (waiting, active)")
+
+
+def test_only_lora_adapters_are_served_side_by_side(tmp_path):
+    from lmstack.errors import LmstackError
+    from lmstack.serving.lora import attach_adapters
+    for method in ("qlora", "prefix", "prompt"):
+        folder = tmp_path / method
+        folder.mkdir()
+        (folder / "adapter.json").write_text(json.dumps({"format": "lmstack-adapter-v1", "peft": {"method": method}}))
+        with pytest.raises(LmstackError, match=f"is a {method} adapter"):
+            attach_adapters(torch.nn.Linear(2, 2), {method: folder}, None)
 
 
 def test_health_is_503_while_loading(tmp_path):

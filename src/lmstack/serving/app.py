@@ -313,15 +313,21 @@ class Service:
                     self.engine.scheduler.submit(job)
                 except LmstackError as e:  # the queue is full
                     raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+            checked = loop.time()
             while pending:
                 try:
                     j, event = await asyncio.wait_for(queue.get(), timeout=min(0.5, max(0.0, deadline - loop.time())))
                 except TimeoutError:
-                    if loop.time() >= deadline:
-                        raise ApiError(408, f"the request took longer than {self.settings.request_timeout_s:g} s",
-                                       code="timeout") from None
+                    event = None
+                now = loop.time()
+                if now >= deadline:
+                    raise ApiError(408, f"the request took longer than {self.settings.request_timeout_s:g} s",
+                                   code="timeout")
+                if now - checked >= 0.5:  # twice a second, even while tokens keep coming
+                    checked = now
                     if await request.is_disconnected():
                         return
+                if event is None:
                     continue
                 if isinstance(event, Error):
                     raise ApiError(503, event.message)

@@ -79,6 +79,7 @@ class Engine:
                 if getattr(enc.config, "family", None) != "encoder" or enc.tokenizer is None:
                     raise LmstackError(f"--embedding-model {self.embedding_model} is not an encoder with a tokenizer")
                 self.encoder, self.encoder_tokenizer = enc.model, enc.tokenizer
+            self.scheduler.prepare_json_mode()  # the token texts JSON mode checks, built once here
             self.scheduler.start()
             self.created = int(time.time())
             self.state = "ok"

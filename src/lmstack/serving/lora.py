@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from lmstack.errors import LmstackError
 from lmstack.peft.lora import LoRALinear, lora_layers
 
-LORA_METHODS = ("lora", "qlora", "peft-lora")
+# QLoRA adapters were trained over an NF4 base; the served base is full precision, so they are refused here.
+LORA_METHODS = ("lora", "peft-lora")
 
 
 class AdapterRouter:
