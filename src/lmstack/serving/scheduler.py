@@ -98,6 +98,15 @@ class Job:
         self.cancelled.set()
 
 
+def _emit(job: Job, event: Event) -> None:
+    """Hand `event` to the job's consumer; a consumer that is gone (its event loop closed) cancels the job
+    instead of taking the scheduler thread down."""
+    try:
+        job.emit(event)
+    except Exception:
+        job.cancel()
+
+
 class _Seq:
     """One choice of a job in one cache row: its tokens, its text so far, and how it ends."""
 
@@ -266,7 +275,7 @@ class Scheduler:
             self.waiting.clear()
         self.active = []
         for job in jobs.values():
-            job.emit(Error(message))
+            _emit(job, Error(message))
         self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -395,10 +404,10 @@ class Scheduler:
             job.first_token_at = time.perf_counter()
             self.metrics.ttft.observe(job.first_token_at - job.submitted)
         if text or info:
-            job.emit(Delta(seq.index, text, info))
+            _emit(job, Delta(seq.index, text, info))
         if seq.finish_reason is not None:
             job.finished += 1
-            job.emit(Finish(seq.index, seq.finish_reason, seq.text, len(seq.ids)))
+            _emit(job, Finish(seq.index, seq.finish_reason, seq.text, len(seq.ids)))
 
     def _logprob(self, logits: Tensor, token: int, top: int) -> TokenLogprob:
         logp = torch.log_softmax(logits, dim=-1)  # [V]: the model's distribution, before sampling filters
