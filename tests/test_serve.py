@@ -235,6 +235,37 @@ def test_parallel_greedy_requests_equal_each_alone(client, reference, adapter):
     assert got == wants
 
 
+def test_continuous_batching_admits_and_retires_mid_batch(engine, reference):
+    """12 jobs of different lengths through 8 rows, half submitted while the others decode: rows are retired
+    (the last row moves into the hole) and refilled at every step, and each result still equals Generator's."""
+    from lmstack.serving.scheduler import Finish, Job
+    tok = reference.tokenizer
+    words = ["red", "blue", "green", "the sea", "a robot", "music", "rain", "Python", "tea", "a cat", "snow", "1 2 3"]
+    lengths = [3, 12, 5, 9, 2, 11, 4, 8, 6, 10, 7, 3]
+    prompts = [tok.encode(f"A sentence about {w}:") for w in words]
+    finished: dict[int, Finish] = {}
+    done = threading.Event()
+
+    def emit_for(i: int):
+        def emit(event):
+            if isinstance(event, Finish):
+                finished[i] = event
+                if len(finished) == len(prompts):
+                    done.set()
+        return emit
+
+    jobs = [Job(p, GenerationConfig(max_new_tokens=n), emit_for(i)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    for job in jobs[:6]:
+        engine.scheduler.submit(job)
+    time.sleep(1.0)  # the first six are decoding
+    for job in jobs[6:]:
+        engine.scheduler.submit(job)
+    assert done.wait(300)
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        want = alone(reference, p, max_new_tokens=n)
+        assert (finished[i].text, finished[i].completion_tokens) == (want.text, want.new_tokens), i
+
+
 # --------------------------------------------------------------------------------- auth, limits
 
 

@@ -44,7 +44,7 @@ def server(tmp_path_factory):
         pytest.skip(f"SmolLM2 unavailable: {engine.detail}")
     feedback = tmp_path_factory.mktemp("web") / "feedback.jsonl"
     with ServerThread(create_app(engine, Settings(api_keys=[KEY], max_tokens=64, feedback_path=feedback))) as srv:
-        srv.feedback = feedback
+        srv.feedback, srv.engine = feedback, engine
         yield srv
     engine.shutdown()
 
@@ -96,9 +96,28 @@ def test_chat_page_streams_and_saves_a_thumbs_up(browser, server, tmp_path):
     answers = page.evaluate("() => JSON.parse(localStorage.getItem('lmstack.chat.v1')).messages[1].pair")
     assert pair["kind"] == "pairwise" and pair["chosen"] == answers[1] and pair["rejected"] == answers[0]
 
+    # Regenerate replaces the last reply; Stop ends a reply mid-stream and frees its batch row on the server.
+    page.click("#regen")
+    page.wait_for_selector("#stop:disabled", timeout=120_000)
+    assert page.locator(".msg.assistant").count() == 1 and page.locator(".pair").count() == 0
+    page.fill("#max_tokens", "64")
+    page.dispatch_event("#max_tokens", "change")
+    page.fill("#input", "Tell me a long story about a dragon.")
+    page.click("#send")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant')[1]?.textContent.length > 40",
+                           timeout=120_000)
+    page.click("#stop")
+    page.wait_for_selector("#status:has-text('stopped')", timeout=10_000)
+    for _ in range(100):
+        if server.engine.scheduler.load == (0, 0):
+            break
+        page.wait_for_timeout(50)
+    assert server.engine.scheduler.load == (0, 0)
+
     page.reload()  # the conversation is kept in the browser
     page.wait_for_selector("body[data-ready='1']")
-    assert page.locator(".msg.user .body").inner_text().startswith("Write a Python function")
+    assert page.locator(".msg.user .body").first.inner_text().startswith("Write a Python function")
+    assert page.locator(".msg.user").count() == 2
     assert (tmp_path / "chat.png").stat().st_size > 10_000
     assert not errors, errors
     context.close()

@@ -41,7 +41,7 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
                 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                 503: "service_unavailable"}
-KNOWN_ROUTES = ("/", "/health", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/chat/completions",
+KNOWN_ROUTES = ("/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions",
                 "/v1/completions", "/v1/embeddings", "/v1/feedback")
 KEY_COOKIE = "lmstack_key"
 
@@ -585,7 +585,8 @@ def create_app(engine: Engine, settings: Settings | None = None, *, load: bool =
             threading.Thread(target=engine.load, name="lmstack-load", daemon=True).start()
         yield
 
-    app = FastAPI(title="lmstack", version="0.1.0", lifespan=lifespan,
+    # No /docs or /redoc: their pages load Swagger UI from a CDN, and this server may have no network.
+    app = FastAPI(title="lmstack", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API over lmstack models, with continuous batching.")
     metrics = engine.metrics
     app.add_middleware(Gate, settings=settings, metrics=metrics)
