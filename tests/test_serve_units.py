@@ -95,3 +95,39 @@ def test_key_limits_bucket_and_in_flight(monkeypatch):
     now[0] += 10
     assert limits.acquire("a") is None
     assert limits.acquire("b") is None  # another key has its own bucket
+
+
+def test_multi_lora_rows_match_each_adapter(tmp_path):
+    """One forward over rows for the base model, an lmstack-format LoRA and a peft-format LoRA equals each model
+    run alone (the adapters loaded by the library's own load_adapter / import path)."""
+    import copy
+
+    import torch
+
+    from lmstack.config import from_name
+    from lmstack.models import build_model
+    from lmstack.peft.export import export_peft_adapter
+    from lmstack.peft.lora import apply_lora, lora_layers
+    from lmstack.peft.methods import PeftSpec, save_adapter
+    from lmstack.serving.lora import attach_adapters
+
+    torch.manual_seed(0)
+    base = build_model(from_name("tiny-llama")).eval()
+    a = apply_lora(copy.deepcopy(base), rank=4, alpha=8.0, targets=["q", "v"])
+    b = apply_lora(copy.deepcopy(base), rank=2, alpha=4.0, targets=["q", "k", "v", "o"])
+    for model in (a, b):
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_b, std=0.5)
+    save_adapter(a, PeftSpec(method="lora", rank=4, alpha=8.0, targets=["q", "v"]), tmp_path / "a", base_model="tiny")
+    export_peft_adapter(b, tmp_path / "b", None)
+    served = copy.deepcopy(base)
+    router = attach_adapters(served, {"a": tmp_path / "a", "b": tmp_path / "b"}, None)
+    x = torch.randint(0, 256, (4, 10))  # [B, T]
+    with torch.inference_mode():
+        router.set_rows([0, 1, 2, 1], x.device)
+        got = served(x)  # [4, T, V]
+        want = torch.cat([base(x[0:1]), a(x[1:2]), b(x[2:3]), a(x[3:4])])
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(want[1], base(x[1:2])[0], atol=1e-3)  # the adapter does change the output
+        router.set_rows([2, 2, 2, 2], x.device)  # one adapter for the whole batch: the no-gather path
+        assert torch.allclose(served(x), b(x), atol=1e-5)
