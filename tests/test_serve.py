@@ -442,6 +442,17 @@ def test_cli_bad_input_is_one_line():
         assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr
 
 
+def _external_address() -> str | None:
+    """A non-loopback IPv4 address of this machine, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; this only picks the outgoing interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
 def test_cli_serves_with_a_key_file(tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("# keys\nk1\n\nk2  # the second\n")
@@ -465,6 +476,10 @@ def test_cli_serves_with_a_key_file(tmp_path):
         r = c.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k3"}).status_code == 401
+        external = _external_address()
+        if external is not None:  # bound to 127.0.0.1 only: another interface of this machine refuses
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://{external}:{port}/health", timeout=5)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
