@@ -279,6 +279,11 @@ verb(data_app, commands.data_prepare, "prepare", run=_data_prepare)
 verb(app, commands.pretrain, "pretrain", run=_pretrain)
 
 
+from lmstack.serving import serve  # noqa: E402 (light: FastAPI and torch load inside serve)
+
+verb(app, serve, "serve", run=serve)
+
+
 def main() -> None:
     app(prog_name="lmstack")
 

@@ -73,6 +73,7 @@ def tour(model: str, max_new_tokens: int) -> None:
     print("lmstack models list                            # what is installed")
     if "serve" in {command.name for command in app.registered_commands}:
         print("lmstack serve                                  # OpenAI-compatible HTTP server + web chat")
+        print("  then open http://127.0.0.1:8000/ or use OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-')")
     else:
         print("lmstack serve                                  # OpenAI-compatible server: coming in a later issue")
 
