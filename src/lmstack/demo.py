@@ -13,7 +13,6 @@ import time
 import torch
 
 from lmstack import commands
-from lmstack.cli import app
 from lmstack.errors import LmstackError
 from lmstack.generation import GenerationResult
 
@@ -71,11 +70,8 @@ def tour(model: str, max_new_tokens: int) -> None:
     print(f"lmstack generate --chat --prompt '{question}'   # one answer (add --json for timings)")
     print("lmstack chat                                   # interactive; /reset, /system TEXT, /exit")
     print("lmstack models list                            # what is installed")
-    if "serve" in {command.name for command in app.registered_commands}:
-        print("lmstack serve                                  # OpenAI-compatible HTTP server + web chat")
-        print("  then open http://127.0.0.1:8000/ or use OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-')")
-    else:
-        print("lmstack serve                                  # OpenAI-compatible server: coming in a later issue")
+    print("lmstack serve                                  # OpenAI-compatible HTTP server + web chat")
+    print("  then open http://127.0.0.1:8000/ or use OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-')")
 
 
 def main() -> None:
