@@ -5,7 +5,7 @@
     out = rag_ask("What does LoRA train?", index="notes.sqlite", on_text=print)
     out["answer"], out["citations"]          # [{n, source, location, score, similarity}]
 
-Pipeline: extract.py (files -> text + blocks) -> chunk.py (token chunks) -> embed.py (MiniLM vectors) ->
+Pipeline: extract.py (files -> text + blocks) -> chunk.py (token chunks) -> embedding.py (MiniLM vectors) ->
 store.py (SQLite: documents, chunks, vectors, FTS5; milvus_store.py for Milvus) -> retrieve.py (BM25, exact
 vector, hybrid RRF) -> answer.py (prompt, generation, citations) -> evaluate.py (recall@k, MRR, EM/F1,
 faithfulness). This module imports nothing heavy, so the CLI can read these signatures cheaply.
@@ -53,7 +53,7 @@ def _filters(source: str | None, path_prefix: str | None, since: str | None, unt
 
 def _open_for_query(index: str, embedding_model: str | None) -> tuple[Any, Any]:
     """The index and its embedder; a different `embedding_model` than the index's is refused."""
-    from lmstack.rag.embed import get_embedder
+    from lmstack.rag.embedding import get_embedder
     from lmstack.rag.store import open_index
     store = open_index(index)
     try:
@@ -201,7 +201,7 @@ def embed(input: str, *, out: str, model: str = DEFAULT_EMBEDDING_MODEL, batch_s
         batch_size: Texts per batch.
         field: Read this string field of each JSON line (default "text" for .jsonl files).
     """
-    from lmstack.rag.embed import embed_file
+    from lmstack.rag.embedding import embed_file
     return embed_file(input, out, model, batch_size, field)
 
 

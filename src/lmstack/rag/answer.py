@@ -25,7 +25,7 @@ from lmstack.rag.chunk import sentence_spans
 
 if TYPE_CHECKING:
     from lmstack.generation import GenerationConfig, Generator
-    from lmstack.rag.embed import Embedder
+    from lmstack.rag.embedding import Embedder
     from lmstack.rag.retrieve import Hit
 
 IDK = "I don't know."

@@ -168,7 +168,7 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
     from tqdm import tqdm
 
     from lmstack.rag.answer import answer, get_generator
-    from lmstack.rag.embed import get_embedder
+    from lmstack.rag.embedding import get_embedder
     from lmstack.rag.retrieve import search
     from lmstack.rag.store import open_index
 

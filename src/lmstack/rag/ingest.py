@@ -20,7 +20,7 @@ from typing import Any
 
 from lmstack.errors import LmstackError
 from lmstack.rag.chunk import Chunk, chunk_document
-from lmstack.rag.embed import Embedder, get_embedder
+from lmstack.rag.embedding import Embedder, get_embedder
 from lmstack.rag.extract import SUFFIXES, Document, ExtractError, extract, kind_of
 from lmstack.rag.store import DocumentRecord, Store, open_index
 

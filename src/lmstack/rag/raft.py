@@ -38,7 +38,7 @@ from lmstack.io import atomic_write_text
 
 if TYPE_CHECKING:
     from lmstack.generation import GenerationConfig, Generator
-    from lmstack.rag.embed import Embedder
+    from lmstack.rag.embedding import Embedder
 
 BEGIN_QUOTE, END_QUOTE, ANSWER = "##begin_quote##", "##end_quote##", "<ANSWER>:"
 SYSTEM = ("Answer the question using the documents below; some of them are irrelevant. Quote the passage you "
@@ -231,7 +231,7 @@ def build(corpus: str, out: str, qa: str | None = None, model: str = "smollm2-13
           format: Literal["chat", "alpaca"] = "chat", chunk_tokens: int = 200, overlap: int = 0,
           limit: int | None = None, max_new_tokens: int = 96, embedding_model: str = "minilm-l6",
           field: str = "text", progress: bool = True) -> dict[str, Any]:
-    from lmstack.rag.embed import get_embedder
+    from lmstack.rag.embedding import get_embedder
 
     if not 0.0 <= p <= 1.0:
         raise LmstackError(f"p must be in [0, 1], not {p}")

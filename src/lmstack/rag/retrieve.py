@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lmstack.errors import LmstackError
-from lmstack.rag.embed import Embedder
+from lmstack.rag.embedding import Embedder
 from lmstack.rag.store import ChunkRow, Filters, Store
 
 Mode = Literal["hybrid", "bm25", "vector"]
