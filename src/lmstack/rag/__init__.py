@@ -153,7 +153,9 @@ def rag_ask(question: str, *, index: str, model: str = DEFAULT_ANSWER_MODEL, ada
             output.write(piece)
             output.flush()
 
-    generator = get_generator(model, adapter, dtype) if hits else None
+    # The model loads only when the sources can help: an "I don't know" under min_score costs no load.
+    needed = bool(hits) and max(h.similarity for h in hits) >= min_score
+    generator = get_generator(model, adapter, dtype) if needed else None
     result = answer(question, hits, generator, cfg, embedder, min_score,  # type: ignore[arg-type]
                     on_text=emit if stream and (on_text or output) else None)
     if output is not None:

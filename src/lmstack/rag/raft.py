@@ -102,6 +102,7 @@ def questions_from_qa(qa: str, chunks: list[CorpusChunk], embedder: Embedder) ->
     from lmstack.rag.evaluate import Relevance, read_qa
 
     relevance = Relevance(qa)
+    vectors: dict[int, Any] = {}  # chunk index -> [D], embedded once
     out = []
     for item in read_qa(qa):
         candidates = [i for i, c in enumerate(chunks) if _is_doc(c.path, item["doc"])]
@@ -112,8 +113,10 @@ def questions_from_qa(qa: str, chunks: list[CorpusChunk], embedder: Embedder) ->
             s, e = relevance.snippet_span(chunks[candidates[0]].path, snippet, item["line"])
             oracle = max(candidates, key=lambda i: min(e, chunks[i].end) - max(s, chunks[i].start))
         else:
-            vectors = embedder.encode([item["question"]] + [chunks[i].text for i in candidates])  # [1 + n, D]
-            oracle = candidates[int((vectors[1:] @ vectors[0]).argmax())]
+            missing = [i for i in candidates if i not in vectors]
+            vectors.update(zip(missing, embedder.encode([chunks[i].text for i in missing])))
+            question = embedder.encode([item["question"]])[0]  # [D]
+            oracle = max(candidates, key=lambda i: float(vectors[i] @ question))
         out.append(RaftQuestion(item["question"], item["answer"], oracle, snippet))
     return out
 
