@@ -304,6 +304,16 @@ def test_an_index_refuses_another_embedding_model(corpus_index, tmp_path) -> Non
     conn.close()
     with pytest.raises(LmstackError, match="dim 768"):
         rag_search("q", index=str(copy))
+    # adding documents with another model than the stored one is refused too, before anything is written
+    conn = sqlite3.connect(copy)
+    conn.execute("UPDATE meta SET value = '384' WHERE key = 'dim'")
+    conn.execute("UPDATE meta SET value = 'other-encoder' WHERE key = 'embedding_model'")
+    conn.commit()
+    conn.close()
+    write_corpus(tmp_path / "new", {"extra": "An extra document."})
+    with pytest.raises(LmstackError, match="built with embedding model 'other-encoder' \\(dim 384\\), not 'minilm-l6'"):
+        index([tmp_path / "new"], copy)
+    assert sqlite3.connect(copy).execute("SELECT count(*) FROM documents WHERE path LIKE '%extra.txt'").fetchone()[0] == 0
 
 
 # ------------------------------------------------------------------------------------------- reliability
