@@ -86,7 +86,7 @@ def raft_messages(question: str, texts: list[str]) -> list[dict[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--held-out", type=int, default=14)
-    parser.add_argument("--copies", type=int, default=2)
+    parser.add_argument("--copies", type=int, default=1)
     parser.add_argument("--distractors", type=int, default=2)
     parser.add_argument("--chunk-tokens", type=int, default=96)
     parser.add_argument("--budget", type=float, default=600.0, help="seconds of training")
@@ -137,7 +137,7 @@ def main() -> None:
     tuned = apply_method(loaded.model, spec)
     config = TrainConfig(out_dir=str(work / "run"), max_steps=args.max_steps, max_time=args.budget, batch_size=1,
                          lr=args.lr, min_lr=args.lr / 10, warmup_steps=5, weight_decay=0.0, eval_every=10**6,
-                         log_every=10, peak_flops=1e12, progress=False)
+                         eval_batches=1, log_every=10, peak_flops=1e12, progress=False)
     t0 = time.perf_counter()
     result = Trainer(tuned, causal_lm, data, config).fit(resume=False)
     train_s = time.perf_counter() - t0

@@ -52,7 +52,8 @@ def test_formats_are_extracted_and_a_corrupt_pdf_is_skipped(tmp_path, embedder, 
     (folder / "b.md").write_text("# Guide\n\nIntro line.\n\n## Setup\n\nInstall the teapot first. Then pour.\n")
     (folder / "sub" / "c.html").write_text(
         "<html><head><title>Page T</title><style>p{color:red}</style><script>var x = 'hidden';</script></head>"
-        "<body><h1>Top</h1><p>First &amp; foremost paragraph.</p><h2>Deeper</h2><p>Nested words here.</p></body></html>")
+        "<body><h1>Top</h1><p>First &amp; foremost paragraph.</p><h2>Deeper</h2><p>Nested words here.</p>"
+        "</body></html>")
     (folder / "d.jsonl").write_text('{"body": "Record one."}\n\n{"body": "Record two."}\n')
     (folder / "e.pdf").write_bytes(make_pdf(["Page one talks about owls.", "Page two talks about larks."]))
     (folder / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog garbage")
@@ -313,7 +314,9 @@ def test_an_index_refuses_another_embedding_model(corpus_index, tmp_path) -> Non
     write_corpus(tmp_path / "new", {"extra": "An extra document."})
     with pytest.raises(LmstackError, match="built with embedding model 'other-encoder' \\(dim 384\\), not 'minilm-l6'"):
         index([tmp_path / "new"], copy)
-    assert sqlite3.connect(copy).execute("SELECT count(*) FROM documents WHERE path LIKE '%extra.txt'").fetchone()[0] == 0
+    conn = sqlite3.connect(copy)
+    assert conn.execute("SELECT count(*) FROM documents WHERE path LIKE '%extra.txt'").fetchone()[0] == 0
+    conn.close()
 
 
 # ------------------------------------------------------------------------------------------- reliability

@@ -216,7 +216,8 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
     if generate:
         faithful = [row["faithfulness"] for row in per_question if row["faithfulness"] is not None]
         report["answers"] = {
-            "model": model, "adapter": adapter, "exact_match": round(sum(r["exact_match"] for r in per_question) / n, 4),
+            "model": model, "adapter": adapter,
+            "exact_match": round(sum(r["exact_match"] for r in per_question) / n, 4),
             "f1": round(sum(r["f1"] for r in per_question) / n, 4),
             "faithfulness": round(sum(faithful) / len(faithful), 4) if faithful else None,
             "answered": len(faithful), "idk_rate": round(sum(r["refused"] for r in per_question) / n, 4)}

@@ -255,7 +255,8 @@ def _pdf(path: Path, data: bytes) -> Document:
     except ExtractError:
         raise
     except Exception as e:  # pypdf raises many types for damaged files; all mean "cannot read this file"
-        raise ExtractError(f"{path}: cannot read PDF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'damaged file'})") from None
+        detail = str(e).splitlines()[0] if str(e) else "damaged file"
+        raise ExtractError(f"{path}: cannot read PDF ({type(e).__name__}: {detail})") from None
     text, blocks = "", []
     for number, page_text in enumerate(pages, start=1):
         if not page_text.strip():

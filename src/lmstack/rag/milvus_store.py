@@ -42,7 +42,8 @@ class MilvusVectors:
         try:
             self.client = MilvusClient(uri)
         except Exception as e:
-            raise LmstackError(f"cannot open Milvus at {uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LmstackError(f"cannot open Milvus at {uri}: {detail}") from None
         if not self.client.has_collection(collection):
             schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)
@@ -55,7 +56,8 @@ class MilvusVectors:
             fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
             dim = int(fields.get("vector", {}).get("params", {}).get("dim", -1))
             if dim != store.dim:
-                raise LmstackError(f"Milvus collection {collection!r} holds vectors of dim {dim}, the index {store.dim}")
+                raise LmstackError(f"Milvus collection {collection!r} holds vectors of dim {dim}, "
+                                   f"the index {store.dim}")
 
     def sync(self) -> None:
         """Apply the outbox: upsert the vectors of chunks that exist, delete the ids that do not."""

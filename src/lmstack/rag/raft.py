@@ -69,7 +69,8 @@ class RaftQuestion:
 # --------------------------------------------------------------------------------------------- corpus
 
 
-def corpus_chunks(corpus: str, embedder: Embedder, chunk_tokens: int, overlap: int, field: str = "text") -> list[CorpusChunk]:
+def corpus_chunks(corpus: str, embedder: Embedder, chunk_tokens: int, overlap: int,
+                  field: str = "text") -> list[CorpusChunk]:
     """Every chunk of the supported files under `corpus`, chunked as `rag index` does; unreadable files are
     skipped with a warning."""
     from lmstack.rag.chunk import chunk_document

@@ -212,7 +212,9 @@ class ExactVectors:
         self.store = store
         self.generation: int | None = None
         self.ids = np.zeros(0, dtype=np.int64)  # [N] chunk ids, ascending
-        self.matrix: Any = None  # torch [N, D] float32
+        # torch [D, N] float32: stored transposed, because on CPU the [1, D] @ [D, N] product runs at BLAS speed
+        # (about FAISS flat's) while [N, D] @ [D] goes through a ~3x slower path
+        self.matrix_t: Any = None
         self.doc_ids: Any = None  # torch [N] int64
 
     def refresh(self) -> None:
@@ -230,7 +232,8 @@ class ExactVectors:
             for i, (cid, did, blob) in enumerate(conn.execute("SELECT id, doc_id, vector FROM chunks ORDER BY id")):
                 ids[i], doc_ids[i] = cid, did
                 matrix[i] = np.frombuffer(blob, dtype="<f4")
-        self.ids, self.matrix, self.doc_ids = ids, torch.from_numpy(matrix), torch.from_numpy(doc_ids)
+        self.ids, self.doc_ids = ids, torch.from_numpy(doc_ids)
+        self.matrix_t = torch.from_numpy(np.ascontiguousarray(matrix.T))  # [D, N]
         self.generation = generation
 
     def search(self, query: np.ndarray, k: int, doc_ids: Sequence[int] | None) -> list[tuple[int, float]]:
@@ -239,7 +242,7 @@ class ExactVectors:
         self.refresh()
         if len(self.ids) == 0 or k < 1:
             return []
-        scores = self.matrix @ torch.from_numpy(np.asarray(query, dtype=np.float32))  # [N]
+        scores = (torch.from_numpy(np.asarray(query, dtype=np.float32))[None] @ self.matrix_t)[0]  # [N]
         if doc_ids is not None:
             allowed = torch.isin(self.doc_ids, torch.tensor(list(doc_ids), dtype=torch.int64))  # [N] bool
             k = min(k, int(allowed.sum()))
@@ -251,7 +254,7 @@ class ExactVectors:
         pass
 
     def close(self) -> None:
-        self.matrix = self.doc_ids = None
+        self.matrix_t = self.doc_ids = None
 
 
 # -------------------------------------------------------------------------------------------- store
