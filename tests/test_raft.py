@@ -140,6 +140,13 @@ def test_bad_input_is_one_line_errors(corpus, tmp_path) -> None:
     assert proc.returncode == 1 and proc.stderr.strip() == "error: p must be in [0, 1], not 2.0"
 
 
+def test_final_answer() -> None:
+    assert final_answer(f"... {END_QUOTE} so.\n{ANSWER} 4 bytes") == "4 bytes"
+    assert final_answer(f"{ANSWER} between 0 and 1 <DOCUMENT>- Temperature = 1.") == "between 0 and 1"
+    assert final_answer(f"{ANSWER} Paris\n<ANSWER>: Lyon") == "Paris"
+    assert final_answer("No marker here.") == "No marker here."
+
+
 def test_question_parsing() -> None:
     assert parse_question("Question: What is the Transformer architecture?\nAnswer: x") == \
         "What is the Transformer architecture?"

@@ -223,8 +223,12 @@ def build_example(q: RaftQuestion, chunks: list[CorpusChunk], distractors: int, 
 
 
 def final_answer(text: str) -> str:
-    """What a RAFT-style reply answers: the text after the last `<ANSWER>:` (the whole reply without one)."""
-    return text.rsplit(ANSWER, 1)[-1].strip() if ANSWER in text else text.strip()
+    """What a RAFT-style reply answers: the line after the first `<ANSWER>:` (the whole reply without one).
+    A briefly tuned model may run on past its answer (a new line, another <DOCUMENT>): that is not the answer."""
+    if ANSWER not in text:
+        return text.strip()
+    answer = text.split(ANSWER, 1)[1].strip()
+    return re.split(r"\n|<DOCUMENT>", answer, maxsplit=1)[0].strip()
 
 
 # ------------------------------------------------------------------------------------------------ build
