@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -186,8 +187,9 @@ def main() -> None:
                      f"{sum(s[2] for s in scores) / n:.3f} |")
     body = "\n".join(lines)
     print(body)
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     record("RAFT loop: SmolLM2-135M + LoRA on the course notes", body,
-           "python bench/raft_loop.py " + " ".join(sys.argv[1:]))
+           f"{threads}python bench/raft_loop.py " + " ".join(sys.argv[1:]))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -215,9 +216,12 @@ def main() -> None:
               f"| mode | recall@{k} | MRR |", "|---|---:|---:|"]
     for mode, m in modes["retrieval"].items():
         lines.append(f"| {mode} | {m[f'recall@{k}']:.3f} | {m['mrr']:.3f} |")
+    lines += ["", "The machine is shared (load average about 8 on its cores during these runs): absolute times are noisy, "
+              "the ratios compare engines measured back to back in the same run."]
     body = "\n".join(lines)
     print(body)
-    command = "python bench/rag_bench.py " + " ".join(sys.argv[1:])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads}python bench/rag_bench.py " + " ".join(sys.argv[1:])
     record("RAG: ingest, embeddings, query latency, exact search vs FAISS", body, command.strip())
 
 
