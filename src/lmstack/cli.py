@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lmstack import commands
+from lmstack import commands, rag
 from lmstack.errors import LmstackError
 
 app = typer.Typer(name="lmstack", help="A hackable toolkit for the whole life of an LLM.", no_args_is_help=True,
@@ -282,6 +282,45 @@ verb(app, commands.pretrain, "pretrain", run=_pretrain)
 from lmstack.serving import serve  # noqa: E402 (light: FastAPI and torch load inside serve)
 
 verb(app, serve, "serve", run=serve)
+
+# ------------------------------------------------------------------ RAG, RAFT and embeddings (lmstack.rag)
+
+rag_app = typer.Typer(help="Retrieval-augmented generation: index, search, ask, eval.", no_args_is_help=True,
+                      rich_markup_mode=None)
+app.add_typer(rag_app, name="rag")
+raft_app = typer.Typer(help="RAFT fine-tuning data.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(raft_app, name="raft")
+
+
+def _rag_search(as_json: bool, **kwargs: Any) -> None:
+    hits = rag.rag_search(**kwargs)
+    if as_json:
+        _print_json(hits)
+    for h in [] if as_json else hits:
+        print(f"[{h['n']}] {h['score']:.4f} (cos {h['similarity']:.3f})  {h['path']} ({h['location']})")
+        print("    " + " ".join(h["text"].split())[:200])
+
+
+def _rag_ask(as_json: bool, **kwargs: Any) -> None:
+    if as_json:  # the contract: answer, citations [{n, source, location, score}], retrieved
+        result = rag.rag_ask(**{**kwargs, "stream": False})
+        print(json.dumps({k: result[k] for k in ("answer", "citations", "retrieved", "refused", "reason")},
+                         indent=2, ensure_ascii=False))
+    else:
+        rag.rag_ask(**kwargs, output=sys.stdout)
+
+
+def _rag_eval(**kwargs: Any) -> None:
+    report = rag.rag_eval(**kwargs)
+    _print_json({k: v for k, v in report.items() if k != "per_question"})
+
+
+verb(rag_app, rag.rag_index, "index", run=lambda **kw: _print_json(rag.rag_index(**kw)))
+verb(rag_app, rag.rag_search, "search", extra=[JSON_FLAG], run=_rag_search)
+verb(rag_app, rag.rag_ask, "ask", skip={"on_text", "output"}, extra=[JSON_FLAG], run=_rag_ask)
+verb(rag_app, rag.rag_eval, "eval", run=_rag_eval)
+verb(app, rag.embed, "embed", run=lambda **kw: _print_json(rag.embed(**kw)))
+verb(raft_app, rag.raft_build, "build", run=lambda **kw: _print_json(rag.raft_build(**kw)))
 
 
 def main() -> None:

@@ -1,0 +1,246 @@
+"""Retrieval-augmented generation: `rag index`, `rag search`, `rag ask`, `rag eval` and `embed` as typed verbs.
+
+    from lmstack.rag import rag_index, rag_ask
+    rag_index(["notes/"], index="notes.sqlite")
+    out = rag_ask("What does LoRA train?", index="notes.sqlite", on_text=print)
+    out["answer"], out["citations"]          # [{n, source, location, score, similarity}]
+
+Pipeline: extract.py (files -> text + blocks) -> chunk.py (token chunks) -> embedding.py (MiniLM vectors) ->
+store.py (SQLite: documents, chunks, vectors, FTS5; milvus_store.py for Milvus) -> retrieve.py (BM25, exact
+vector, hybrid RRF) -> answer.py (prompt, generation, citations) -> evaluate.py (recall@k, MRR, EM/F1,
+faithfulness). This module imports nothing heavy, so the CLI can read these signatures cheaply.
+"""
+
+
+from collections.abc import Callable
+from typing import Any, Literal, TextIO
+
+DEFAULT_EMBEDDING_MODEL = "minilm-l6"
+DEFAULT_ANSWER_MODEL = "smollm2-135m-instruct"
+
+
+def rag_index(paths: list[str], *, index: str, embedding_model: str = DEFAULT_EMBEDDING_MODEL,
+              source: str | None = None, field: str = "text", chunk_tokens: int | None = None,
+              overlap: int | None = None, prune: bool = False, batch_size: int = 32,
+              progress: bool = True) -> dict[str, Any]:
+    """Add .txt, .md, .html, .pdf and .jsonl files (folders recursively) to a RAG index, incrementally.
+
+    Unchanged files (same SHA-256) are skipped, changed files are replaced, unreadable files are skipped with
+    a warning. Returns counts (added, updated, unchanged, removed, chunks, skipped) and chunks_per_s.
+
+    Args:
+        paths: Files or folders to index.
+        index: The index: a .sqlite path, a path ending in .db (Milvus Lite), or milvus://host:port/collection.
+        embedding_model: The sentence encoder (registry name or path); fixed when the index is created.
+        source: A label stored with these documents, for filtering (default: the folder or file name given).
+        field: The text field of .jsonl records.
+        chunk_tokens: Most tokens per chunk (default 200); fixed when the index is created.
+        overlap: Tokens of whole sentences repeated between neighbouring chunks (default 32).
+        prune: Remove indexed documents under the given folders whose files are gone.
+        batch_size: Texts per embedding batch.
+        progress: Show a progress bar on stderr.
+    """
+    from lmstack.rag.ingest import ingest
+    return ingest(paths, index, embedding_model, source, field, chunk_tokens, overlap, prune, batch_size, progress)
+
+
+def _filters(source: str | None, path_prefix: str | None, since: str | None, until: str | None,
+             date_field: str) -> Any:
+    from lmstack.rag.store import Filters, parse_date
+    return Filters(source=source, path_prefix=path_prefix, since=parse_date(since, "since"),
+                   until=parse_date(until, "until"), date_field=date_field)  # type: ignore[arg-type]
+
+
+def _open_for_query(index: str, embedding_model: str | None) -> tuple[Any, Any]:
+    """The index and its embedder; a different `embedding_model` than the index's is refused."""
+    from lmstack.rag.embedding import get_embedder
+    from lmstack.rag.store import open_index
+    store = open_index(index)
+    try:
+        if embedding_model is not None:
+            store.check_model(embedding_model)
+        embedder = get_embedder(store.embedding_model)
+        store.check_model(embedder.name, embedder.dim)
+    except BaseException:
+        store.close()
+        raise
+    return store, embedder
+
+
+def rag_search(query: str, *, index: str, k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid",
+               bm25_weight: float = 1.0, vector_weight: float = 1.0, source: str | None = None,
+               path_prefix: str | None = None, since: str | None = None, until: str | None = None,
+               date_field: Literal["ingested", "mtime"] = "ingested",
+               embedding_model: str | None = None) -> list[dict[str, Any]]:
+    """Retrieve the k best chunks for a query (no generation), with their scores and locations.
+
+    Args:
+        query: The question or search text.
+        index: The index (see `rag index`).
+        k: How many chunks to return.
+        mode: hybrid (BM25 + vectors by reciprocal rank fusion), bm25 or vector.
+        bm25_weight: Weight of the BM25 ranking in hybrid mode.
+        vector_weight: Weight of the vector ranking in hybrid mode.
+        source: Only documents ingested with this source label.
+        path_prefix: Only documents whose path starts with this.
+        since: Only documents dated on or after this ISO date (see date_field).
+        until: Only documents dated on or before this ISO date.
+        date_field: Which date since/until read: ingested (ingest time) or mtime (file modification time).
+        embedding_model: Must be the index's model when given (a mismatch is refused).
+    """
+    from lmstack.rag.retrieve import search
+    filters = _filters(source, path_prefix, since, until, date_field)
+    store, embedder = _open_for_query(index, embedding_model)
+    with store:
+        hits = search(store, embedder, query, k, mode, filters, bm25_weight, vector_weight)
+        return [{"n": n, **h.to_dict()} for n, h in enumerate(hits, start=1)]
+
+
+def rag_ask(question: str, *, index: str, model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
+            k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid", stream: bool = True,
+            max_new_tokens: int = 256, temperature: float = 0.0, seed: int | None = None, min_score: float = 0.3,
+            bm25_weight: float = 1.0, vector_weight: float = 1.0, source: str | None = None,
+            path_prefix: str | None = None, since: str | None = None, until: str | None = None,
+            date_field: Literal["ingested", "mtime"] = "ingested", embedding_model: str | None = None,
+            dtype: Literal["float32", "bfloat16"] = "float32", on_text: Callable[[str], None] | None = None,
+            output: TextIO | None = None) -> dict[str, Any]:
+    """Answer a question from the indexed documents, citing them as [n]; "I don't know" when they do not help.
+
+    Returns {question, answer, citations: [{n, source, location, score, similarity}], retrieved: [chunks with
+    scores], refused, reason, citations_by}.
+
+    Args:
+        question: The question.
+        index: The index (see `rag index`).
+        model: The answering chat model (registry name, GGUF file or model folder).
+        adapter: A PEFT adapter folder to apply to the model.
+        k: How many chunks to retrieve and show the model.
+        mode: hybrid (BM25 + vectors by reciprocal rank fusion), bm25 or vector.
+        stream: Stream the answer as it is generated.
+        max_new_tokens: The most tokens in the answer.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        seed: Random seed for sampling.
+        min_score: Answer "I don't know" without generating when the best cosine similarity is below this.
+        bm25_weight: Weight of the BM25 ranking in hybrid mode.
+        vector_weight: Weight of the vector ranking in hybrid mode.
+        source: Only documents ingested with this source label.
+        path_prefix: Only documents whose path starts with this.
+        since: Only documents dated on or after this ISO date (see date_field).
+        until: Only documents dated on or before this ISO date.
+        date_field: Which date since/until read: ingested (ingest time) or mtime (file modification time).
+        embedding_model: Must be the index's model when given (a mismatch is refused).
+        dtype: Compute dtype of the answering model.
+        on_text: Called with each piece of the answer as it is generated (with stream).
+        output: Where to print the answer and its cited sources (the CLI passes stdout; None prints nothing).
+    """
+    from lmstack.commands import generation_config
+    from lmstack.rag.answer import answer, get_generator, print_result
+    from lmstack.rag.retrieve import search
+
+    cfg = generation_config(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    filters = _filters(source, path_prefix, since, until, date_field)
+    store, embedder = _open_for_query(index, embedding_model)
+    with store:
+        hits = search(store, embedder, question, k, mode, filters, bm25_weight, vector_weight)
+    streamed = False
+
+    def emit(piece: str) -> None:
+        nonlocal streamed
+        streamed = True
+        if on_text is not None:
+            on_text(piece)
+        if output is not None:
+            output.write(piece)
+            output.flush()
+
+    # The model loads only when the sources can help: an "I don't know" under min_score costs no load.
+    needed = bool(hits) and max(h.similarity for h in hits) >= min_score
+    generator = get_generator(model, adapter, dtype) if needed else None
+    result = answer(question, hits, generator, cfg, embedder, min_score,  # type: ignore[arg-type]
+                    on_text=emit if stream and (on_text or output) else None)
+    if output is not None:
+        print_result(result, output, streamed)
+    return result
+
+
+def rag_eval(qa: str, *, index: str, k: int = 5, modes: list[str] | None = None, generate: bool = True,
+             limit: int | None = None, model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
+             max_new_tokens: int = 64, min_score: float = 0.3, out: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate retrieval (recall@k, MRR per mode) and answers (exact match, token F1, faithfulness).
+
+    The QA file has one JSON object per line: {"question", "answer", "doc", "snippet"}, where doc names the
+    gold document (file name or path suffix) and snippet is optional verbatim supporting text from it.
+
+    Args:
+        qa: The QA file (.jsonl).
+        index: The index (see `rag index`) holding the gold documents.
+        k: Retrieval depth for recall@k and MRR, and the chunks shown to the model.
+        modes: Retrieval modes to compare (bm25, vector, hybrid); repeat the option; default all three.
+        generate: Also generate answers and score them (slow); --no-generate scores retrieval only.
+        limit: Use only the first N questions.
+        model: The answering chat model.
+        adapter: A PEFT adapter folder to apply to the model.
+        max_new_tokens: The most tokens per answer.
+        min_score: The "I don't know" similarity threshold, as in `rag ask`.
+        out: Also write the report, with per-question rows, to this JSON file.
+        progress: Show a progress bar on stderr.
+    """
+    from lmstack.rag.evaluate import evaluate
+    return evaluate(qa, index, k, modes, generate, limit, model, adapter, max_new_tokens, min_score, out, progress)
+
+
+def embed(input: str, *, out: str, model: str = DEFAULT_EMBEDDING_MODEL, batch_size: int = 32,
+          field: str | None = None) -> dict[str, Any]:
+    """Embed a file of texts (one per line, or a field of each JSON line) into a .npy or .safetensors matrix.
+
+    Row i is the embedding of text i (float32, L2-normalized). Returns n, dim, seconds and sentences_per_s.
+
+    Args:
+        input: A text file with one text per line, or a .jsonl file.
+        out: The output file: .npy, or .safetensors (tensor "embeddings").
+        model: The sentence encoder (registry name or path).
+        batch_size: Texts per batch.
+        field: Read this string field of each JSON line (default "text" for .jsonl files).
+    """
+    from lmstack.rag.embedding import embed_file
+    return embed_file(input, out, model, batch_size, field)
+
+
+def raft_build(*, corpus: str, out: str, qa: str | None = None, model: str = DEFAULT_ANSWER_MODEL,
+               questions_per_chunk: int = 1, distractors: int = 4, p: float = 0.8, seed: int = 0,
+               format: Literal["chat", "alpaca"] = "chat", chunk_tokens: int = 200, overlap: int = 0,
+               limit: int | None = None, max_new_tokens: int = 96,
+               embedding_model: str = DEFAULT_EMBEDDING_MODEL, field: str = "text",
+               progress: bool = True) -> dict[str, Any]:
+    """Build a RAFT fine-tuning set: questions with oracle + distractor chunks and quoting CoT answers.
+
+    Each example shows the oracle chunk with probability p plus `distractors` other chunks (else distractors+1
+    other chunks), shuffled; the target quotes the oracle between ##begin_quote## and ##end_quote## and ends
+    with `<ANSWER>: ...`. Output: chat JSONL {"messages": [...], "raft": {...}} that `lmstack finetune` reads.
+
+    Args:
+        corpus: The folder (or file) of documents: .txt, .md, .html, .pdf, .jsonl.
+        out: The output .jsonl file.
+        qa: Take questions from this QA file ({"question", "answer", "doc", "snippet"} lines) instead of
+            generating them with the model.
+        model: The chat model that writes questions and answers when no QA file is given.
+        questions_per_chunk: Questions generated per chunk (without --qa).
+        distractors: Distractor chunks per example (k).
+        p: Fraction of examples that include the oracle chunk.
+        seed: Random seed for the choice of distractors, the oracle coin and the shuffle.
+        format: chat (messages) or alpaca (system/instruction/input/output).
+        chunk_tokens: Most tokens per chunk (MiniLM tokenizer).
+        overlap: Tokens repeated between neighbouring chunks.
+        limit: Use at most this many questions (with --qa) or chunks (generating).
+        max_new_tokens: The most tokens per generated question/answer reply.
+        embedding_model: The tokenizer for chunking and the encoder that locates oracles without a snippet.
+        field: The text field of .jsonl documents.
+        progress: Show a progress bar on stderr.
+    """
+    from lmstack.rag.raft import build
+    return build(corpus, out, qa, model, questions_per_chunk, distractors, p, seed, format, chunk_tokens, overlap,
+                 limit, max_new_tokens, embedding_model, field, progress)
+
+
+__all__ = ["rag_index", "rag_search", "rag_ask", "rag_eval", "embed", "raft_build"]
