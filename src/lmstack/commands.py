@@ -59,10 +59,10 @@ def generation_config(max_new_tokens: int = 128, temperature: float = 0.0, top_k
     return cfg
 
 
-def load_generator(model: str, dtype: DType = "float32", compile: bool = False,
+def load_generator(model: str | None, dtype: DType = "float32", compile: bool = False,
                    adapter: str | None = None) -> tuple["Generator", "LoadedModel", float]:
     """Load `model` (registry name or path), with `adapter` applied unmerged when given, and wrap it in a
-    Generator; also returns the load time in s."""
+    Generator; also returns the load time in s. No model: the adapter's base, else DEFAULT_MODEL."""
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
     start = time.perf_counter()
@@ -70,7 +70,7 @@ def load_generator(model: str, dtype: DType = "float32", compile: bool = False,
         from lmstack.training.finetune import load_with_adapter
         loaded = load_with_adapter(model, adapter, dtype)
     else:
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model or DEFAULT_MODEL, dtype=dtype)
     generator = Generator(loaded.model, loaded.tokenizer, compile=compile)
     return generator, loaded, time.perf_counter() - start
 
@@ -89,7 +89,7 @@ def run_generation(generator: "Generator", prompt: "str | list[int]", cfg: "Gene
     return generator.last_result
 
 
-def generate(*, prompt: str, model: str = DEFAULT_MODEL, chat: bool = False, system: str | None = None,
+def generate(*, prompt: str, model: str | None = None, chat: bool = False, system: str | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float = 1.0, num_beams: int = 1,
              seed: int | None = None, stop: list[str] | None = None, dtype: DType = "float32",
@@ -99,7 +99,8 @@ def generate(*, prompt: str, model: str = DEFAULT_MODEL, chat: bool = False, sys
 
     Args:
         prompt: The text to continue, or the user message with --chat.
-        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder.
+        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder
+            (default smollm2-135m-instruct; with --adapter, the adapter's base model).
         chat: Wrap the prompt in the model's chat template as one user turn.
         system: A system message for --chat.
         max_new_tokens: The most tokens to generate.
@@ -173,7 +174,7 @@ class ChatSession:
 CHAT_HELP = "/reset clears the history, /system TEXT sets the system message, /exit quits"
 
 
-def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, max_new_tokens: int = 256,
+def chat(*, model: str | None = None, system: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
          repetition_penalty: float = 1.0, num_beams: int = 1, seed: int | None = None,
          stop: list[str] | None = None, dtype: DType = "float32", compile: bool = False,
@@ -186,7 +187,8 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, max_new_token
     reported on stderr and the chat goes on; the number of failed turns is returned (the CLI exits with 1).
 
     Args:
-        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder.
+        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder
+            (default smollm2-135m-instruct; with --adapter, the adapter's base model).
         system: The system message that starts each conversation.
         max_new_tokens: The most tokens in one reply.
         temperature: Sampling temperature; 0 means greedy decoding.
@@ -219,7 +221,7 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, max_new_token
         output.flush()
 
     if interactive:
-        say(f"loaded {model} in {load_s:.1f} s; {CHAT_HELP}\n")
+        say(f"loaded {loaded.source} in {load_s:.1f} s; {CHAT_HELP}\n")
     failures = 0
     while True:
         if interactive:
