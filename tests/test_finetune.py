@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import assert_one_line_error, run_cli, tiny_tokenizer
+from test_cli import assert_one_line_error, run_cli, tiny, tiny_tokenizer  # noqa: F401 (tiny: a fixture)
 
 from lmstack import commands
 from lmstack.checkpoints import REGISTRY, load_model, read_safetensors, save_native
@@ -39,14 +39,6 @@ def _alpaca(path: Path, n: int, seed: int = 0) -> Path:
         rows.append(json.dumps({"instruction": f"repeat {a}", "output": f"{a} {b}"}))
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model = build_model(from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
-    return save_native(model, tok, tmp_path_factory.mktemp("tiny") / "ckpt")
 
 
 @pytest.fixture(scope="module")
