@@ -258,3 +258,22 @@ def test_every_method_runs_on_smollm2(tmp_path: Path) -> None:
     assert sizes["prompt"][0] == 20 * 576 and sizes["prefix"][0] == 30 * 2 * 3 * 20 * 64
     for method, (params, size) in sizes.items():
         assert params * 4 <= size < params * 4 + 100_000, method  # float32 tensors plus the safetensors header
+
+
+def test_targets_only_objective_equals_causal_lm() -> None:
+    from lmstack.peft.prompt import PromptTuned
+    from lmstack.training.objectives import causal_lm, causal_lm_targets
+
+    torch.manual_seed(0)
+    model = build_model(from_name("tiny-llama"))
+    labels = torch.randint(0, 256, (2, 12))
+    labels[0, :5] = labels[1, 7:] = -100  # a prompt and a padding tail
+    batch = {"input_ids": torch.randint(0, 256, (2, 12)), "labels": labels}
+    for net in (model, "prompt"):
+        net = PromptTuned(model, 3) if net == "prompt" else net  # (wrapping freezes the base)
+        a, b = causal_lm(net, batch), causal_lm_targets(net, batch)
+        torch.testing.assert_close(b.loss_sum, a.loss_sum)
+        assert int(b.n_targets) == int(a.n_targets) == 24 - 5 - 5 and b.n_tokens == a.n_tokens
+        grads = [torch.autograd.grad(out.loss_sum, [p for p in net.parameters() if p.requires_grad][0])[0]
+                 for out in (causal_lm(net, batch), causal_lm_targets(net, batch))]
+        torch.testing.assert_close(grads[1], grads[0])

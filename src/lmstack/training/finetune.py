@@ -1,6 +1,6 @@
 """`lmstack finetune` and `lmstack merge`: instruction data + a PEFT method + the one Trainer.
 
-    base model --load_model--> apply_method(spec) --Trainer(causal_lm, InstructionSource)--> OUT/
+    base model --load_model--> apply_method(spec) --Trainer(causal_lm_targets, InstructionSource)--> OUT/
         OUT/adapter.safetensors + OUT/adapter.json   (lora, qlora, prompt, prefix, adapter: the method's weights)
         OUT/model.safetensors + OUT/lmstack.json     (full: a native checkpoint, usable as --model OUT)
         OUT/metrics.jsonl                            (one record per evaluation, with per-task val loss)
@@ -29,7 +29,7 @@ from lmstack.io import atomic_write_json
 from lmstack.peft.lora import TARGETS, resolve_targets
 from lmstack.peft.methods import ADAPTER_FORMAT, METHODS, PeftSpec, apply_method, load_adapter, read_adapter_spec, \
     save_adapter
-from lmstack.training.objectives import causal_lm
+from lmstack.training.objectives import causal_lm_targets
 from lmstack.training.pretrain import TRAIN_KEYS, load_run_config, resolve_path
 from lmstack.training.trainer import TrainConfig, Trainer
 
@@ -215,7 +215,7 @@ def finetune(method: str | None = None, model: str | None = None, data: Sequence
     extra = per_task_losses(source, micro, cfg.eval_batches) if len(source.task_names) > 1 else None
     run_record = {k: v for k, v in run.items() if k != "train"}
     run_record["peft"] = dataclasses.asdict(spec)
-    trainer = Trainer(net, causal_lm, source, cfg, run_config=_jsonable(run_record), extra_eval=extra)
+    trainer = Trainer(net, causal_lm_targets, source, cfg, run_config=_jsonable(run_record), extra_eval=extra)
     result = trainer.fit(resume=resume)
 
     out_dir = Path(cfg.out_dir)
