@@ -171,6 +171,23 @@ def test_merge_keeps_outputs_and_exports_to_hf(lora_dir: Path, tmp_path: Path) -
         torch.testing.assert_close(hf(TOKENS).logits, _logits(unmerged.model, TOKENS), atol=1e-4, rtol=1e-4)
 
 
+def test_lora_run_folder_loads_in_peft_with_the_same_logits(tiny: Path, lora_dir: Path, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    assert run_cli("convert", tiny, tmp_path / "hf", "--to", "hf").exit_code == 0
+    ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), lora_dir).eval()
+    ours = load_with_adapter(None, str(lora_dir)).model
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=TOKENS).logits, _logits(ours, TOKENS), atol=1e-5, rtol=1e-5)
+    # and the peft files alone import back (given the base)
+    alone = tmp_path / "peft-only"
+    alone.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (alone / name).write_bytes((lora_dir / name).read_bytes())
+    imported = load_with_adapter(str(tiny), str(alone)).model
+    torch.testing.assert_close(_logits(imported, TOKENS), _logits(ours, TOKENS))
+
+
 def test_generate_and_chat_run_the_adapter_unmerged(tiny: Path, lora_dir: Path) -> None:
     flags = ["--prompt", "hello", "--max-new-tokens", "6", "--json"]
     with_adapter = run_cli("generate", "--model", tiny, "--adapter", lora_dir, *flags)

@@ -2,6 +2,7 @@
 
     base model --load_model--> apply_method(spec) --Trainer(causal_lm_targets, InstructionSource)--> OUT/
         OUT/adapter.safetensors + OUT/adapter.json   (lora, qlora, prompt, prefix, adapter: the method's weights)
+        OUT/adapter_model.safetensors + adapter_config.json  (lora on a Llama-architecture model: peft's format)
         OUT/model.safetensors + OUT/lmstack.json     (full: a native checkpoint, usable as --model OUT)
         OUT/metrics.jsonl                            (one record per evaluation, with per-task val loss)
         OUT/checkpoints/                             (the trainer's resumable checkpoints)
@@ -229,6 +230,10 @@ def finetune(method: str | None = None, model: str | None = None, data: Sequence
     else:
         save_adapter(net, spec, out_dir, base_model=str(run["model"]), extra=info)
         weights_file = out_dir / "adapter.safetensors"
+        if method == "lora" and loaded.config.positions == "rope":
+            # The same folder is a peft adapter too: PeftModel.from_pretrained(hf_model, OUT) loads it.
+            from lmstack.peft.export import export_peft_adapter
+            export_peft_adapter(net, out_dir, str(run["model"]))
     last = trainer.history[-1] if trainer.history else {}
     return FinetuneResult(out=str(out_dir), method=method, steps=result.step, train_loss=result.train_loss,
                           best_val_loss=result.best_val_loss, val_loss_by_task=last.get("val_loss_by_task", {}),
