@@ -127,6 +127,8 @@ def main() -> None:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--runs", default="/tmp/lmstack-gsm8k-bench")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--title", default="Fine-tuning: GSM8K (LoRA, QLoRA, full) and forgetting",
+                   help="the docs/benchmarks.md section to write")
     args = p.parse_args()
     torch.manual_seed(0)
     methods = [m for m in args.methods.split(",") if m]
@@ -176,7 +178,7 @@ def main() -> None:
                  f"gsm8k/dev.jsonl, greedy, at most {args.max_new_tokens} new tokens, exact match on the `####` "
                  "number (else the last number). Perplexity: tinyshakespeare val (last 10%), "
                  f"{args.ppl_windows} windows of 256 tokens.")
-        record("Fine-tuning: GSM8K (LoRA, QLoRA, full) and forgetting", table + "\n\n" + notes,
+        record(args.title, table + "\n\n" + notes,
                "OMP_NUM_THREADS=1 python " + " ".join(["bench/gsm8k_finetune.py", *sys.argv[1:]]))
 
 
