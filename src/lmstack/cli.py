@@ -279,6 +279,24 @@ verb(data_app, commands.data_prepare, "prepare", run=_data_prepare)
 verb(app, commands.pretrain, "pretrain", run=_pretrain)
 
 
+def _finetune(**kwargs: Any) -> None:
+    result = commands.finetune(**kwargs)
+    for name, counts in result["data"].items():  # the length policy's effect, per task, on stderr
+        print(f"data {name}: {counts['kept']} of {counts['examples']} examples kept, {counts['truncated']} "
+              f"truncated, {counts['dropped']} dropped (max_seq_len, overflow)", file=sys.stderr)
+    print(f"adapter: {result['adapter_bytes'] / 2**20:.2f} MiB, {result['trainable_params']:,} trainable "
+          f"parameters ({result['trainable_pct']:.3f}%)", file=sys.stderr)
+    _print_json(result)
+
+
+def _merge(**kwargs: Any) -> None:
+    print(f"wrote merged native checkpoint to {commands.merge(**kwargs)}", file=sys.stderr)
+
+
+verb(app, commands.finetune, "finetune", run=_finetune)
+verb(app, commands.merge, "merge", run=_merge)
+
+
 from lmstack.serving import serve  # noqa: E402 (light: FastAPI and torch load inside serve)
 
 verb(app, serve, "serve", run=serve)

@@ -59,13 +59,18 @@ def generation_config(max_new_tokens: int = 128, temperature: float = 0.0, top_k
     return cfg
 
 
-def load_generator(model: str, dtype: DType = "float32",
-                   compile: bool = False) -> tuple["Generator", "LoadedModel", float]:
-    """Load `model` (registry name or path) and wrap it in a Generator; also returns the load time in s."""
+def load_generator(model: str | None, dtype: DType = "float32", compile: bool = False,
+                   adapter: str | None = None) -> tuple["Generator", "LoadedModel", float]:
+    """Load `model` (registry name or path), with `adapter` applied unmerged when given, and wrap it in a
+    Generator; also returns the load time in s. No model: the adapter's base, else DEFAULT_MODEL."""
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
     start = time.perf_counter()
-    loaded = load_model(model, dtype=dtype)
+    if adapter is not None:
+        from lmstack.training.finetune import load_with_adapter
+        loaded = load_with_adapter(model, adapter, dtype)
+    else:
+        loaded = load_model(model or DEFAULT_MODEL, dtype=dtype)
     generator = Generator(loaded.model, loaded.tokenizer, compile=compile)
     return generator, loaded, time.perf_counter() - start
 
@@ -84,16 +89,18 @@ def run_generation(generator: "Generator", prompt: "str | list[int]", cfg: "Gene
     return generator.last_result
 
 
-def generate(*, prompt: str, model: str = DEFAULT_MODEL, chat: bool = False, system: str | None = None,
+def generate(*, prompt: str, model: str | None = None, chat: bool = False, system: str | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float = 1.0, num_beams: int = 1,
              seed: int | None = None, stop: list[str] | None = None, dtype: DType = "float32",
-             compile: bool = False, on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+             compile: bool = False, adapter: str | None = None,
+             on_text: Callable[[str], None] | None = None) -> GenerateOutput:
     """Continue a prompt (or answer it as a chat message with --chat) and report timings.
 
     Args:
         prompt: The text to continue, or the user message with --chat.
-        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder.
+        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder
+            (default smollm2-135m-instruct; with --adapter, the adapter's base model).
         chat: Wrap the prompt in the model's chat template as one user turn.
         system: A system message for --chat.
         max_new_tokens: The most tokens to generate.
@@ -106,12 +113,13 @@ def generate(*, prompt: str, model: str = DEFAULT_MODEL, chat: bool = False, sys
         stop: Stop when the text contains this string; repeat the option for more strings.
         dtype: Compute dtype of the weights.
         compile: torch.compile the decode step (slow first call, faster after).
+        adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
         on_text: Called with each new piece of text as it is decoded.
     """
     cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, stop)
     if system is not None and not chat:
         raise LmstackError("--system needs --chat (a plain prompt has no system message)")
-    generator, _, load_s = load_generator(model, dtype, compile)
+    generator, _, load_s = load_generator(model, dtype, compile, adapter)
     source: str | list[int] = prompt
     if chat:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
@@ -166,11 +174,12 @@ class ChatSession:
 CHAT_HELP = "/reset clears the history, /system TEXT sets the system message, /exit quits"
 
 
-def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, max_new_tokens: int = 256,
+def chat(*, model: str | None = None, system: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
          repetition_penalty: float = 1.0, num_beams: int = 1, seed: int | None = None,
          stop: list[str] | None = None, dtype: DType = "float32", compile: bool = False,
-         input: TextIO | None = None, output: TextIO | None = None, notices: TextIO | None = None) -> int:
+         adapter: str | None = None, input: TextIO | None = None, output: TextIO | None = None,
+         notices: TextIO | None = None) -> int:
     """Chat with a model: one message per line on stdin, streamed replies on stdout, until EOF or /exit.
 
     Commands: /reset clears the history, /system TEXT sets the system message, /exit quits. Replies go to
@@ -178,7 +187,8 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, max_new_token
     reported on stderr and the chat goes on; the number of failed turns is returned (the CLI exits with 1).
 
     Args:
-        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder.
+        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder
+            (default smollm2-135m-instruct; with --adapter, the adapter's base model).
         system: The system message that starts each conversation.
         max_new_tokens: The most tokens in one reply.
         temperature: Sampling temperature; 0 means greedy decoding.
@@ -190,14 +200,16 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, max_new_token
         stop: Stop a reply when it contains this string; repeat the option for more strings.
         dtype: Compute dtype of the weights.
         compile: torch.compile the decode step (slow first call, faster after).
+        adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
         input: Where the user's lines come from (default stdin).
         output: Where replies go (default stdout).
         notices: Where prompts, notices and per-turn errors go (default stderr).
     """
     input, output, notices = input or sys.stdin, output or sys.stdout, notices or sys.stderr
     cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, stop)
-    generator, loaded, load_s = load_generator(model, dtype, compile)
-    session = ChatSession(generator, cfg, context=loaded.config.max_seq_len, system=system)
+    generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
+    context = getattr(loaded.model, "config", loaded.config).max_seq_len  # prompt tuning takes N positions
+    session = ChatSession(generator, cfg, context=context, system=system)
     interactive = input.isatty()
 
     def say(text: str) -> None:
@@ -209,7 +221,7 @@ def chat(*, model: str = DEFAULT_MODEL, system: str | None = None, max_new_token
         output.flush()
 
     if interactive:
-        say(f"loaded {model} in {load_s:.1f} s; {CHAT_HELP}\n")
+        say(f"loaded {loaded.source} in {load_s:.1f} s; {CHAT_HELP}\n")
     failures = 0
     while True:
         if interactive:
@@ -468,3 +480,99 @@ def plan(*, model: str, precision: Literal["fp32", "bf16", "int8", "nf4"] = "fp3
     return make_plan(model, precision=precision, method=method, optimizer=optimizer, batch=batch, seq=seq,
                      grad_checkpointing=grad_checkpointing, gpus=gpus, sharding=sharding, lora_rank=lora_rank,
                      lora_targets=lora_targets, peak_flops=peak_flops, mfu=mfu, tokens=tokens)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+
+
+def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "adapter"] | None = None,
+             model: str | None = None, data: list[str] | None = None, out: str | None = None,
+             config: str | None = None, weight: list[float] | None = None, val_data: list[str] | None = None,
+             template: Literal["chat", "alpaca", "flan", "plain"] | None = None,
+             format: Literal["auto", "alpaca", "chat", "prompt-completion", "self-instruct"] | None = None,
+             fields: str | None = None, limit: int | None = None, max_seq_len: int | None = None,
+             overflow: Literal["truncate", "drop"] | None = None, pack: bool | None = None,
+             val_fraction: float | None = None, rank: int | None = None, alpha: float | None = None,
+             dropout: float | None = None, targets: str | None = None, n_virtual: int | None = None,
+             prompt_init: str | None = None, prefix_len: int | None = None, prefix_hidden: int | None = None,
+             bottleneck: int | None = None, dtype: DType | None = None, max_steps: int | None = None,
+             max_time: float | None = None, batch_size: int | None = None, micro_batch_size: int | None = None,
+             lr: float | None = None, warmup_steps: int | None = None, weight_decay: float | None = None,
+             precision: Literal["fp32", "bf16"] | None = None, eval_every: int | None = None,
+             eval_batches: int | None = None, save_every: int | None = None, seed: int | None = None,
+             progress: bool = True, resume: bool = True) -> dict[str, Any]:
+    """Fine-tune a model on instruction / chat JSONL with full, lora, qlora, prompt, prefix or adapter.
+
+    Writes the adapter (OUT/adapter.safetensors + adapter.json; a full native checkpoint for full) and
+    OUT/metrics.jsonl. Repeat --data to mix tasks (per-task val loss is logged). A YAML --config gives
+    defaults (`tasks:` for per-task settings, `train:` for trainer fields); flags override it.
+
+    Args:
+        method: full, lora, qlora (NF4 base + LoRA), prompt (prompt tuning), prefix (prefix tuning) or adapter
+            (Houlsby bottleneck adapters).
+        model: the base model: a registry name, GGUF file, HF or native folder.
+        data: a JSONL file (alpaca, chat messages, prompt/completion, self-instruct); repeat to mix tasks;
+            NAME=PATH names the task.
+        out: output folder.
+        config: a YAML file; flags override its values.
+        weight: sampling weight per --data file (default: proportional to size).
+        val_data: a validation JSONL per --data file (default: hold out val_fraction of each).
+        template: chat (the model's chat template), alpaca, flan or plain.
+        format: the JSONL format (default: detected from the first line).
+        fields: field mapping, e.g. instruction=question,output=answer for GSM8K.
+        limit: read at most this many records per file.
+        max_seq_len: the longest example, in model positions.
+        overflow: what to do with a longer example: truncate or drop (counts are reported).
+        pack: pack several examples per row (block-diagonal attention, positions restart).
+        val_fraction: share of each task held out for validation.
+        rank: LoRA rank.
+        alpha: LoRA alpha (scaling alpha / rank).
+        dropout: LoRA dropout.
+        targets: LoRA target modules: comma list of q,k,v,o,gate,up,down, or all-linear.
+        n_virtual: prompt tuning: number of virtual tokens.
+        prompt_init: prompt tuning: text whose token embeddings start the virtual tokens.
+        prefix_len: prefix tuning: prefix length.
+        prefix_hidden: prefix tuning: width of the reparameterization MLP (default: no MLP).
+        bottleneck: adapter: bottleneck width.
+        dtype: dtype of the loaded base weights.
+        max_steps: optimizer steps.
+        max_time: stop after this many seconds, with a checkpoint.
+        batch_size: examples (or packed rows) per optimizer step.
+        micro_batch_size: examples per forward pass (gradient accumulation makes up the rest).
+        lr: peak learning rate (default per method).
+        warmup_steps: linear warmup steps.
+        weight_decay: AdamW weight decay (matrices only).
+        precision: fp32 or bf16 (autocast).
+        eval_every: steps between evaluations.
+        eval_batches: validation batches per evaluation.
+        save_every: steps between checkpoints.
+        seed: random seed (data order, init).
+        progress: show a progress bar.
+        resume: continue from the newest checkpoint in --out.
+    """
+    from lmstack.training.finetune import finetune as run_finetune
+    settings = dict(weights=weight, val_data=val_data, template=template, format=format, fields=fields,
+                    limit=limit, max_seq_len=max_seq_len, overflow=overflow, pack=pack, val_fraction=val_fraction,
+                    rank=rank, alpha=alpha, dropout=dropout, targets=targets, n_virtual=n_virtual,
+                    prompt_init=prompt_init, prefix_len=prefix_len, prefix_hidden=prefix_hidden,
+                    bottleneck=bottleneck, dtype=dtype, max_steps=max_steps, max_time=max_time,
+                    batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup_steps=warmup_steps,
+                    weight_decay=weight_decay, precision=precision, eval_every=eval_every,
+                    eval_batches=eval_batches, save_every=save_every, seed=seed, progress=progress)
+    result = run_finetune(method=method, model=model, data=data, out=out, config=config, resume=resume,
+                          **{k: v for k, v in settings.items() if v is not None})
+    return asdict(result)
+
+
+def merge(*, adapter: str, out: str, model: str | None = None, dtype: DType = "float32") -> Path:
+    """Merge a LoRA / QLoRA adapter into its base model and write a native checkpoint (export it to HF with
+    `lmstack convert --to hf`).
+
+    Args:
+        adapter: an adapter folder from `lmstack finetune` (or a peft LoRA folder).
+        out: the output folder for the merged native checkpoint.
+        model: the base model (default: the one recorded in the adapter).
+        dtype: dtype of the merged weights.
+    """
+    from lmstack.training.finetune import merge as run_merge
+    return run_merge(adapter, out, model=model, dtype=dtype)

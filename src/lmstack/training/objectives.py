@@ -27,6 +27,18 @@ def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     return token_loss_sum(logits, batch["labels"])
 
 
+def causal_lm_targets(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+    """causal_lm with the vocabulary projection only at labelled positions: the same loss, but fine-tuning masks
+    its prompts (often half the positions), so the [B, T, V] logits and their gradient shrink to [N, V]."""
+    hidden = model(batch["input_ids"], attn_mask=batch.get("attn_mask"), position_ids=batch.get("position_ids"),
+                   return_hidden=True)  # [B, T, C]
+    labels = batch["labels"]
+    picked = labels != IGNORE
+    head = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight  # [V, C]
+    out = token_loss_sum(hidden[picked] @ head.t(), labels[picked])  # [N, V] vs [N]
+    return LossOutput(out.loss_sum, out.n_targets, labels.numel())
+
+
 def masked_lm(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     """BERT MLM. batch: input_ids [B, T] (with [MASK]s), attention_mask [B, T], labels [B, T] (-100 = unmasked).
     The vocabulary projection runs only at the masked positions (~15%), which is most of the saving."""

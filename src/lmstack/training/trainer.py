@@ -127,17 +127,20 @@ class Trainer:
 
     `model` is what the objective calls (possibly DDP/FSDP-wrapped); `state_model` is the unwrapped module whose
     trainable weights are checkpointed (for LoRA, only the adapter). `run_config` is the user's whole config,
-    saved with every checkpoint so a resume with different settings is refused by name.
+    saved with every checkpoint so a resume with different settings is refused by name. `extra_eval(trainer)`
+    adds its fields to every evaluation record (e.g. per-task val losses of a mixture, through `loss_on`).
     """
 
     def __init__(self, model: nn.Module, objective: Objective, data: BatchSource, config: TrainConfig,
                  run_config: dict[str, Any] | None = None, state_model: nn.Module | None = None,
-                 on_save: Callable[[Path], None] | None = None) -> None:
+                 on_save: Callable[[Path], None] | None = None,
+                 extra_eval: Callable[[Trainer], dict[str, Any]] | None = None) -> None:
         config.validate()
         self.model, self.objective, self.data, self.config = model, objective, data, config
         self.state_model = state_model or model
         self.run_config = run_config or {}
         self.on_save = on_save
+        self.extra_eval = extra_eval
         self.rank, self.world_size = world()
         micro = config.micro_batch_size or max(1, config.batch_size // self.world_size)
         if config.batch_size % (micro * self.world_size):
@@ -222,6 +225,18 @@ class Trainer:
         self.model.train()
         return (totals[0] / totals[1].clamp(min=1)).item()
 
+    @torch.no_grad()
+    def loss_on(self, batches: list[dict[str, Tensor]]) -> float:
+        """Mean loss per target token over `batches`, on this process (for extra_eval)."""
+        self.model.eval()
+        totals = torch.zeros(2, device=self.device)
+        for batch in batches:
+            with self.autocast:
+                out = self.objective(self.model, self._to_device(batch))
+            totals += torch.stack([out.loss_sum.float(), out.n_targets.float()])
+        self.model.train()
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
     # ----------------------------------------------------------------------------------- the loop
 
     def fit(self, resume: bool = True) -> TrainResult:
@@ -266,6 +281,8 @@ class Trainer:
                           "val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "tokens_per_s": rate,
                           "elapsed_s": elapsed, "lr": lr, "tokens": self.tokens,
                           "mfu": rate * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0}
+                if self.extra_eval is not None:
+                    record.update(self.extra_eval(self))
                 self._log_eval(record)
                 window_tokens, window_start, window_losses = 0, time.perf_counter(), []
                 if self.best_val is None or val < self.best_val:

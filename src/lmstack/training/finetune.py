@@ -1,0 +1,288 @@
+"""`lmstack finetune` and `lmstack merge`: instruction data + a PEFT method + the one Trainer.
+
+    base model --load_model--> apply_method(spec) --Trainer(causal_lm_targets, InstructionSource)--> OUT/
+        OUT/adapter.safetensors + OUT/adapter.json   (lora, qlora, prompt, prefix, adapter: the method's weights)
+        OUT/adapter_model.safetensors + adapter_config.json  (lora on a Llama-architecture model: peft's format)
+        OUT/model.safetensors + OUT/lmstack.json     (full: a native checkpoint, usable as --model OUT)
+        OUT/metrics.jsonl                            (one record per evaluation, with per-task val loss)
+        OUT/checkpoints/                             (the trainer's resumable checkpoints)
+
+The data are one or more JSONL tasks (see lmstack.data.instruct): `--data FILE` repeated mixes them, with
+`--weight` per task (default proportional to size); a YAML `--config` may list `tasks:` with per-task settings.
+Every flag overrides the config's value; `train:` in the config holds TrainConfig fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmstack.checkpoints import load_model, save_native
+from lmstack.errors import LmstackError
+from lmstack.io import atomic_write_json
+from lmstack.peft.lora import TARGETS, resolve_targets
+from lmstack.peft.methods import ADAPTER_FORMAT, METHODS, PeftSpec, apply_method, load_adapter, read_adapter_spec, \
+    save_adapter
+from lmstack.training.objectives import causal_lm_targets
+from lmstack.training.pretrain import TRAIN_KEYS, load_run_config, resolve_path
+from lmstack.training.trainer import TrainConfig, Trainer
+
+# Learning rates that work for short runs of a ~100M-parameter model (override with --lr).
+DEFAULT_LR = {"full": 2e-5, "lora": 3e-4, "qlora": 3e-4, "prompt": 3e-2, "prefix": 5e-3, "adapter": 1e-3}
+PEFT_KEYS = {f.name for f in dataclasses.fields(PeftSpec)} - {"method"}
+DATA_KEYS = {"data", "val_data", "weights", "tasks", "template", "format", "fields", "limit", "max_seq_len",
+             "overflow", "pack", "val_fraction"}
+RUN_KEYS = {"method", "model", "out", "dtype", "train"} | PEFT_KEYS | DATA_KEYS
+
+
+@dataclass
+class FinetuneResult:
+    """What `lmstack finetune` prints: the run's outcome, the method's size and the data's counts."""
+
+    out: str
+    method: str
+    steps: int
+    train_loss: float
+    best_val_loss: float | None
+    val_loss_by_task: dict[str, float]
+    stop_reason: str
+    elapsed_s: float
+    trainable_params: int
+    total_params: int
+    trainable_pct: float
+    adapter_bytes: int  # adapter.safetensors, or model.safetensors for full
+    data: dict[str, dict[str, Any]]  # per task: weight, train/val examples, kept/truncated/dropped counts
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def peft_spec(method: str, run: dict[str, Any]) -> PeftSpec:
+    """The method's settings from the run config; target names are checked before any model loads."""
+    values = {k: run[k] for k in PEFT_KEYS if run.get(k) is not None}
+    if "targets" in values:
+        targets = values["targets"]
+        names = resolve_targets(targets)  # raises for an unknown name, listing the valid ones
+        short = {v: k for k, v in TARGETS.items()}
+        values["targets"] = [short[n] for n in names]
+    spec = PeftSpec(method=method, **values)
+    spec.validate()
+    return spec
+
+
+def task_specs(run: dict[str, Any]) -> list[Any]:
+    """`tasks:` from the config, or one task per --data (NAME=PATH names it), with --weight / --val-data."""
+    from lmstack.data.instruct import TaskSpec, parse_fields
+
+    fields = run.get("fields")
+    fields = parse_fields(fields) if isinstance(fields, str) else fields
+    shared = {"template": run.get("template", "chat"), "format": run.get("format", "auto"), "fields": fields,
+              "limit": run.get("limit")}
+    if run.get("tasks"):
+        if run.get("data"):
+            raise LmstackError("give the data as --data or as `tasks:` in the config, not both")
+        known = {f.name for f in dataclasses.fields(TaskSpec)}
+        specs = []
+        for k, task in enumerate(run["tasks"]):
+            if not isinstance(task, dict) or "path" not in task:
+                raise LmstackError(f"config tasks[{k}]: expected a mapping with `path:`")
+            unknown = sorted(set(task) - known)
+            if unknown:
+                raise LmstackError(f"config tasks[{k}]: unknown key(s) {', '.join(unknown)}; known: "
+                                   f"{', '.join(sorted(known))}")
+            task = {**shared, **task}
+            if isinstance(task.get("fields"), str):
+                task["fields"] = parse_fields(task["fields"])
+            task["path"] = str(resolve_path(str(task["path"])))
+            if task.get("val_path"):
+                task["val_path"] = str(resolve_path(str(task["val_path"])))
+            specs.append(TaskSpec(**task))
+        return specs
+    data = run.get("data")
+    paths = [data] if isinstance(data, str) else list(data or [])
+    if not paths:
+        raise LmstackError("finetune needs --data FILE.jsonl (or `tasks:` in the config file)")
+    weights, val = list(run.get("weights") or []), list(run.get("val_data") or [])
+    for name, values in (("--weight", weights), ("--val-data", val)):
+        if values and len(values) != len(paths):
+            raise LmstackError(f"{len(values)} {name} value(s) for {len(paths)} --data file(s); give one per file")
+    specs = []
+    for k, item in enumerate(paths):
+        name, path = None, str(item)
+        if "=" in path and not Path(path).exists():
+            name, path = path.split("=", 1)
+        specs.append(TaskSpec(str(resolve_path(path)), weight=float(weights[k]) if weights else None,
+                              val_path=str(resolve_path(str(val[k]))) if val else None, name=name, **shared))
+    return specs
+
+
+def train_config(method: str, run: dict[str, Any], out: str) -> TrainConfig:
+    """Fine-tuning defaults (a short run, small batches, a per-method learning rate), then the config's and the
+    command line's values."""
+    given = dict(run.get("train", {}))
+    unknown = sorted(set(given) - TRAIN_KEYS)
+    if unknown:
+        raise LmstackError(f"config train: unknown key(s) {', '.join(unknown)}")
+    max_steps = int(given.get("max_steps", 200))
+    lr = float(given.get("lr", DEFAULT_LR[method]))
+    defaults = {"max_steps": max_steps, "batch_size": 8, "lr": lr, "min_lr": lr / 10,
+                "warmup_steps": min(50, max(1, max_steps // 10)), "weight_decay": 0.0 if method != "full" else 0.01,
+                "beta2": 0.999, "eval_every": min(100, max_steps), "eval_batches": 10, "log_every": 10,
+                "keep_last": 1}
+    return TrainConfig(**{**defaults, **given, "out_dir": out})
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; an NF4 base counts its weights at their original size."""
+    from lmstack.peft.lora import lora_layers
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(layer.in_features * layer.out_features for layer in lora_layers(model).values()
+                 if layer.nf4 is not None)
+    return trainable, total
+
+
+def per_task_losses(source: Any, batch_size: int, max_batches: int):
+    """The trainer's extra evaluation for a mixture: each task's mean val loss over its first batches."""
+    def evaluate(trainer: Trainer) -> dict[str, Any]:
+        by_task = source.val_batches_by_task(batch_size)
+        return {"val_loss_by_task": {name: trainer.loss_on(batches[:max_batches])
+                                     for name, batches in by_task.items()}}
+    return evaluate
+
+
+def finetune(method: str | None = None, model: str | None = None, data: Sequence[str] | None = None,
+             out: str | None = None, config: str | None = None, resume: bool = True,
+             **overrides: Any) -> FinetuneResult:
+    """Fine-tune `model` on instruction data with `method`; see the module notes for what OUT holds.
+
+    `overrides` are the remaining run keys (RUN_KEYS: data and PEFT settings) and TrainConfig fields; None
+    values are ignored, so a command line's unset flags leave the config's values.
+    """
+    from lmstack.data.instruct import build_instruction_source
+    from lmstack.data.prepare import load_tokenizer
+
+    unknown = sorted(set(overrides) - RUN_KEYS - TRAIN_KEYS)
+    if unknown:
+        raise LmstackError(f"unknown finetune setting(s): {', '.join(unknown)}")
+    run = load_run_config(config, {"method": method, "model": model, "data": list(data) if data else None,
+                                   "out": out, **overrides}, None)
+    unknown = sorted(set(run) - RUN_KEYS)
+    if unknown:
+        raise LmstackError(f"{config}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(RUN_KEYS))}")
+    method = run.get("method") or "lora"
+    if method not in METHODS:
+        raise LmstackError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    for key in ("model", "out"):
+        if not run.get(key):
+            raise LmstackError(f"finetune needs --{key} (or `{key}:` in the config file)")
+    spec = peft_spec(method, run)
+    tasks = task_specs(run)
+    cfg = train_config(method, run, str(run["out"]))
+    max_seq_len = int(run.get("max_seq_len") or 512)
+    overflow = run.get("overflow", "truncate")
+
+    # Data first: a bad line is reported before the model loads.
+    tokenizer = load_tokenizer(str(run["model"]))
+    source = build_instruction_source(tasks, tokenizer, max_seq_len, pack=bool(run.get("pack", False)),
+                                      seed=cfg.seed, val_fraction=float(run.get("val_fraction", 0.05)),
+                                      overflow=overflow)
+    summary = source.summary()
+    if not any(source.val):
+        raise LmstackError("no validation examples: raise val_fraction or give --val-data")
+
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(str(run["model"]), dtype=run.get("dtype", "float32"))
+    if loaded.config.family != "decoder":
+        raise LmstackError(f"finetune trains decoder models; {run['model']} is a {loaded.config.family}")
+    if max_seq_len > loaded.config.max_seq_len:
+        raise LmstackError(f"max_seq_len {max_seq_len} is longer than the model's context "
+                           f"{loaded.config.max_seq_len}")
+    net = apply_method(loaded.model, spec, loaded.tokenizer or tokenizer)
+    net.train()
+    trainable, total = count_parameters(net)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    extra = per_task_losses(source, micro, cfg.eval_batches) if len(source.task_names) > 1 else None
+    run_record = {k: v for k, v in run.items() if k != "train"}
+    run_record["peft"] = dataclasses.asdict(spec)
+    trainer = Trainer(net, causal_lm_targets, source, cfg, run_config=_jsonable(run_record), extra_eval=extra)
+    result = trainer.fit(resume=resume)
+
+    out_dir = Path(cfg.out_dir)
+    info = {"base_model": str(run["model"]), "steps": result.step, "val_loss": result.best_val_loss,
+            "data": summary}
+    if method == "full":
+        save_native(net, loaded.tokenizer or tokenizer, out_dir, metadata={"finetune": info})
+        atomic_write_json(out_dir / "adapter.json", {"format": ADAPTER_FORMAT, "base_model": str(run["model"]),
+                                                     "peft": dataclasses.asdict(spec), **info})
+        weights_file = out_dir / "model.safetensors"
+    else:
+        save_adapter(net, spec, out_dir, base_model=str(run["model"]), extra=info)
+        weights_file = out_dir / "adapter.safetensors"
+        if method == "lora" and loaded.config.positions == "rope":
+            # The same folder is a peft adapter too: PeftModel.from_pretrained(hf_model, OUT) loads it.
+            from lmstack.peft.export import export_peft_adapter
+            export_peft_adapter(net, out_dir, str(run["model"]))
+    last = trainer.history[-1] if trainer.history else {}
+    return FinetuneResult(out=str(out_dir), method=method, steps=result.step, train_loss=result.train_loss,
+                          best_val_loss=result.best_val_loss, val_loss_by_task=last.get("val_loss_by_task", {}),
+                          stop_reason=result.stop_reason, elapsed_s=round(result.elapsed_s, 2),
+                          trainable_params=trainable, total_params=total,
+                          trainable_pct=round(100.0 * trainable / total, 4),
+                          adapter_bytes=weights_file.stat().st_size, data=summary)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------ using adapters
+
+
+def load_with_adapter(model: str | None, adapter: str, dtype: str = "float32"):
+    """Load the adapter's base (or `model`, when given) and apply the adapter unmerged: a LoadedModel whose
+    model runs with it."""
+    spec, info = read_adapter_spec(adapter)
+    base = model or info.get("base_model")
+    if not base:
+        raise LmstackError(f"{adapter}: the adapter does not name its base model; pass --model")
+    loaded = load_model(str(base), dtype=dtype)
+    loaded.model = load_adapter(loaded.model, adapter, loaded.tokenizer)
+    loaded.source = f"{loaded.source} + adapter {adapter}"
+    return loaded
+
+
+def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float32") -> Path:
+    """Fold a LoRA / QLoRA adapter into its base and write a native checkpoint (plain Linears, no adapter).
+
+    Prompt, prefix and bottleneck adapters add computation that no base weight can hold, so they are refused.
+    A QLoRA base is dequantized from NF4 first: the merged model computes what was trained.
+    """
+    from lmstack.peft.lora import merge_lora
+
+    spec, info = read_adapter_spec(adapter)
+    if spec.method not in ("lora", "qlora", "peft-lora"):
+        raise LmstackError(f"{adapter}: a {spec.method} adapter cannot be merged into the base weights (only "
+                           "LoRA / QLoRA can); run it unmerged with --adapter")
+    loaded = load_with_adapter(model, adapter, dtype)
+    merged = merge_lora(loaded.model, dtype=loaded.model.tok_emb.weight.dtype)
+    metadata = {"merged_adapter": str(adapter), "base_model": info.get("base_model") or model,
+                "peft": dataclasses.asdict(spec)}
+    return save_native(merged, loaded.tokenizer, out, metadata=metadata)
