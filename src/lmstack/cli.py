@@ -279,6 +279,24 @@ verb(data_app, commands.data_prepare, "prepare", run=_data_prepare)
 verb(app, commands.pretrain, "pretrain", run=_pretrain)
 
 
+# ------------------------------------------------------------------------------------------ eval
+
+
+def _eval(as_json: bool, **kwargs: Any) -> None:
+    from lmstack.evaluation.command import evaluate
+    from lmstack.evaluation.report import summary, table
+    results = evaluate(**kwargs)
+    print(json.dumps(summary(results), ensure_ascii=False) if as_json else table(results), flush=True)
+
+
+def _eval_signature_source() -> Callable[..., Any]:
+    from lmstack.evaluation.command import evaluate
+    return evaluate
+
+
+verb(app, _eval_signature_source(), "eval", extra=[JSON_FLAG], run=_eval)
+
+
 def main() -> None:
     app(prog_name="lmstack")
 
