@@ -31,14 +31,16 @@ except ImportError:  # pragma: no cover - the message is the point
 class LmstackLM(TemplateLM):
     """An lmstack model (registry name, GGUF, HF or native folder), optionally with a PEFT adapter."""
 
-    def __init__(self, pretrained: str = "smollm2-135m-instruct", adapter: str | None = None,
+    def __init__(self, pretrained: Any = "smollm2-135m-instruct", adapter: str | None = None,
                  dtype: str = "float32", batch_size: int | str = 8, max_length: int | None = None,
                  max_gen_toks: int = 256, **_: Any) -> None:
+        """pretrained: a registry name or checkpoint path (`--model_args pretrained=...`), or in Python an
+        already loaded `lmstack.evaluation.runner.EvalModel`."""
         super().__init__()
-        from lmstack.evaluation.runner import load_eval_model
+        from lmstack.evaluation.runner import EvalModel, load_eval_model
         from lmstack.evaluation.scoring import Scorer
         from lmstack.generation import Generator
-        self.em = load_eval_model(str(pretrained), adapter, dtype)
+        self.em = pretrained if isinstance(pretrained, EvalModel) else load_eval_model(str(pretrained), adapter, dtype)
         if self.em.tokenizer is None:
             raise LmstackError(f"{pretrained} has no tokenizer; lm-eval sends text")
         self.tokenizer = self.em.tokenizer
