@@ -304,3 +304,28 @@ def test_metric_that_a_task_type_cannot_compute(tmp_path: Path) -> None:
     f = write_task(tmp_path, "type: perplexity\ndataset: {path: x.txt}\nmetrics: [bleu]\n")
     with pytest.raises(LmstackError, match=r"metric 'bleu' does not apply to a perplexity task"):
         load_task(str(f))
+
+
+def test_translation_task_on_a_seq2seq_model_uses_the_bare_source(tiny_tasks: Path, tmp_path: Path) -> None:
+    from lmstack.checkpoints import save_native
+    from lmstack.config import from_name
+    from lmstack.models import build_model
+    from test_cli import tiny_tokenizer
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = from_name("tiny-t5", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    t5 = save_native(build_model(cfg).eval(), tok, tmp_path / "t5")
+    (tmp_path / "src.txt").write_text("hello world\nthe lazy dog\n", encoding="utf-8")
+    (tmp_path / "tgt.txt").write_text("hallo welt\nder faule hund\n", encoding="utf-8")
+    (tmp_path / "mt.yaml").write_text(
+        "name: tiny-mt\ntype: generate\ndataset: {format: pairs, source: src.txt, path: tgt.txt}\n"
+        "prompt: 'English: {{ source }}\\nGerman:'\nseq2seq_prompt: '{{ source }}'\ntarget: '{{ target }}'\n"
+        "metrics: [bleu, chrf]\ngeneration: {max_new_tokens: 5}\n", encoding="utf-8")
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["eval", "--model", str(t5), "--tasks", str(tmp_path / "mt.yaml"), "--out",
+                                      str(out), "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["tiny-mt"]) == {"bleu", "chrf"}
+    examples = json.loads((out / "results.json").read_text())["models"][str(t5)]["tiny-mt"]["examples"]
+    assert [e["prompt"] for e in examples] == ["hello world", "the lazy dog"]
+    assert [e["reference"] for e in examples] == ["hallo welt", "der faule hund"]

@@ -79,7 +79,8 @@ def local_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _samples(lm, task: str, include: Path) -> tuple[dict, list]:
     from lm_eval.tasks import TaskManager
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(include)),
+    manager = TaskManager(include_path=str(include), include_defaults=False)  # only the local tasks: fast
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager,
                                   log_samples=True, bootstrap_iters=0)
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     return out["results"][task], samples

@@ -71,7 +71,8 @@ class LmstackLM(TemplateLM):
     def tok_decode(self, tokens: list[int], **_: Any) -> str:
         return self.tokenizer.decode(tokens)
 
-    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, **_: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                              **_: Any) -> list[tuple[float, bool]]:
         """requests: [((context, continuation), context_ids, continuation_ids)] -> [(logprob, is_greedy)]."""
         self.scorer.progress = not disable_tqdm
         scores = self.scorer.score([(ctx, cont) for _, ctx, cont in requests], desc="lmstack loglikelihood")

@@ -61,7 +61,8 @@ def signatures(results: Results) -> list[tuple[str, str, str]]:
 
 def summary(results: Results) -> dict[str, Any]:
     """`--json`: {task: {metric: value}} for one model, {model: {task: {metric: value}}} for several."""
-    per_model = {label: {task: dict(res.metrics) for task, res in by_task.items()} for label, by_task in results.items()}
+    per_model = {label: {task: dict(res.metrics) for task, res in by_task.items()}
+                 for label, by_task in results.items()}
     return next(iter(per_model.values())) if len(per_model) == 1 else per_model
 
 

@@ -118,7 +118,8 @@ def generation_config(spec: TaskSpec, seed: int) -> Any:
     known = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams", "stop"}
     unknown = sorted(set(spec.generation) - known)
     if unknown:
-        raise LmstackError(f"{spec.file}: unknown generation key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise LmstackError(f"{spec.file}: unknown generation key(s) {', '.join(unknown)} "
+                           f"(known: {', '.join(sorted(known))})")
     cfg = GenerationConfig(**{k: (list(v) if k == "stop" else v) for k, v in spec.generation.items()}, seed=seed)
     cfg.validate()
     return cfg
@@ -207,7 +208,7 @@ def _run_loglikelihood(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: Run
 def _run_perplexity(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: RunOptions) -> TaskResult:
     scorer = _scorer(em, opts)
     window = min(spec.window or em.context, em.context)
-    stride = opts.stride or spec.stride
+    stride = opts.stride or spec.stride or max(window // 2, 1)
     examples, all_windows, all_scores = [], [], []
     for row in rows:
         ids = em.tokenizer.encode(row.fields[spec.text_field])

@@ -102,7 +102,7 @@ class TaskSpec:
     seq2seq_prompt: str | None = None  # prompt for encoder-decoder models (default: prompt)
     chat: bool = False  # wrap the prompt in the model's chat template as one user turn
     window: int | None = None  # perplexity: tokens per window (default: the model's context)
-    stride: int = 512
+    stride: int | None = None  # perplexity: window stride (default: half the window)
     description: str = ""
 
     def extractor(self, which: str = "answer") -> Any:
@@ -192,7 +192,8 @@ def load_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
         answer_extraction=cfg.get("answer_extraction", "none"),
         reference_extraction=cfg.get("reference_extraction"), generation=dict(cfg.get("generation") or {}),
         seq2seq_prompt=cfg.get("seq2seq_prompt"), chat=bool(cfg.get("chat", False)),
-        window=cfg.get("window"), stride=int(cfg.get("stride", 512)), description=str(cfg.get("description", "")))
+        window=int(cfg["window"]) if cfg.get("window") else None,
+        stride=int(cfg["stride"]) if cfg.get("stride") else None, description=str(cfg.get("description", "")))
     if fmt == "pairs" and spec.source_path is None:
         raise LmstackError(f"{file}: missing key 'dataset.source' (format pairs needs a source and a target file)")
     if spec.preprocess is not None and spec.preprocess not in PREPROCESS:
