@@ -283,18 +283,12 @@ verb(app, commands.pretrain, "pretrain", run=_pretrain)
 
 
 def _eval(as_json: bool, **kwargs: Any) -> None:
-    from lmstack.evaluation.command import evaluate
     from lmstack.evaluation.report import summary, table
-    results = evaluate(**kwargs)
+    results = commands.evaluate(**kwargs)
     print(json.dumps(summary(results), ensure_ascii=False) if as_json else table(results), flush=True)
 
 
-def _eval_signature_source() -> Callable[..., Any]:
-    from lmstack.evaluation.command import evaluate
-    return evaluate
-
-
-verb(app, _eval_signature_source(), "eval", extra=[JSON_FLAG], run=_eval)
+verb(app, commands.evaluate, "eval", extra=[JSON_FLAG], run=_eval)
 
 
 def main() -> None:
