@@ -329,3 +329,15 @@ def test_translation_task_on_a_seq2seq_model_uses_the_bare_source(tiny_tasks: Pa
     examples = json.loads((out / "results.json").read_text())["models"][str(t5)]["tiny-mt"]["examples"]
     assert [e["prompt"] for e in examples] == ["hello world", "the lazy dog"]
     assert [e["reference"] for e in examples] == ["hallo welt", "der faule hund"]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("type: generate\ndataset: {path: d.jsonl}\npromt: x\ntarget: y\nmetrics: [f1]\n", "unknown key 'promt'"),
+    ("type: perplexity\ndataset: {path: d.txt, fromat: text}\nmetrics: [perplexity]\n", "unknown key 'dataset.fromat'"),
+    ("type: perplexity\ndataset: {path: d.txt}\nstride: half\nmetrics: [perplexity]\n", "'stride' must be an integer"),
+    ("type: shout\ndataset: {path: d.txt}\nmetrics: [perplexity]\n", "unknown task type 'shout' (known: generate"),
+])
+def test_task_file_typos_are_named(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(LmstackError) as e:
+        load_task(str(write_task(tmp_path, text)))
+    assert needle in str(e.value) and "t.yaml" in str(e.value)

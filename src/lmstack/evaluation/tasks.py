@@ -123,6 +123,28 @@ def _get(cfg: dict[str, Any], key: str, file: Path, where: str = "") -> Any:
     return cfg[key]
 
 
+KNOWN_KEYS = {"name", "description", "type", "dataset", "fewshot", "prompt", "target", "choices", "gold",
+              "choice_prefix", "target_prefix", "answer_extraction", "reference_extraction", "metrics",
+              "generation", "seq2seq_prompt", "chat", "window", "stride"}
+DATASET_KEYS = {"path", "format", "fields", "source", "text_field", "text_range", "preprocess"}
+FEWSHOT_KEYS = {"path", "source", "num", "seed", "separator"}
+
+
+def _check_keys(cfg: dict[str, Any], known: set[str], file: Path, where: str = "") -> None:
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise LmstackError(f"{file}: unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(known))})")
+
+
+def _int(cfg: dict[str, Any], key: str, default: int | None, file: Path, where: str = "") -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LmstackError(f"{file}: '{where}{key}' must be an integer, not {value!r}")
+    return value
+
+
 def _path(value: str, file: Path, data_root: Path) -> Path:
     value = str(value).replace("${data}", str(data_root))
     p = Path(value).expanduser()
@@ -154,12 +176,14 @@ def load_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
         raise LmstackError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(cfg, dict):
         raise LmstackError(f"{file}: expected a mapping at the top level")
+    _check_keys(cfg, KNOWN_KEYS, file)
     task_type = _get(cfg, "type", file)
     if task_type not in TASK_TYPES:
         raise LmstackError(f"{file}: unknown task type {task_type!r} (known: {', '.join(TASK_TYPES)})")
     data = _get(cfg, "dataset", file)
     if not isinstance(data, dict):
         raise LmstackError(f"{file}: 'dataset' must be a mapping with a 'path'")
+    _check_keys(data, DATASET_KEYS, file, "dataset.")
     data_path = _path(_get(data, "path", file, "dataset."), file, root)
     fmt = data.get("format") or _format_from_suffix(data_path)
     if fmt not in FORMATS:
@@ -176,9 +200,12 @@ def load_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
             raise LmstackError(f"{file}: metric {m!r} does not apply to a {task_type} task "
                                f"(it has: {', '.join(sorted(allowed))})")
     shots = cfg.get("fewshot") or {}
+    if not isinstance(shots, dict):
+        raise LmstackError(f"{file}: 'fewshot' must be a mapping")
+    _check_keys(shots, FEWSHOT_KEYS, file, "fewshot.")
     fewshot = FewShot(path=_path(shots["path"], file, root) if shots.get("path") else None,
                       source=_path(shots["source"], file, root) if shots.get("source") else None,
-                      num=int(shots.get("num", 0)), seed=int(shots.get("seed", 1234)),
+                      num=_int(shots, "num", 0, file, "fewshot."), seed=_int(shots, "seed", 1234, file, "fewshot."),
                       separator=str(shots.get("separator", "\n\n")))
     spec = TaskSpec(
         name=str(cfg.get("name") or file.stem), type=task_type, file=file, data_path=data_path, data_format=fmt,
@@ -192,8 +219,8 @@ def load_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
         answer_extraction=cfg.get("answer_extraction", "none"),
         reference_extraction=cfg.get("reference_extraction"), generation=dict(cfg.get("generation") or {}),
         seq2seq_prompt=cfg.get("seq2seq_prompt"), chat=bool(cfg.get("chat", False)),
-        window=int(cfg["window"]) if cfg.get("window") else None,
-        stride=int(cfg["stride"]) if cfg.get("stride") else None, description=str(cfg.get("description", "")))
+        window=_int(cfg, "window", None, file), stride=_int(cfg, "stride", None, file),
+        description=str(cfg.get("description", "")))
     if fmt == "pairs" and spec.source_path is None:
         raise LmstackError(f"{file}: missing key 'dataset.source' (format pairs needs a source and a target file)")
     if spec.preprocess is not None and spec.preprocess not in PREPROCESS:
