@@ -88,6 +88,7 @@ def main() -> None:
     max_diff = max(abs(a - b) for a, b in zip(ours_ll, hf_ll))
     rows.append(("hh-rlhf-harmless (2 log-likelihoods / example)", len(ours.examples), ours_s, hf_s,
                  f"acc {ours.metrics['acc']:.3f} vs {hf_acc:.3f}; max |Δ log-lik| {max_diff:.1e}"))
+    print(f"hh-rlhf-harmless: lmstack {ours_s:.1f} s, lm-eval HF {hf_s:.1f} s", flush=True)
 
     # gsm8k 0-shot: the same prompts, stop strings and token budget on both sides.
     spec = load_task("gsm8k")
@@ -99,6 +100,7 @@ def main() -> None:
     same = sum(a["output"].strip() == b.strip() for a, b in zip(ours.examples, hf_text)) / len(hf_text)
     rows.append(("gsm8k 0-shot (greedy, <= 256 new tokens)", len(ours.examples), ours_s, hf_s,
                  f"identical generations {same:.0%}"))
+    print(f"gsm8k: lmstack {ours_s:.1f} s, lm-eval HF {hf_s:.1f} s", flush=True)
 
     lines = ["| task | examples | lmstack ex/s | lm-eval HF ex/s | speedup | check |", "|---|---:|---:|---:|---:|---|"]
     for name, n, a, b, check in rows:
