@@ -68,50 +68,61 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-accuracy", action="store_true", help="only the throughput comparison")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the accuracy reference row")
+    ap.add_argument("--tasks", default=",".join(ACCURACY_LIMITS), help="built-in tasks for the accuracy row")
+    ap.add_argument("--limit", action="append", default=[], metavar="TASK=N",
+                    help="examples for a task of the accuracy row (repeatable; default ACCURACY_LIMITS)")
     ap.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     opts = RunOptions(limit=args.n, batch_size=args.batch_size, progress=False)
     em = load_eval_model(MODEL)
-    hf = hf_backend(args.batch_size)
 
-    rows = []
-    # hh-rlhf-harmless: the same (context, continuation) pairs on both sides.
-    spec = load_task("hh-rlhf-harmless")
-    ours_s, ours = timed(lambda: run_task(em, spec, opts), args.repeats)
-    pairs = [(ex["prompt"], c) for ex in ours.examples for c in ex["choices"]]
-    hf_s, hf_out = timed(lambda: hf.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True),
-                         args.repeats)
-    hf_ll = [lp for lp, _ in hf_out]
-    hf_acc = sum(hf_ll[2 * i] > hf_ll[2 * i + 1] for i in range(len(ours.examples))) / len(ours.examples)
-    ours_ll = [ll for ex in ours.examples for ll in ex["loglikelihoods"]]
-    max_diff = max(abs(a - b) for a, b in zip(ours_ll, hf_ll))
-    rows.append(("hh-rlhf-harmless (2 log-likelihoods / example)", len(ours.examples), ours_s, hf_s,
-                 f"acc {ours.metrics['acc']:.3f} vs {hf_acc:.3f}; max |Δ log-lik| {max_diff:.1e}"))
-    print(f"hh-rlhf-harmless: lmstack {ours_s:.1f} s, lm-eval HF {hf_s:.1f} s", flush=True)
+    table = ""
+    if not args.skip_throughput:
+        hf = hf_backend(args.batch_size)
+        rows = []
+        # hh-rlhf-harmless: the same (context, continuation) pairs on both sides.
+        spec = load_task("hh-rlhf-harmless")
+        ours_s, ours = timed(lambda: run_task(em, spec, opts), args.repeats)
+        pairs = [(ex["prompt"], c) for ex in ours.examples for c in ex["choices"]]
+        hf_s, hf_out = timed(lambda: hf.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True),
+                             args.repeats)
+        hf_ll = [lp for lp, _ in hf_out]
+        hf_acc = sum(hf_ll[2 * i] > hf_ll[2 * i + 1] for i in range(len(ours.examples))) / len(ours.examples)
+        ours_ll = [ll for ex in ours.examples for ll in ex["loglikelihoods"]]
+        max_diff = max(abs(a - b) for a, b in zip(ours_ll, hf_ll))
+        rows.append(("hh-rlhf-harmless (2 log-likelihoods / example)", len(ours.examples), ours_s, hf_s,
+                     f"acc {ours.metrics['acc']:.3f} vs {hf_acc:.3f}; max |Δ log-lik| {max_diff:.1e}"))
+        print(f"hh-rlhf-harmless: lmstack {ours_s:.1f} s, lm-eval HF {hf_s:.1f} s", flush=True)
 
-    # gsm8k 0-shot: the same prompts, stop strings and token budget on both sides.
-    spec = load_task("gsm8k")
-    ours_s, ours = timed(lambda: run_task(em, spec, opts), args.repeats)
-    gen = {"until": spec.generation["stop"], "max_gen_toks": spec.generation["max_new_tokens"], "do_sample": False}
-    requests = [(ex["prompt"], dict(gen)) for ex in ours.examples]
-    hf_s, hf_text = timed(lambda: hf.generate_until(instances("generate_until", requests), disable_tqdm=True),
-                          args.repeats)
-    same = sum(a["output"].strip() == b.strip() for a, b in zip(ours.examples, hf_text)) / len(hf_text)
-    rows.append(("gsm8k 0-shot (greedy, <= 256 new tokens)", len(ours.examples), ours_s, hf_s,
-                 f"identical generations {same:.0%}"))
-    print(f"gsm8k: lmstack {ours_s:.1f} s, lm-eval HF {hf_s:.1f} s", flush=True)
+        # gsm8k 0-shot: the same prompts, stop strings and token budget on both sides.
+        spec = load_task("gsm8k")
+        ours_s, ours = timed(lambda: run_task(em, spec, opts), args.repeats)
+        gen = {"until": spec.generation["stop"], "max_gen_toks": spec.generation["max_new_tokens"], "do_sample": False}
+        requests = [(ex["prompt"], dict(gen)) for ex in ours.examples]
+        hf_s, hf_text = timed(lambda: hf.generate_until(instances("generate_until", requests), disable_tqdm=True),
+                              args.repeats)
+        same = sum(a["output"].strip() == b.strip() for a, b in zip(ours.examples, hf_text)) / len(hf_text)
+        rows.append(("gsm8k 0-shot (greedy, <= 256 new tokens)", len(ours.examples), ours_s, hf_s,
+                     f"identical generations {same:.0%}"))
+        print(f"gsm8k: lmstack {ours_s:.1f} s, lm-eval HF {hf_s:.1f} s", flush=True)
 
-    lines = ["| task | examples | lmstack ex/s | lm-eval HF ex/s | speedup | check |", "|---|---:|---:|---:|---:|---|"]
-    for name, n, a, b, check in rows:
-        lines.append(f"| {name} | {n} | {n / a:.2f} | {n / b:.2f} | {b / a:.2f}x | {check} |")
-    table = "\n".join(lines)
-    print(table)
+        lines = ["| task | examples | lmstack ex/s | lm-eval HF ex/s | speedup | check |", "|---|---:|---:|---:|---:|---|"]
+        for name, n, a, b, check in rows:
+            lines.append(f"| {name} | {n} | {n / a:.3g} | {n / b:.3g} | {b / a:.2f}x | {check} |")
+        table = "\n".join(lines)
+        print(table)
 
     acc_table = ""
     if not args.skip_accuracy:
         acc_lines = ["| task | metric | SmolLM2-135M-Instruct | examples | few-shot |", "|---|---|---:|---:|---:|"]
-        for name, limit in ACCURACY_LIMITS.items():
+        limits = dict(ACCURACY_LIMITS)
+        for item in args.limit:
+            task, _, n = item.partition("=")
+            limits[task] = int(n)
+        for name in args.tasks.split(","):
+            limit = limits.get(name)
             spec = load_task(name)
             t = time.perf_counter()
             res = run_task(em, spec, RunOptions(limit=limit, batch_size=args.batch_size, progress=False))
@@ -127,16 +138,19 @@ def main() -> None:
         print(acc_table)
 
     if not args.no_record:
-        body = (f"Throughput on the first {args.n} examples (batch size {args.batch_size}, median of {args.repeats}; "
-                "model load not timed). The lm-eval side is `HFLM` from lm-evaluation-harness with transformers' "
-                "model dequantized from the same GGUF, given the very same requests. The machine is shared with "
-                "other jobs, so absolute numbers are noisy; the ratio is measured in one run.\n\n" + table)
+        command = "python bench/eval_throughput.py " + " ".join(sys.argv[1:])
+        if table:
+            record("Eval throughput: lmstack eval vs lm-eval HF backend",
+                   f"Throughput on the first {args.n} examples (batch size {args.batch_size}, median of "
+                   f"{args.repeats}; model load not timed). The lm-eval side is `HFLM` from lm-evaluation-harness "
+                   "with transformers' model dequantized from the same GGUF, given the very same requests. The "
+                   "machine is shared with other jobs, so absolute numbers are noisy; the ratio is measured in "
+                   "one run.\n\n" + table, command)
         if acc_table:
-            body += ("\n\nReference row: base SmolLM2-135M-Instruct (Q4_1 GGUF, fp32 compute) on each built-in task, "
-                     "first N examples in file order (`--limit N`; course-quiz: all 17 questions; "
-                     "tinyshakespeare-ppl: N windows of 1024 tokens, stride 512).\n\n" + acc_table)
-        record("Eval throughput: lmstack eval vs lm-eval HF backend", body,
-               "python bench/eval_throughput.py " + " ".join(sys.argv[1:]))
+            record(f"Eval reference: SmolLM2-135M-Instruct on built-in tasks ({args.tasks})",
+                   "Base SmolLM2-135M-Instruct (Q4_1 GGUF, fp32 compute), first N examples of each task in file "
+                   "order (`lmstack eval --limit N`; tinyshakespeare-ppl: N windows of 1024 tokens, stride "
+                   "512).\n\n" + acc_table, command)
         print(f"recorded in docs/benchmarks.md ({machine()})")
 
 
