@@ -133,7 +133,8 @@ def main() -> None:
                   flush=True)
             sig = res.info.get("bleu_signature")
             if sig:
-                acc_lines.append(f"| {name} | sacreBLEU signature | `{sig}` | | |")
+                escaped = sig.replace("|", "\\|")  # a bare | would split the Markdown table cell
+                acc_lines.append(f"| {name} | sacreBLEU signature | {escaped} | | |")
         acc_table = "\n".join(acc_lines)
         print(acc_table)
 
