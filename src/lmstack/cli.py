@@ -93,7 +93,8 @@ def cli_parameters(fn: Callable[..., Any], skip: set[str]) -> list[inspect.Param
             info: Any = typer.Argument(help=help_text, show_default=False)
         else:
             # A list option is repeated (--stop A --stop B): show the item type, not "list[str]".
-            metavar = "<str>" if list in {typing.get_origin(a) for a in typing.get_args(p.annotation)} else None
+            origins = {typing.get_origin(p.annotation), *(typing.get_origin(a) for a in typing.get_args(p.annotation))}
+            metavar = "<str>" if list in origins else None
             info = typer.Option(help=help_text, show_default=p.default not in (None, p.empty), metavar=metavar)
         params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default,
                                         annotation=Annotated[p.annotation, info]))
@@ -295,6 +296,17 @@ def _merge(**kwargs: Any) -> None:
 
 verb(app, commands.finetune, "finetune", run=_finetune)
 verb(app, commands.merge, "merge", run=_merge)
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+def _eval(as_json: bool, **kwargs: Any) -> None:
+    from lmstack.evaluation.report import summary, table
+    results = commands.evaluate(**kwargs)
+    print(json.dumps(summary(results), ensure_ascii=False) if as_json else table(results), flush=True)
+
+
+verb(app, commands.evaluate, "eval", extra=[JSON_FLAG], run=_eval)
 
 
 from lmstack.serving import serve  # noqa: E402 (light: FastAPI and torch load inside serve)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from lmstack.errors import LmstackError
+from lmstack.evaluation.command import evaluate  # noqa: F401  (`lmstack eval`; light: imports on call)
 
 if TYPE_CHECKING:
     from lmstack.checkpoints import LoadedModel
