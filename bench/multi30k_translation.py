@@ -57,8 +57,9 @@ def main() -> None:
     rows, signature = [], ""
     for name, beams, bs in (("greedy", 1, 64), (f"beam {args.beams}", args.beams, 16)):
         hyps, seconds = translate(gen, sources, beams, bs)
-        bleu = sacrebleu.corpus_bleu(hyps, [refs])
-        signature = str(sacrebleu.BLEU().get_signature())
+        metric = sacrebleu.BLEU()
+        bleu = metric.corpus_score(hyps, [refs])
+        signature = str(metric.get_signature())  # known only after scoring (it records the reference count)
         rows.append((name, bleu.score, seconds))
         print(f"{name}: BLEU {bleu.score:.2f} ({seconds:.0f} s)  e.g. {hyps[0]!r} / {refs[0]!r}")
     train_s = records[-1]["elapsed_s"]
