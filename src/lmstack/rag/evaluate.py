@@ -22,13 +22,12 @@ and the check should not be the same signal as the attribution.
 
 from __future__ import annotations
 
-import collections
 import re
-import string
 from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
+from lmstack.evaluation.metrics import exact_match_score, normalize_answer, token_f1_score
 from lmstack.io import atomic_write_json, require_path
 from lmstack.rag.answer import IDK, cited_numbers, strip_citations
 from lmstack.rag.extract import extract, json_lines
@@ -109,25 +108,17 @@ def first_relevant_rank(hits: list[Hit], item: dict[str, Any], relevance: Releva
 # ----------------------------------------------------------------------------------- answer metrics
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD normalization: lowercase, drop punctuation and articles, squeeze whitespace."""
-    text = strip_citations(text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
 def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(reference))
+    """SQuAD exact match (lmstack.evaluation.metrics) of the answer without its [n] citations."""
+    return exact_match_score(strip_citations(prediction), strip_citations(reference))
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
-    if not pred or not ref or common == 0:
-        return float(pred == ref)
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    """SQuAD token F1 without the [n] citations; an empty answer or reference scores 1 only if both are empty."""
+    prediction, reference = strip_citations(prediction), strip_citations(reference)
+    if not normalize_answer(prediction) or not normalize_answer(reference):
+        return float(normalize_answer(prediction) == normalize_answer(reference))
+    return token_f1_score(prediction, reference)
 
 
 def content_words(text: str) -> set[str]:
