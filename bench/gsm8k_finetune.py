@@ -6,10 +6,13 @@ catastrophic forgetting measured as tinyshakespeare val perplexity before and af
 
 Each method trains through `lmstack finetune` (a subprocess: the CLI users run) on ../shared/data/gsm8k/train.jsonl
 (chat template, loss on the answer only) for at most --train-seconds of wall time or --steps steps, whichever
-comes first. Then every model answers the first --eval-n questions of ../shared/data/gsm8k/dev.jsonl with the same
+comes first, in --precision (bf16 autocast over float32 weights by default). Unless --keep-annotations, the answers
+lose GSM8K's `<<48/2=24>>` calculator annotations first (the text around them already states each step): a
+135M model that copies them learns a second, unchecked copy of every product. Then every model answers the first --eval-n questions of ../shared/data/gsm8k/dev.jsonl with the same
 greedy decoding (chat template, batched, --max-new-tokens) and the answer is the number after `####`, else the
 last number in the reply (exact match against the reference's `#### N`). LoRA / QLoRA models are evaluated
-merged (merge_lora: the same function as unmerged up to float rounding; QLoRA's base dequantized from NF4).
+merged (merge_lora: the same function as unmerged up to float rounding; QLoRA's base dequantized from NF4), every
+model in --eval-dtype.
 Perplexity: --ppl-windows windows of 256 tokens from the last 10% of tinyshakespeare (nanoGPT's val split).
 """
 
@@ -49,10 +52,26 @@ def final_number(text: str) -> str | None:
     return value
 
 
-def train(method: str, out: Path, args: argparse.Namespace) -> dict:
+ANNOTATION = re.compile(r"<<[^>]*>>")
+
+
+def training_file(runs: Path, keep_annotations: bool) -> Path:
+    """GSM8K train as given, or a copy whose answers lose their `<<a*b=c>>` calculator annotations."""
+    source = DATA / "gsm8k" / "train.jsonl"
+    if keep_annotations:
+        return source
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    target = runs / "train-no-annotations.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(json.dumps({**r, "answer": ANNOTATION.sub("", r["answer"])}) + "\n" for r in rows))
+    return target
+
+
+def train(method: str, out: Path, data: Path, args: argparse.Namespace) -> dict:
     lr = {"full": args.full_lr, "lora": args.lora_lr, "qlora": args.lora_lr}[method]
     cmd = [sys.executable, "-m", "lmstack", "finetune", "--method", method, "--model", MODEL,
-           "--data", f"gsm8k={DATA / 'gsm8k' / 'train.jsonl'}", "--fields", "instruction=question,output=answer",
+           "--data", f"gsm8k={data}", "--fields", "instruction=question,output=answer",
+           "--precision", args.precision,
            "--out", str(out), "--max-steps", str(args.steps), "--max-time", str(args.train_seconds),
            "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len), "--lr", str(lr),
            "--warmup-steps", "5", "--eval-every", str(args.steps), "--eval-batches", "4",
@@ -67,17 +86,17 @@ def train(method: str, out: Path, args: argparse.Namespace) -> dict:
     return result
 
 
-def load(method: str, out: Path):
+def load(method: str, out: Path, dtype: str):
     from lmstack.checkpoints import load_model
     from lmstack.peft.lora import merge_lora
     from lmstack.training.finetune import load_with_adapter
 
     if method == "base":
-        return load_model(MODEL)
+        return load_model(MODEL, dtype=dtype)
     if method == "full":
-        return load_model(str(out))
+        return load_model(str(out), dtype=dtype)
     loaded = load_with_adapter(None, str(out))
-    loaded.model = merge_lora(loaded.model, dtype=torch.float32).eval()
+    loaded.model = merge_lora(loaded.model, dtype=getattr(torch, dtype)).eval()
     return loaded
 
 
@@ -121,6 +140,9 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=320)
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--full-lr", type=float, default=2e-5)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--keep-annotations", action="store_true", help="train on the <<...>> calculator annotations too")
+    p.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--eval-n", type=int, default=40)
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -136,15 +158,16 @@ def main() -> None:
     questions = [json.loads(line) for line in (DATA / "gsm8k" / "dev.jsonl").read_text().splitlines()
                  if line.strip()][:args.eval_n]
 
+    data = training_file(runs, args.keep_annotations)
     trained = {}
     for method in methods:
-        trained[method] = train(method, runs / method, args)
+        trained[method] = train(method, runs / method, data, args)
         r = trained[method]
         print(f"{method}: {r['steps']} steps in {r['elapsed_s']:.0f} s, val loss {r['best_val_loss']:.3f}",
               flush=True)
     rows = []
     for method in ["base", *methods]:
-        loaded = load(method, runs / method)
+        loaded = load(method, runs / method, args.eval_dtype)
         t0 = time.perf_counter()
         acc, replies = gsm8k_accuracy(loaded, questions, args)
         eval_s = time.perf_counter() - t0
@@ -171,15 +194,17 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
+        annotations = "with" if args.keep_annotations else "without"
         notes = (f"Budget per method: at most {args.train_seconds:.0f} s of training wall time or {args.steps} "
                  f"steps (batch {args.batch_size}, max_seq_len {args.max_seq_len}, chat template, loss on answers "
-                 f"only), on a CPU shared with other jobs. LoRA/QLoRA: rank 16, alpha 32, all linear layers, lr "
-                 f"{args.lora_lr}; full: lr {args.full_lr}. Eval: the first {len(questions)} questions of "
-                 f"gsm8k/dev.jsonl, greedy, at most {args.max_new_tokens} new tokens, exact match on the `####` "
-                 "number (else the last number). Perplexity: tinyshakespeare val (last 10%), "
-                 f"{args.ppl_windows} windows of 256 tokens.")
+                 f"only, {args.precision}, answers {annotations} `<<...>>` annotations). LoRA/QLoRA: rank 16, "
+                 f"alpha 32, all linear layers, lr {args.lora_lr}; full: lr {args.full_lr}. Eval: the first "
+                 f"{len(questions)} questions of gsm8k/dev.jsonl, {args.eval_dtype}, greedy, at most "
+                 f"{args.max_new_tokens} new tokens, exact match on the `####` number (else the last number). "
+                 f"Perplexity: tinyshakespeare val (last 10%), {args.ppl_windows} windows of 256 tokens.")
+        threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
         record(args.title, table + "\n\n" + notes,
-               "OMP_NUM_THREADS=1 python " + " ".join(["bench/gsm8k_finetune.py", *sys.argv[1:]]))
+               f"OMP_NUM_THREADS={threads} python " + " ".join(["bench/gsm8k_finetune.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -259,13 +259,20 @@ def test_batched_left_padded_equals_single(pair):
         assert r.text == alone.text and r.prompt_tokens == len(p)
 
 
-def test_bf16_greedy_cache_equals_recompute():
+def test_bf16_cached_logits_equal_recompute():
+    """In bf16 the cached single-row step and a full forward round differently (other matmul kernels), so a
+    near-tie can flip a greedy token: compare the teacher-forced logits within bf16's resolution instead. A wrong
+    cache slot or mask moves them by O(1)."""
     hf = hf_llama(2)
     model = to_lmstack(hf, dtype=torch.bfloat16)
     gen = Generator(model, None)
     p = prompts(1, seed=6)[0]
-    ours = gen.generate(p, GenerationConfig(max_new_tokens=8))
-    assert ours.token_ids == recompute_greedy(model, p, ours.new_tokens)
+    ours = gen.generate(p, GenerationConfig(max_new_tokens=8)).token_ids
+    with torch.inference_mode():
+        full = model(torch.tensor([p + ours]))[0, len(p) - 1:-1].float()  # [8, V]
+        steps = [gen.adapter.prefill([p], len(ours))[0]] + [gen.adapter.step(torch.tensor([[t]]))[0]
+                                                            for t in ours[:-1]]
+    torch.testing.assert_close(torch.stack(steps), full, atol=0.15, rtol=0.02)
 
 
 @pytest.mark.slow

@@ -116,11 +116,14 @@ def attend_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     Same result as SDPA (enable_gqa: head h reads kv head h // (H / Hkv)); mask as in Attention.forward. On
     CPU, SDPA's bf16 kernel costs about 5x this for one query (365 vs 70 us at SmolLM2's shapes, S=768), which
     is a third of a decode step; in float32 SDPA is as fast, so Attention only takes this path for bf16/fp16.
+    The products run in float32: ATen's bf16 batched matmul without oneDNN (single-row decode steps turn it
+    off, see generation.single_row_matmuls) is 3x slower than casting, and float32 is the more exact anyway.
     """
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    scores = (q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
+    out_dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()
+    scores = (q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, S]
     if mask is not None:
         if mask.shape[1] != 1:  # a per-head bias [B|1, H, 1, S]
             mask = mask.reshape(mask.shape[0], Hkv, H // Hkv, S)
@@ -128,7 +131,7 @@ def attend_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, 1, D)
+    return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, D).to(out_dtype)
 
 
 class Attention(nn.Module):
@@ -158,10 +161,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None,
                 is_causal: bool = False, input_pos: Tensor | None = None, memory: Tensor | None = None,
-                cross: bool = False) -> Tensor:
+                cross: bool = False, kv_len: int | None = None) -> Tensor:
         """x: [B, T, C]. mask: bool [B|1, 1, T, S] (True = attend) or an additive float bias [B|1, H, T, S].
 
-        Self-attention writes keys/values to the KV cache at `input_pos` when one is set up. For
+        Self-attention writes keys/values to the KV cache at `input_pos` when one is set up, then attends over
+        its first `kv_len` slots (None = all; S = kv_len). For
         cross-attention (`cross=True`), `memory` [B, S, C] is projected once and reused while it is None.
         """
         B, T, _ = x.shape
@@ -180,6 +184,8 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if self.kv_cache is not None and input_pos is not None:
                 k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S_max, D]
+                if kv_len is not None:
+                    k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # [B, Hkv, S, D]
             if self.prefix is not None:
                 k, v, mask = self._with_prefix(k, v, mask, is_causal, T)  # [B, Hkv, P + S, D]
         if (T == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not (is_causal and mask is None)
@@ -274,9 +280,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None,
                 is_causal: bool = False, input_pos: Tensor | None = None, memory: Tensor | None = None,
-                memory_mask: Tensor | None = None) -> Tensor:  # [B, T, C] -> [B, T, C]
+                memory_mask: Tensor | None = None, kv_len: int | None = None) -> Tensor:  # [B, T, C] -> [B, T, C]
         x = self._residual(x, self.attn_norm, lambda h: self.attn(
-            h, rope=rope, mask=mask, is_causal=is_causal, input_pos=input_pos))
+            h, rope=rope, mask=mask, is_causal=is_causal, input_pos=input_pos, kv_len=kv_len))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
                 h, mask=memory_mask, memory=memory, cross=True))

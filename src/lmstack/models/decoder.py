@@ -117,19 +117,28 @@ class Decoder(nn.Module):
             rope = (self.rope_cos[position_ids].unsqueeze(1).to(x.dtype),  # [B, 1, T, D]
                     self.rope_sin[position_ids].unsqueeze(1).to(x.dtype))
         mask, is_causal = attn_mask, False
+        # A cached prefill (several queries at shared slots) attends over the slots written so far, not the whole
+        # cache; into an empty cache that is plain causal attention, which SDPA's flash kernel does in half the work
+        # of a masked one (a 512-token prompt: SDPA went from 38% to ~10% of SmolLM2's prefill).
+        kv_len = int(input_pos.max()) + 1 if input_pos is not None and input_pos.dim() == 1 and T > 1 else None
         if mask is None:
             if input_pos is not None:  # cached: query at slot p sees slots <= p
-                slots = torch.arange(self.cache_len, device=device)
-                mask = slots <= input_pos[..., None]  # [T, S], or [B, T, S] for per-row slots
-                mask = mask.view(-1, 1, *mask.shape[-2:])  # [1|B, 1, T, S]
+                if kv_len == T and key_padding_mask is None and int(input_pos[0]) == 0:
+                    is_causal = True
+                else:
+                    slots = torch.arange(kv_len or self.cache_len, device=device)
+                    mask = slots <= input_pos[..., None]  # [T, S], or [B, T, S] for per-row slots
+                    mask = mask.view(-1, 1, *mask.shape[-2:])  # [1|B, 1, T, S]
             elif key_padding_mask is not None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
             else:
                 is_causal = True
             if key_padding_mask is not None:
-                mask = mask & key_padding_mask[:, None, None, :]  # [B, 1, T, S]
+                mask = mask & key_padding_mask[:, None, None, :kv_len]  # [B, 1, T, S]
+        elif kv_len is not None:
+            mask = mask[..., :kv_len]
         for layer in self.layers:
-            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, input_pos=input_pos)
+            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, input_pos=input_pos, kv_len=kv_len)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

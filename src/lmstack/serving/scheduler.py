@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lmstack.errors import LmstackError
 from lmstack.generation import (GenerationConfig, Generator, find_stop, held_back, process_logits, seen_mask,
-                                select_next)
+                                select_next, single_row_matmuls)
 from lmstack.serving.json_mode import JsonConstraint, token_texts
 from lmstack.serving.lora import AdapterRouter
 from lmstack.serving.metrics import Metrics
@@ -377,7 +377,8 @@ class Scheduler:
         tokens = torch.tensor([[s.ids[-1]] for s in seqs], device=self.device)  # [n, 1]
         input_pos = torch.tensor([[s.pos] for s in seqs], device=self.device)  # [n, 1]: each row's own slot
         started = time.perf_counter()
-        logits = self.model(tokens, input_pos=input_pos)[:, -1].float()  # [n, V]
+        with single_row_matmuls(n, self.model.tok_emb.weight):
+            logits = self.model(tokens, input_pos=input_pos)[:, -1].float()  # [n, V]
         for s in seqs:
             s.pos += 1
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy and s.job.logprobs is None]
