@@ -64,7 +64,6 @@ def fixed_batch(native: str, batch: int, seq: int) -> dict:
 
 
 def child_lmstack(method: str, args: argparse.Namespace) -> dict:
-    import torch
 
     from lmstack.checkpoints import load_model
     from lmstack.peft.methods import PeftSpec, apply_method, save_adapter
@@ -92,7 +91,7 @@ def child_lmstack(method: str, args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(out_dir=tmp, max_steps=100, batch_size=args.batch, lr=1e-4, warmup_steps=0,
-                          progress=False, peak_flops=1.0)
+                          progress=False, peak_flops=1.0, precision=args.precision, compile=args.compile)
         trainer = Trainer(model, causal_lm_targets, OneBatch(), cfg)
         times = []
         for step in range(args.steps + 1):
@@ -130,9 +129,11 @@ def child_peft(args: argparse.Namespace) -> dict:
     labels = batch["labels"]
     n = (labels != -100).sum()
     times = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
     for _ in range(args.steps + 1):
         start = time.perf_counter()
-        logits = model(input_ids=batch["input_ids"]).logits  # [B, T, V]
+        with autocast:
+            logits = model(input_ids=batch["input_ids"]).logits  # [B, T, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
                                reduction="sum") / n
         loss.backward()
@@ -152,7 +153,8 @@ def child_peft(args: argparse.Namespace) -> dict:
 
 def run_child(method: str, args: argparse.Namespace, native: str, hf: str) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--native", native, "--hf", hf, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
+           "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads),
+           "--precision", args.precision] + (["--compile"] if args.compile else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -166,8 +168,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=160)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="both sides: fp32, or bf16 autocast over float32 weights")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of every method (medians reported)")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--compile", action="store_true", help="lmstack's Trainer compiles its objective")
     p.add_argument("--child")
     p.add_argument("--native")
     p.add_argument("--hf")

@@ -67,14 +67,22 @@ def training_file(runs: Path, keep_annotations: bool) -> Path:
     return target
 
 
+def per_method(value: str, method: str) -> str:
+    """'300' for every method, or 'lora=330,qlora=280,full=170'."""
+    if "=" not in value:
+        return value
+    return dict(item.split("=", 1) for item in value.split(","))[method]
+
+
 def train(method: str, out: Path, data: Path, args: argparse.Namespace) -> dict:
     lr = {"full": args.full_lr, "lora": args.lora_lr, "qlora": args.lora_lr}[method]
+    steps, seconds = per_method(args.steps, method), per_method(args.train_seconds, method)
     cmd = [sys.executable, "-m", "lmstack", "finetune", "--method", method, "--model", MODEL,
            "--data", f"gsm8k={data}", "--fields", "instruction=question,output=answer",
            "--precision", args.precision,
-           "--out", str(out), "--max-steps", str(args.steps), "--max-time", str(args.train_seconds),
+           "--out", str(out), "--max-steps", steps, "--max-time", seconds,
            "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len), "--lr", str(lr),
-           "--warmup-steps", "5", "--eval-every", str(args.steps), "--eval-batches", "4",
+           "--warmup-steps", "10", "--eval-every", steps, "--eval-batches", "4",
            "--val-fraction", "0.005", "--targets", "all-linear", "--rank", "16", "--alpha", "32",
            "--seed", "0", "--no-progress", "--no-resume"]
     start = time.perf_counter()
@@ -134,8 +142,8 @@ def shakespeare_ppl(loaded, windows: int, length: int = 256) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="lora,qlora,full")
-    p.add_argument("--train-seconds", type=float, default=600)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--train-seconds", default="600", help="seconds, or per method: lora=1500,qlora=1500,full=1000")
+    p.add_argument("--steps", default="150", help="optimizer steps, or per method: lora=330,qlora=280,full=170")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=320)
     p.add_argument("--lora-lr", type=float, default=1e-3)
@@ -195,8 +203,8 @@ def main() -> None:
     print(table)
     if not args.no_record:
         annotations = "with" if args.keep_annotations else "without"
-        notes = (f"Budget per method: at most {args.train_seconds:.0f} s of training wall time or {args.steps} "
-                 f"steps (batch {args.batch_size}, max_seq_len {args.max_seq_len}, chat template, loss on answers "
+        notes = (f"Budget per method: at most {args.train_seconds} s of training wall time or {args.steps} "
+                 f"steps, the learning rate's cosine schedule spanning those steps (batch {args.batch_size}, max_seq_len {args.max_seq_len}, chat template, loss on answers "
                  f"only, {args.precision}, answers {annotations} `<<...>>` annotations). LoRA/QLoRA: rank 16, "
                  f"alpha 32, all linear layers, lr {args.lora_lr}; full: lr {args.full_lr}. Eval: the first "
                  f"{len(questions)} questions of gsm8k/dev.jsonl, {args.eval_dtype}, greedy, at most "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +58,16 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LmstackError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def json_records(path: str | Path, lines: Iterable[tuple[int, str]],
+                 error: type[LmstackError] = LmstackError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank numbered line of a JSONL file; invalid JSON raises `error`
+    naming path:line and the column."""
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None

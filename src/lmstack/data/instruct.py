@@ -51,7 +51,6 @@ padding) next to input_ids/labels (and attn_mask/position_ids when packed); obje
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +65,7 @@ from torch import Tensor
 from lmstack.data.batching import IGNORE_INDEX
 from lmstack.data.prepare import _lines
 from lmstack.errors import LmstackError
+from lmstack.io import json_records
 from lmstack.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -219,16 +219,10 @@ def read_examples(path: str | Path, format: str = "auto", fields: dict[str, str]
         raise LmstackError(f"unknown format {format!r}; use auto, {', '.join(FORMATS)}")
     examples: list[Example] = []
     fmt, records = None if format == "auto" else format, 0
-    for lineno, line in _lines(path, None):
-        if not line.strip():
-            continue
+    for lineno, record in json_records(path, _lines(path, None)):
         if limit is not None and records >= limit:
             break
         where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmstackError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if fmt is None:
             fmt = detect_format(record, fields) if isinstance(record, dict) else None
             if fmt is None:

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmstack.errors import LmstackError
-from lmstack.io import atomic_write_json
+from lmstack.io import atomic_write_json, json_records
 from lmstack.tokenizer import Tokenizer
 
 SHARDS_FORMAT = "lmstack-shards-v1"
@@ -149,13 +149,7 @@ def _text_documents(path: Path, doc_split: DocSplit, progress: tqdm | None) -> I
 
 
 def _jsonl_documents(path: Path, fieldname: str, progress: tqdm | None) -> Iterator[str]:
-    for lineno, line in _lines(path, progress):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmstackError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, record in json_records(path, _lines(path, progress)):
         if not isinstance(record, dict) or fieldname not in record:
             raise LmstackError(f"{path}:{lineno}: no field '{fieldname}'")
         value = record[fieldname]

@@ -120,7 +120,7 @@ class Scorer:
         return results  # type: ignore[return-value]
 
     def _score_batch(self, inputs: list[list[int]], continuations: list[list[int]]) -> list[Score]:
-        B, T = len(inputs), max(map(len, inputs))
+        T = max(map(len, inputs))
         dev = self.device
         tokens = torch.tensor([x + [self.pad_id] * (T - len(x)) for x in inputs], device=dev)  # [B, T]
         padded = any(len(x) < T for x in inputs)

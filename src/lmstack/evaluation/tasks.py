@@ -23,7 +23,6 @@ Built-in tasks live beside this module in tasks/*.yaml; `known_tasks()` lists th
 from __future__ import annotations
 
 import gzip
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import yaml
 
 from lmstack.errors import LmstackError
 from lmstack.evaluation.metrics import EXTRACTORS, METRICS, check_metric, extract_regex
+from lmstack.io import json_records
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -259,13 +259,7 @@ def read_rows(spec: TaskSpec, path: Path | None = None, source: Path | None = No
     rows: list[Row] = []
     if fmt == "jsonl":
         with _open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmstackError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            for n, obj in json_records(path, enumerate(f, 1)):
                 if not isinstance(obj, dict):
                     raise LmstackError(f"{path}:{n}: expected a JSON object")
                 rows.append(Row(obj, f"{path}:{n}"))

@@ -8,7 +8,6 @@ is the file itself, for .html, .pdf and .jsonl it is the extracted text (blocks 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmstack.errors import LmstackError
+from lmstack.io import json_records
 
 SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".html": "html",
             ".htm": "html", ".pdf": "pdf", ".jsonl": "jsonl"}
@@ -276,14 +276,7 @@ def _pdf(path: Path, data: bytes) -> Document:
 def json_lines(path: Path | str, text: str,
                error: type[LmstackError] = LmstackError) -> Iterator[tuple[int, Any]]:
     """(1-based line number, parsed value) for each non-blank line; `error` names path:line of invalid JSON."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error(f"{path}:{number}: invalid JSON ({e.msg})") from None
-        yield number, record
+    return json_records(path, enumerate(text.splitlines(), start=1), error)
 
 
 def string_field(record: Any, field_name: str, where: str, error: type[LmstackError] = LmstackError) -> str:

@@ -317,7 +317,7 @@ class Scheduler:
     def _admit(self) -> None:
         """Prefill the waiting jobs that fit in the free rows (and the per-iteration token budget)."""
         jobs: list[Job] = []
-        free, tokens = self.max_batch - len(self.active), 0
+        free = self.max_batch - len(self.active)
         with self.lock:
             while self.waiting:
                 job = self.waiting[0]
