@@ -243,8 +243,8 @@ def main() -> None:
         body = (table + "\n\n" + " ".join(notes) + f"\n\nSame GSM8K batch for every method: {args.batch} x "
                 f"{args.seq} positions, {args.steps} timed steps after one warm-up, one process per method and "
                 f"run, {args.repeats} interleaved run(s) per method (medians), "
-                f"{args.threads} thread(s), on a CPU shared with other jobs (timings are noisy; the ratios come "
-                "from one run).")
+                f"{args.threads} thread(s), {args.precision}, load average {os.getloadavg()[0]:.1f} at the end "
+                "(the ratios come from one run).")
         record("Fine-tuning cost per method (SmolLM2-135M)", body,
                "OMP_NUM_THREADS=1 python " + " ".join(["bench/finetune_cost.py", *sys.argv[1:]]))
 

@@ -91,6 +91,7 @@ def train(method: str, out: Path, data: Path, args: argparse.Namespace) -> dict:
         raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout)
     result["wall_s"] = time.perf_counter() - start
+    (out / "result.json").write_text(json.dumps(result, indent=1))  # what --eval-only reads back
     return result
 
 
@@ -104,7 +105,7 @@ def load(method: str, out: Path, dtype: str):
     if method == "full":
         return load_model(str(out), dtype=dtype)
     loaded = load_with_adapter(None, str(out))
-    loaded.model = merge_lora(loaded.model, dtype=getattr(torch, dtype)).eval()
+    loaded.model = merge_lora(loaded.model, dtype=torch.float32).to(getattr(torch, dtype)).eval()
     return loaded
 
 
@@ -157,6 +158,7 @@ def main() -> None:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--runs", default="/tmp/lmstack-gsm8k-bench")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the runs already in --runs (RUNS/M/result.json)")
     p.add_argument("--title", default="Fine-tuning: GSM8K (LoRA, QLoRA, full) and forgetting",
                    help="the docs/benchmarks.md section to write")
     args = p.parse_args()
@@ -169,6 +171,9 @@ def main() -> None:
     data = training_file(runs, args.keep_annotations)
     trained = {}
     for method in methods:
+        if args.eval_only:
+            trained[method] = json.loads((runs / method / "result.json").read_text())
+            continue
         trained[method] = train(method, runs / method, data, args)
         r = trained[method]
         print(f"{method}: {r['steps']} steps in {r['elapsed_s']:.0f} s, val loss {r['best_val_loss']:.3f}",
