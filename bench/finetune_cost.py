@@ -2,7 +2,7 @@
 adapter size, for lmstack's full / lora / qlora / prompt / prefix / adapter and peft's LoRA on the transformers
 model, all on the same GSM8K batch.
 
-    OMP_NUM_THREADS=1 python bench/finetune_cost.py [--batch 2] [--seq 160] [--steps 4] [--threads 1] [--repeats 1]
+    python bench/finetune_cost.py [--batch 2] [--seq 160] [--steps 4] [--threads 1] [--repeats 1] [--base-dtype D]
 
 The parent converts the GGUF once to a native folder (lmstack) and an HF folder (transformers), both float32
 safetensors, then runs each method in its own subprocess, so each peak RSS (ru_maxrss) is that method's own:
@@ -10,8 +10,10 @@ load, apply the method, then 1 warm-up and --steps timed optimizer steps (forwar
 one fixed batch of GSM8K train examples in the chat template (loss on answers only), truncated to --seq
 positions and right-padded. lmstack steps go through the Trainer (accumulate_gradients + optimizer_step);
 (with the vocabulary projection only at answer positions, as `lmstack finetune` runs); peft's through a plain
-loop with the same loss (full logits, as transformers computes them), clipping and fused AdamW. LoRA on both sides: rank 8, alpha 16,
-q/k/v/o, no dropout. s/step is the median of the timed steps.
+loop with the same loss (full logits, as transformers computes them), clipping and fused AdamW. LoRA on both
+sides: rank 8, alpha 16, q/k/v/o, no dropout. s/step is the median of the timed steps. --base-dtype bfloat16
+loads the frozen base in bf16 on both sides (LoRA weights stay float32, as peft's autocast_adapter_dtype keeps
+them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,6 +66,25 @@ def fixed_batch(native: str, batch: int, seq: int) -> dict:
             "labels": torch.nn.functional.pad(out["labels"], (0, pad), value=-100)}
 
 
+def time_steps(step: Callable[[int], float], args: argparse.Namespace) -> tuple[list[float], float, float]:
+    """One warm-up and --steps timed calls of `step`: (seconds of each timed step, last loss, peak RSS MB). With
+    --profile, one more step runs under torch.profiler and its top operators go to stderr."""
+    times, loss = [], float("nan")
+    for i in range(args.steps + 1):
+        start = time.perf_counter()
+        loss = step(i)
+        times.append(time.perf_counter() - start)
+    peak = rss_mb()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step(args.steps + 1)
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40, max_shapes_column_width=60),
+            file=sys.stderr)
+    return times[1:], loss, peak
+
+
 def child_lmstack(method: str, args: argparse.Namespace) -> dict:
 
     from lmstack.checkpoints import load_model
@@ -73,7 +95,7 @@ def child_lmstack(method: str, args: argparse.Namespace) -> dict:
 
     batch = fixed_batch(args.native, args.batch, args.seq)
     t0 = time.perf_counter()
-    loaded = load_model(args.native)
+    loaded = load_model(args.native, dtype=args.base_dtype)
     spec = PeftSpec(method=method, rank=8, alpha=16.0, targets=["q", "k", "v", "o"])
     model = apply_method(loaded.model, spec, loaded.tokenizer)
     model.train()
@@ -93,20 +115,20 @@ def child_lmstack(method: str, args: argparse.Namespace) -> dict:
         cfg = TrainConfig(out_dir=tmp, max_steps=100, batch_size=args.batch, lr=1e-4, warmup_steps=0,
                           progress=False, peak_flops=1.0, precision=args.precision, compile=args.compile)
         trainer = Trainer(model, causal_lm_targets, OneBatch(), cfg)
-        times = []
-        for step in range(args.steps + 1):
-            start = time.perf_counter()
-            loss, _ = trainer.accumulate_gradients(step)
-            trainer.optimizer_step(step)
-            times.append(time.perf_counter() - start)
-        peak = rss_mb()
+
+        def step(i: int) -> float:
+            loss, _ = trainer.accumulate_gradients(i)
+            trainer.optimizer_step(i)
+            return loss
+
+        times, loss, peak = time_steps(step, args)
         trainable, total = count_parameters(model)
         if method == "full":
             size = sum(p.numel() * p.element_size() for p in model.parameters())
         else:
             save_adapter(model, spec, tmp, base_model="smollm2")
             size = (Path(tmp) / "adapter.safetensors").stat().st_size
-    return {"trainable": trainable, "total": total, "s_per_step": median(times[1:]), "peak_rss_mb": peak,
+    return {"trainable": trainable, "total": total, "s_per_step": median(times), "peak_rss_mb": peak,
             "rss_after_load_mb": after_load, "adapter_bytes": size, "load_s": load_s, "loss": loss}
 
 
@@ -118,7 +140,8 @@ def child_peft(args: argparse.Namespace) -> dict:
 
     batch = fixed_batch(args.native, args.batch, args.seq)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=getattr(torch, args.base_dtype),
+                                                 attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
@@ -128,37 +151,41 @@ def child_peft(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     labels = batch["labels"]
     n = (labels != -100).sum()
-    times = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    for _ in range(args.steps + 1):
-        start = time.perf_counter()
+    forward = torch.compile(model) if args.peft_compile else model
+
+    def step(i: int) -> float:
         with autocast:
-            logits = model(input_ids=batch["input_ids"]).logits  # [B, T, V]
+            logits = forward(input_ids=batch["input_ids"]).logits  # [B, T, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
                                reduction="sum") / n
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    peak = rss_mb()
+        return loss.item()
+
+    times, loss, peak = time_steps(step, args)
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         size = (Path(tmp) / "adapter_model.safetensors").stat().st_size
-    return {"trainable": trainable, "total": total, "s_per_step": median(times[1:]), "peak_rss_mb": peak,
-            "rss_after_load_mb": after_load, "adapter_bytes": size, "load_s": load_s, "loss": loss.item()}
+    return {"trainable": trainable, "total": total, "s_per_step": median(times), "peak_rss_mb": peak,
+            "rss_after_load_mb": after_load, "adapter_bytes": size, "load_s": load_s, "loss": loss}
 
 
 def run_child(method: str, args: argparse.Namespace, native: str, hf: str) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--native", native, "--hf", hf, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads),
-           "--precision", args.precision] + (["--compile"] if args.compile else [])
+           "--precision", args.precision, "--base-dtype", args.base_dtype] + (["--compile"] if args.compile else []) \
+        + (["--peft-compile"] if args.peft_compile else []) + (["--profile"] if args.profile else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
+    if args.profile:
+        print(f"--- {method}: one step under torch.profiler\n{proc.stderr}", file=sys.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -169,10 +196,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="both sides: fp32, or bf16 autocast over float32 weights")
+                   help="both sides: fp32, or bf16 autocast")
+    p.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="both sides: the dtype the frozen base is loaded in (trainable weights stay float32)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of every method (medians reported)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--compile", action="store_true", help="lmstack's Trainer compiles its objective")
+    p.add_argument("--peft-compile", action="store_true", help="torch.compile the peft model's forward too")
+    p.add_argument("--profile", action="store_true",
+                   help="print each child's top operators for one extra, untimed step (to stderr)")
     p.add_argument("--child")
     p.add_argument("--native")
     p.add_argument("--hf")
@@ -243,10 +275,18 @@ def main() -> None:
         body = (table + "\n\n" + " ".join(notes) + f"\n\nSame GSM8K batch for every method: {args.batch} x "
                 f"{args.seq} positions, {args.steps} timed steps after one warm-up, one process per method and "
                 f"run, {args.repeats} interleaved run(s) per method (medians), "
-                f"{args.threads} thread(s), {args.precision}, load average {os.getloadavg()[0]:.1f} at the end "
-                "(the ratios come from one run).")
-        record("Fine-tuning cost per method (SmolLM2-135M)", body,
-               "OMP_NUM_THREADS=1 python " + " ".join(["bench/finetune_cost.py", *sys.argv[1:]]))
+                f"{args.threads} thread(s), {args.base_dtype} base weights (trainable LoRA weights float32), "
+                f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}"
+                f"{', lmstack Trainer compile=True' if args.compile else ''}"
+                f"{', peft model torch.compile' if args.peft_compile else ''}, "
+                f"load average {os.getloadavg()[0]:.1f} at the end.")
+        title = "Fine-tuning cost per method (SmolLM2-135M)"
+        if args.base_dtype != "float32" or args.precision != "fp32" or args.compile or args.peft_compile:
+            compiled = [side for side, on in (("lmstack", args.compile), ("peft", args.peft_compile)) if on]
+            title += f", {args.base_dtype} base, {args.precision}" + (f", {' and '.join(compiled)} compiled"
+                                                                      if compiled else "")
+        record(title, body,
+               "python " + " ".join(["bench/finetune_cost.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

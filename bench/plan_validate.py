@@ -99,7 +99,7 @@ def main() -> None:
     rows = []
     for label, preset, overrides, precision, batch, seq in CONFIGS:
         cfg = from_name(preset, **overrides)
-        planned = plan_config(cfg, precision=precision, batch=batch, seq=seq)
+        planned = plan_config(cfg, precision=precision, batch=batch, seq=seq, device="cpu")
         args = json.dumps({"config": config_to_dict(cfg), "precision": precision, "batch": batch, "seq": seq})
         measured = run_python(TRAIN, args)
         fixed = run_python(TRAIN, args, env=FIXED_MMAP)

@@ -129,6 +129,18 @@ def test_full_finetune_writes_a_native_checkpoint(tiny: Path, data: Path, tmp_pa
                           "is a full fine-tune; load it as a model")
 
 
+@pytest.mark.slow
+def test_compiled_bf16_lora_run_logs_the_eager_losses(tiny: Path, data: Path, tmp_path: Path) -> None:
+    """The fast LoRA recipe (bf16 base, bf16 autocast, a compiled step) trains as the eager one does."""
+    losses = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag
+        finetune_cli(tiny, data, out, "lora", "--dtype", "bfloat16", "--precision", "bf16", flag, "--lr", "1e-2")
+        losses[flag] = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["--compile"]) == 2
+    torch.testing.assert_close(losses["--compile"], losses["--no-compile"], atol=0.05, rtol=0.02)
+
+
 def test_lora_training_lowers_val_loss_and_mixture_logs_each_task(tiny: Path, tmp_path: Path) -> None:
     first = _alpaca(tmp_path / "first.jsonl", 40, seed=1)
     second = tmp_path / "second.jsonl"

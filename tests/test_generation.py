@@ -16,7 +16,7 @@ from lmstack.checkpoints import instantiate, load_model
 from lmstack.errors import LmstackError
 from lmstack.generation import (GenerationConfig, Generator, apply_repetition_penalty, apply_top_k, apply_top_p,
                                 held_back)
-from lmstack.models.blocks import attend_one_query
+from lmstack.models.blocks import Attention, _matmul_attention_dtype, matmul_attention
 from lmstack.tokenizer import StreamDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -148,19 +148,64 @@ def test_invalid_sampling_values_raise(bad):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_attend_one_query_matches_sdpa(dtype):
-    """The matmul attention that cached bf16 decoding uses on CPU, against SDPA in float32."""
+@pytest.mark.parametrize("compute", ["float32", "input"])
+@pytest.mark.parametrize("T", [1, 7])
+def test_matmul_attention_matches_sdpa(dtype, compute, T):
+    """The matmul attention of cached half-precision decoding (T=1, float32 products) and of short half-precision
+    training steps (T>1, products in the input dtype), against SDPA in float32, for every kind of mask."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, h, s, 16, generator=g) for h, s in ((6, 1), (2, 40), (2, 40)))
-    keep = torch.rand(3, 1, 1, 40, generator=g) > 0.3
-    bias = torch.randn(1, 6, 1, 40, generator=g)
-    for mask in (None, keep, bias):
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
-        got = attend_one_query(q.to(dtype), k.to(dtype), v.to(dtype),
+    q, k, v = (torch.randn(3, h, s, 16, generator=g) for h, s in ((6, T), (2, 40), (2, 40)))
+    keep = torch.rand(3, 1, T, 40, generator=g) > 0.3
+    keep[..., 0] = True  # every query sees a key
+    biases = torch.randn(1, 6, T, 40, generator=g), torch.randn(3, 6, 1, 40, generator=g)  # per head
+    for mask, causal in ((None, False), (None, True), (keep, False), (keep[:, :, :1], False),
+                         (biases[0], False), (biases[1], False)):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=0.3, enable_gqa=True)
+        got = matmul_attention(q.to(dtype), k.to(dtype), v.to(dtype),
                                None if mask is None else mask.to(dtype if mask.is_floating_point() else torch.bool),
-                               0.3)
+                               0.3, is_causal=causal, dtype=torch.float32 if compute == "float32" else None)
+        assert got.dtype == (torch.float32 if compute == "float32" else dtype)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_short_half_precision_training_attends_with_matmuls_and_the_same_gradients(monkeypatch):
+    """bf16 training steps on CPU with up to 256 keys skip SDPA for matmul_attention (twice as fast there, see
+    _matmul_attention_dtype), under autocast too; outputs and gradients stay those of the float32 module within
+    bf16 resolution."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 6, 40, 16, requires_grad=True), torch.randn(2, 2, 40, 16)
+    assert _matmul_attention_dtype(q.bfloat16(), k) == torch.bfloat16
+    assert _matmul_attention_dtype(q.detach().bfloat16(), k) is None  # inference: no backward to win on
+    with torch.no_grad():
+        assert _matmul_attention_dtype(q.bfloat16(), k) is None
+    assert _matmul_attention_dtype(q.bfloat16(), torch.randn(2, 2, 512, 16)) is None  # long: flash saves memory
+    assert _matmul_attention_dtype(q, k) is None  # float32: SDPA is as fast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _matmul_attention_dtype(q, k) == torch.bfloat16  # RoPE may have promoted q to float32
+
+    def make() -> Attention:
+        torch.manual_seed(1)
+        return Attention(*(torch.nn.Linear(96, out, bias=False) for out in (96, 32, 32, 96)), n_head=6,
+                         n_kv_head=2, head_dim=16)
+
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or sdpa(*a, **kw))
+    x = torch.randn(2, 40, 96, generator=g)
+    ref, half, mixed = make(), make().bfloat16(), make()
+    want = ref(x, is_causal=True)
+    assert len(sdpa_calls) == 1
+    got = half(x.bfloat16(), is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_mixed = mixed(x, is_causal=True)
+    assert len(sdpa_calls) == 1 and got.dtype == got_mixed.dtype == torch.bfloat16
+    want.square().sum().backward()
+    for model, out in ((half, got), (mixed, got_mixed)):
+        torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+        out.float().square().sum().backward()
+        for a, b in zip(ref.parameters(), model.parameters()):
+            torch.testing.assert_close(b.grad.float(), a.grad, atol=0.1, rtol=5e-2)
 
 
 # ------------------------------------------------------------------------------- parity: greedy, sampling

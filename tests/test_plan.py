@@ -98,7 +98,7 @@ def test_activation_model_matches_autograd_saved_tensors(preset, precision):
     batch, seq = 2, 24
     model = build_model(cfg).train()
     measured, copies = saved_bytes(model, batch, seq, precision == "bf16")
-    p = plan_config(cfg, precision=precision, batch=batch, seq=seq)
+    p = plan_config(cfg, precision=precision, batch=batch, seq=seq, device="cpu")
     v = cfg.vocab_size
     # the planner adds two transient [B*T, V] fp32 buffers of the loss backward, which autograd does not save
     predicted = p["activations_bytes"] - 2 * 4 * v * batch * seq
@@ -118,7 +118,7 @@ def test_lora_activation_model_matches_autograd_saved_tensors(preset, precision)
         model = model.to(torch.bfloat16)
     model = apply_lora(model, rank=rank, targets="all-linear").train()
     measured, copies = saved_bytes(model, batch, seq, precision == "bf16")
-    p = plan_config(cfg, precision=precision, method="lora", lora_rank=rank, batch=batch, seq=seq)
+    p = plan_config(cfg, precision=precision, method="lora", lora_rank=rank, batch=batch, seq=seq, device="cpu")
     predicted = p["activations_bytes"] - 2 * 4 * cfg.vocab_size * batch * seq
     assert predicted == pytest.approx(measured - copies, rel=0.02)
     assert p["autocast_weight_copies_bytes"] == copies

@@ -458,7 +458,7 @@ def plan(*, model: str, precision: Literal["fp32", "bf16", "int8", "nf4"] = "fp3
          optimizer: Literal["adamw", "sgd", "sgd-momentum", "adafactor"] = "adamw", batch: int = 1, seq: int = 512,
          grad_checkpointing: bool = False, gpus: int = 1, sharding: Literal["none", "fsdp"] = "none",
          lora_rank: int = 8, lora_targets: str = "all-linear", peak_flops: float | None = None, mfu: float = 0.4,
-         tokens: int | None = None) -> dict[str, Any]:
+         tokens: int | None = None, device: Literal["cuda", "cpu"] = "cuda") -> dict[str, Any]:
     """Predict memory per device and compute for training a model, before running it.
 
     Args:
@@ -476,11 +476,14 @@ def plan(*, model: str, precision: Literal["fp32", "bf16", "int8", "nf4"] = "fp3
         peak_flops: the device's peak FLOP/s, to estimate training time.
         mfu: the model FLOP utilization to assume for that estimate.
         tokens: training tokens (default: Chinchilla's 20 per parameter).
+        device: cuda or cpu (a half-precision CPU step with up to 256 keys attends with plain matmuls, which
+            keep the attention probabilities).
     """
     from lmstack.plan import plan as make_plan
     return make_plan(model, precision=precision, method=method, optimizer=optimizer, batch=batch, seq=seq,
                      grad_checkpointing=grad_checkpointing, gpus=gpus, sharding=sharding, lora_rank=lora_rank,
-                     lora_targets=lora_targets, peak_flops=peak_flops, mfu=mfu, tokens=tokens)
+                     lora_targets=lora_targets, peak_flops=peak_flops, mfu=mfu, tokens=tokens,
+                     device=device)
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
@@ -499,9 +502,9 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
              bottleneck: int | None = None, dtype: DType | None = None, max_steps: int | None = None,
              max_time: float | None = None, batch_size: int | None = None, micro_batch_size: int | None = None,
              lr: float | None = None, warmup_steps: int | None = None, weight_decay: float | None = None,
-             precision: Literal["fp32", "bf16"] | None = None, eval_every: int | None = None,
-             eval_batches: int | None = None, save_every: int | None = None, seed: int | None = None,
-             progress: bool = True, resume: bool = True) -> dict[str, Any]:
+             precision: Literal["fp32", "bf16"] | None = None, compile: bool | None = None,
+             eval_every: int | None = None, eval_batches: int | None = None, save_every: int | None = None,
+             seed: int | None = None, progress: bool = True, resume: bool = True) -> dict[str, Any]:
     """Fine-tune a model on instruction / chat JSONL with full, lora, qlora, prompt, prefix or adapter.
 
     Writes the adapter (OUT/adapter.safetensors + adapter.json; a full native checkpoint for full) and
@@ -544,6 +547,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
         warmup_steps: linear warmup steps.
         weight_decay: AdamW weight decay (matrices only).
         precision: fp32 or bf16 (autocast).
+        compile: torch.compile the training step.
         eval_every: steps between evaluations.
         eval_batches: validation batches per evaluation.
         save_every: steps between checkpoints.
@@ -558,7 +562,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
                     prompt_init=prompt_init, prefix_len=prefix_len, prefix_hidden=prefix_hidden,
                     bottleneck=bottleneck, dtype=dtype, max_steps=max_steps, max_time=max_time,
                     batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, warmup_steps=warmup_steps,
-                    weight_decay=weight_decay, precision=precision, eval_every=eval_every,
+                    weight_decay=weight_decay, precision=precision, compile=compile, eval_every=eval_every,
                     eval_batches=eval_batches, save_every=save_every, seed=seed, progress=progress)
     result = run_finetune(method=method, model=model, data=data, out=out, config=config, resume=resume,
                           **{k: v for k, v in settings.items() if v is not None})

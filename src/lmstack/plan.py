@@ -41,6 +41,7 @@ from lmstack.errors import LmstackError
 from lmstack.training.flops import matmul_params, train_flops_per_token
 
 Precision = Literal["fp32", "bf16", "int8", "nf4"]
+Device = Literal["cuda", "cpu"]
 Method = Literal["full", "lora", "qlora"]
 Optimizer = Literal["adamw", "sgd", "sgd-momentum", "adafactor"]
 Sharding = Literal["none", "fsdp"]
@@ -202,13 +203,15 @@ def lora_targets_of(targets: str, block_linears: dict[str, tuple[int, int]]) -> 
 
 
 def activation_bytes(cfg: DecoderConfig, batch: int, seq: int, *, autocast: bool, trainable_base: bool,
-                     lora_targets: list[str], lora_rank: int, grad_checkpointing: bool) -> dict[str, int]:
+                     lora_targets: list[str], lora_rank: int, grad_checkpointing: bool,
+                     device: Device = "cuda") -> dict[str, int]:
     """Bytes autograd keeps between forward and backward for one micro-batch of the Decoder, plus the loss buffers.
 
     Each term names the tensors saved by lmstack's code path (derived with saved_tensors_hooks, see the module
     docstring). Shapes per token: C d_model, F d_ff, Dq = H*D query width, Dkv = Hkv*D, V vocabulary.
     The CPU and CUDA SDPA kernels (flash / memory-efficient) save q, k, v, the output and a logsumexp per head,
-    never the T x T score matrix, and take GQA's shared k/v without expanding them.
+    never the T x T score matrix, and take GQA's shared k/v without expanding them. A half-precision step on
+    CPU with up to 256 keys attends with models.blocks.matmul_attention instead, which saves the probabilities.
     """
     C, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_head
     Dq, Dkv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
@@ -216,6 +219,7 @@ def activation_bytes(cfg: DecoderConfig, batch: int, seq: int, *, autocast: bool
     f32 = 4  # norm statistics, softmax statistics and the loss are always float32 here
     tokens = batch * seq
     mlp_in = ("gate_proj", "up_proj") if cfg.gated_mlp else ("up_proj",)
+    matmul_attention = device == "cpu" and autocast and seq <= 256  # as blocks._matmul_attention_dtype
 
     def saves_input(name: str) -> bool:  # a Linear saves its input when its weight or its LoRA A needs a grad
         return trainable_base or name in lora_targets
@@ -237,15 +241,18 @@ def activation_bytes(cfg: DecoderConfig, batch: int, seq: int, *, autocast: bool
         readers = sum(saves_input(n) for n in names)
         if not autocast:  # the readers share the tensor; the SDPA output is saved by SDPA already
             return f32 * width if readers and source != "sdpa" else 0
-        if not trainable_base:  # LoRALinear sends its input through the fp32 adapter dtype and autocast casts it
-            return 2 * width * readers  # back: every adapter keeps its own bf16 copy
-        if source == "norm":  # the fp32 norm output is cast to bf16 by each Linear
+        if source == "norm" and trainable_base:  # the fp32 norm output is cast to bf16 by each Linear
             return 2 * width * readers
-        return 0 if source == "sdpa" else 2 * width * (readers > 0)  # bf16 already: shared as is
+        if source == "sdpa" and not matmul_attention:  # a view of the output SDPA saved
+            return 0
+        return 2 * width * (readers > 0)  # bf16 already (a bf16 base's stream): shared as is
 
-    attention = (norm() + input_reads(("q_proj", "k_proj", "v_proj"), C, "norm")
-                 + a * (2 * Dq + 2 * Dkv) + f32 * H  # SDPA: q, k, v, output [.., Dq], logsumexp per head
-                 + input_reads(("o_proj",), Dq, "sdpa"))  # o_proj reads a view of the SDPA output
+    if matmul_attention:  # the grouped q copy, k, v, and the bf16 probabilities [.., H, S] (S = seq)
+        core = 2 * (Dq + 2 * Dkv) + 2 * H * seq
+    else:  # SDPA: q, k, v, output [.., Dq], logsumexp per head
+        core = a * (2 * Dq + 2 * Dkv) + f32 * H
+    attention = (norm() + input_reads(("q_proj", "k_proj", "v_proj"), C, "norm") + core
+                 + input_reads(("o_proj",), Dq, "sdpa"))  # o_proj reads the attention output
     if cfg.gated_mlp:  # silu saves the gate, act*up saves both factors
         mlp_kept = a * 3 * F
     else:  # the activation saves its input
@@ -260,6 +267,8 @@ def activation_bytes(cfg: DecoderConfig, batch: int, seq: int, *, autocast: bool
         layers = cfg.n_layer * per_layer
     if not trainable_base:  # frozen embeddings: the first norm's input needs no grad, so it saves nothing
         layers -= norm() * tokens
+    if matmul_attention:  # each layer's causal mask [T, S] (bool), saved by masked_fill
+        layers += cfg.n_layer * seq * seq
 
     embeddings = 8 * tokens if trainable_base else 0  # token ids (int64) for the embedding grad
     if cfg.positions == "rope":
@@ -298,20 +307,22 @@ def plan(model: str, precision: Precision = "fp32", method: Method = "full", opt
          batch: int = 1, seq: int = 512, grad_checkpointing: bool = False, gpus: int = 1,
          sharding: Sharding = "none", lora_rank: int = 8, lora_targets: str = "all-linear",
          peak_flops: float | None = None, mfu: float = 0.4, tokens: int | None = None,
-         framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES) -> dict[str, Any]:
+         framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES, device: Device = "cuda") -> dict[str, Any]:
     """Memory per device and compute for training `model`; every byte count is per device (per GPU)."""
     return plan_config(load_config(model), precision=precision, method=method, optimizer=optimizer, batch=batch,
                        seq=seq, grad_checkpointing=grad_checkpointing, gpus=gpus, sharding=sharding,
                        lora_rank=lora_rank, lora_targets=lora_targets, peak_flops=peak_flops, mfu=mfu,
-                       tokens=tokens, framework_overhead_bytes=framework_overhead_bytes)
+                       tokens=tokens, framework_overhead_bytes=framework_overhead_bytes, device=device)
 
 
 def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method = "full",
                 optimizer: Optimizer = "adamw", batch: int = 1, seq: int = 512, grad_checkpointing: bool = False,
                 gpus: int = 1, sharding: Sharding = "none", lora_rank: int = 8, lora_targets: str = "all-linear",
                 peak_flops: float | None = None, mfu: float = 0.4, tokens: int | None = None,
-                framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES) -> dict[str, Any]:
+                framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES, device: Device = "cuda") -> dict[str, Any]:
     """`plan` for a config object (what tests and the validation script use)."""
+    if device not in ("cuda", "cpu"):
+        raise LmstackError(f"unknown device {device!r}; use cuda or cpu")
     _check_options(precision, method, optimizer, batch, seq, gpus, sharding, lora_rank, mfu, peak_flops, tokens)
     if cfg.family != "decoder":
         raise NotImplementedError(f"the planner models decoder blocks only; {cfg.family!r} is not supported yet")
@@ -342,7 +353,7 @@ def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method 
     # ---- activations and compute-dtype copies
     autocast = precision != "fp32"
     act = activation_bytes(cfg, batch, seq, autocast=autocast, trainable_base=full, lora_targets=targets,
-                           lora_rank=lora_rank, grad_checkpointing=grad_checkpointing)
+                           lora_rank=lora_rank, grad_checkpointing=grad_checkpointing, device=device)
     activations = sum(act.values())
     # Autocast's bf16 copies of fp32 matmul weights live until backward: all of them for full bf16 training,
     # only the adapters' when the frozen base is already stored in bf16/int8/nf4.
@@ -382,6 +393,7 @@ def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method 
     return {
         "model": cfg.name, "family": cfg.family, "precision": precision, "method": method, "optimizer": optimizer,
         "batch": batch, "seq": seq, "grad_checkpointing": grad_checkpointing, "gpus": gpus, "sharding": sharding,
+        "device": device,
         "lora_rank": lora_rank if not full else None, "lora_targets": targets or None,
         "parameters": n, "trainable_parameters": trainable, "matmul_parameters": shape.matmul_parameters,
         "weights_bytes": weights_dev, "grads_bytes": grads_dev, "optimizer_bytes": opt_dev,
@@ -421,7 +433,8 @@ def _conventions(precision: str, method: str, optimizer: str) -> dict[str, str]:
     if method != "full":
         weights += "; base frozen, LoRA adapters trainable in fp32 (grads and optimizer states only for them)"
     return {"precision": weights, "optimizer": f"{optimizer}, states in fp32",
-            "activations": "tensors saved by autograd in lmstack's Decoder blocks, SDPA without a TxT matrix",
+            "activations": ("tensors saved by autograd in lmstack's Decoder blocks: SDPA without a TxT matrix, "
+                            "except half-precision CPU steps up to 256 keys (matmul attention)"),
             "fsdp": "ZeRO-3: weights, grads and optimizer states divided by the GPU count; activations are not"}
 
 

@@ -110,28 +110,53 @@ class KVCache(nn.Module):
 # --------------------------------------------------------------------------------------- attention
 
 
-def attend_one_query(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
-    """Attention for a single query per row with plain matmuls: q [B, H, 1, D], k, v [B, Hkv, S, D] -> [B, H, 1, D].
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None, *,
+                     is_causal: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """Attention with plain matmuls: q [B, H, T, D], k, v [B, Hkv, S, D] -> [B, H, T, D] in `dtype` (default
+    q's). Same result as SDPA with enable_gqa (head h reads kv head h // G, G = H / Hkv); mask as in
+    Attention.forward; is_causal is SDPA's top-left tril. The G query heads of a kv head are stacked as the
+    rows of one matmul, so k and v are never repeated.
 
-    Same result as SDPA (enable_gqa: head h reads kv head h // (H / Hkv)); mask as in Attention.forward. On
-    CPU, SDPA's bf16 kernel costs about 5x this for one query (365 vs 70 us at SmolLM2's shapes, S=768), which
-    is a third of a decode step; in float32 SDPA is as fast, so Attention only takes this path for bf16/fp16.
-    The products run in float32: ATen's bf16 batched matmul without oneDNN (single-row decode steps turn it
-    off, see generation.single_row_matmuls) is 3x slower than casting, and float32 is the more exact anyway.
+    Attention takes this path on CPU where SDPA's kernels are slow for the shape:
+    - cached bf16/fp16 decoding (one query per row), in float32: SDPA's half-precision kernel costs about 5x
+      this there (365 vs 70 us at SmolLM2's shapes, S=768), a third of a decode step. float32, because ATen's
+      bf16 batched matmul without oneDNN (single-row decode steps turn it off, see
+      generation.single_row_matmuls) is 3x slower than casting, and float32 is the more exact anyway.
+    - short half-precision training sequences (see _matmul_attention_dtype), in half precision; the CPU
+      softmax kernel accumulates in float32.
     """
-    B, H, _, D = q.shape
+    B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
     scale = D ** -0.5 if scale is None else scale
-    out_dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()
-    scores = (q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, S]
-    if mask is not None:
-        if mask.shape[1] != 1:  # a per-head bias [B|1, H, 1, S]
-            mask = mask.reshape(mask.shape[0], Hkv, H // Hkv, S)
+    dtype = dtype or q.dtype
+    q, k, v = (q * scale).to(dtype), k.to(dtype), v.to(dtype)
+    scores = (q.reshape(B, Hkv, G * T, D) @ k.transpose(-1, -2)).view(B, Hkv, G, T, S)
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if mask is not None:  # [B|1, 1, T|1, S] or a per-head bias [B|1, H, T|1, S]
+        mask = mask.reshape(mask.shape[0], Hkv, G, *mask.shape[2:]) if mask.shape[1] != 1 else mask.unsqueeze(1)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
-            scores = scores + mask
-    return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, D).to(out_dtype)
+            scores = scores + mask.to(dtype)
+    probs = scores.softmax(dim=-1).view(B, Hkv, G * T, S)
+    return (probs @ v).view(B, H, T, D)
+
+
+def _matmul_attention_dtype(q: Tensor, k: Tensor) -> torch.dtype | None:
+    """The half precision a CPU training step attends in with matmul_attention, or None to use SDPA.
+
+    Up to 256 keys, matmul_attention's forward + backward is about twice as fast as SDPA's flash kernel (2
+    threads, SmolLM2's 9 query / 3 kv heads: 3.7 vs 10.5 ms at 2 x 160 keys, 6.0 vs 11.8 ms at 2 x 256; at 384
+    they are level). It keeps the [B, H, T, S] probabilities for backward, which is what caps the length.
+    Under autocast the half dtype is autocast's, whatever RoPE promoted q to.
+    """
+    if (q.device.type != "cpu" or k.shape[-2] > 256 or not torch.is_grad_enabled()
+            or not (q.requires_grad or k.requires_grad)):
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 class Attention(nn.Module):
@@ -190,7 +215,9 @@ class Attention(nn.Module):
                 k, v, mask = self._with_prefix(k, v, mask, is_causal, T)  # [B, Hkv, P + S, D]
         if (T == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not (is_causal and mask is None)
                 and not (self.training and self.dropout)):
-            y = attend_one_query(q, k, v, mask, self.scale)  # cached decoding: one query per row
+            y = matmul_attention(q, k, v, mask, self.scale, dtype=torch.float32).to(q.dtype)  # cached decoding
+        elif (dtype := _matmul_attention_dtype(q, k)) and not (self.training and self.dropout):
+            y = matmul_attention(q, k, v, mask, self.scale, is_causal=is_causal and mask is None, dtype=dtype)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,

@@ -134,8 +134,11 @@ class LoRALinear(nn.Module):
             return y
         if self.disabled:
             return y
-        h = self.lora_dropout(x).to(self.lora_a.dtype)
-        return y + (F.linear(F.linear(h, self.lora_a), self.lora_b) * self.scaling).to(y.dtype)
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(h.device.type):  # under autocast the matmuls pick their own dtype
+            h = h.to(self.lora_a.dtype)
+        # scaling on the rank-r intermediate: r columns to multiply instead of out
+        return y + F.linear(F.linear(h, self.lora_a) * self.scaling, self.lora_b).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
