@@ -3,7 +3,7 @@
 Each config trains for 3 steps in a fresh Python process (model from lmstack.models.build_model, AdamW from
 lmstack.training.optim.make_optimizer, loss from lmstack.training.objectives.causal_lm, bf16 through autocast as
 the trainer does), and reports ru_maxrss. A separate process measures the idle RSS after importing torch and
-lmstack: the planner's FRAMEWORK_OVERHEAD_BYTES. The table goes to stdout and is appended to docs/benchmarks.md.
+lmstack: the planner's FRAMEWORK_OVERHEAD_BYTES. The table goes to stdout and to docs/benchmarks.md.
 
     .venv/bin/python bench/plan_validate.py            # ~2.5 min of CPU on 2 threads (longer when the machine is busy)
     .venv/bin/python bench/plan_validate.py --no-write # print only
@@ -12,7 +12,6 @@ lmstack: the planner's FRAMEWORK_OVERHEAD_BYTES. The table goes to stdout and is
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -23,7 +22,9 @@ from typing import Any
 from lmstack.config import config_to_dict, from_name
 from lmstack.plan import FRAMEWORK_OVERHEAD_BYTES, plan_config
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from common import record  # noqa: E402
+
 MB = 2**20
 
 # (label, preset, overrides, precision, batch, seq)
@@ -81,15 +82,6 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                "unknown CPU")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print the table, do not touch docs/benchmarks.md")
@@ -133,17 +125,9 @@ def main() -> None:
     print(summary)
     if opts.no_write:
         return
-    when = datetime.date.today().isoformat()
-    section = (f"\n## Memory planner validation\n\n{when}, {cpu_model()}, 2 threads, torch CPU. "
-               "Peak RSS (ru_maxrss) of 3 AdamW training steps in a fresh process vs `lmstack plan`'s "
-               "total_bytes_per_device (ratio = predicted / measured). Command: "
-               "`.venv/bin/python bench/plan_validate.py`.\n\n"
-               f"{table}\n\n{summary}\n")
-    docs = ROOT / "docs" / "benchmarks.md"
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    with open(docs, "a") as f:
-        f.write(section)
-    print(f"appended to {docs}")
+    body = ("Peak RSS (ru_maxrss) of 3 AdamW training steps in a fresh process vs `lmstack plan`'s "
+            "total_bytes_per_device (ratio = predicted / measured), 2 threads.\n\n" + table + "\n\n" + summary)
+    record("Memory planner validation", body, "python bench/plan_validate.py")
 
 
 if __name__ == "__main__":
