@@ -38,6 +38,7 @@ from torch import nn
 
 from lmstack.config import PRESETS, DecoderConfig, ModelConfig, config_from_dict, from_name
 from lmstack.errors import LmstackError
+from lmstack.models.blocks import MATMUL_ATTENTION_MAX_KEYS
 from lmstack.training.flops import matmul_params, train_flops_per_token
 
 Precision = Literal["fp32", "bf16", "int8", "nf4"]
@@ -219,7 +220,7 @@ def activation_bytes(cfg: DecoderConfig, batch: int, seq: int, *, autocast: bool
     f32 = 4  # norm statistics, softmax statistics and the loss are always float32 here
     tokens = batch * seq
     mlp_in = ("gate_proj", "up_proj") if cfg.gated_mlp else ("up_proj",)
-    matmul_attention = device == "cpu" and autocast and seq <= 256  # as blocks._matmul_attention_dtype
+    matmul_attention = device == "cpu" and autocast and seq <= MATMUL_ATTENTION_MAX_KEYS  # as Attention does
 
     def saves_input(name: str) -> bool:  # a Linear saves its input when its weight or its LoRA A needs a grad
         return trainable_base or name in lora_targets
@@ -321,9 +322,8 @@ def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method 
                 peak_flops: float | None = None, mfu: float = 0.4, tokens: int | None = None,
                 framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES, device: Device = "cuda") -> dict[str, Any]:
     """`plan` for a config object (what tests and the validation script use)."""
-    if device not in ("cuda", "cpu"):
-        raise LmstackError(f"unknown device {device!r}; use cuda or cpu")
-    _check_options(precision, method, optimizer, batch, seq, gpus, sharding, lora_rank, mfu, peak_flops, tokens)
+    _check_options(precision, method, optimizer, batch, seq, gpus, sharding, lora_rank, mfu, peak_flops, tokens,
+                   device)
     if cfg.family != "decoder":
         raise NotImplementedError(f"the planner models decoder blocks only; {cfg.family!r} is not supported yet")
     if seq > cfg.max_seq_len:
@@ -439,7 +439,9 @@ def _conventions(precision: str, method: str, optimizer: str) -> dict[str, str]:
 
 
 def _check_options(precision: str, method: str, optimizer: str, batch: int, seq: int, gpus: int, sharding: str,
-                   lora_rank: int, mfu: float, peak_flops: float | None, tokens: int | None) -> None:
+                   lora_rank: int, mfu: float, peak_flops: float | None, tokens: int | None, device: str) -> None:
+    if device not in ("cuda", "cpu"):
+        raise LmstackError(f"unknown device {device!r}; use cuda or cpu")
     if precision not in ("fp32", "bf16", "int8", "nf4"):
         raise LmstackError(f"unknown precision {precision!r}; use fp32, bf16, int8 or nf4")
     if method not in ("full", "lora", "qlora"):

@@ -144,15 +144,19 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     return (probs @ v).view(B, H, T, D)
 
 
+MATMUL_ATTENTION_MAX_KEYS = 256  # training steps attend with matmul_attention up to this many keys (below)
+
+
 def _matmul_attention_dtype(q: Tensor, k: Tensor) -> torch.dtype | None:
     """The half precision a CPU training step attends in with matmul_attention, or None to use SDPA.
 
-    Up to 256 keys, matmul_attention's forward + backward is about twice as fast as SDPA's flash kernel (2
-    threads, SmolLM2's 9 query / 3 kv heads: 3.7 vs 10.5 ms at 2 x 160 keys, 6.0 vs 11.8 ms at 2 x 256; at 384
-    they are level). It keeps the [B, H, T, S] probabilities for backward, which is what caps the length.
+    Up to MATMUL_ATTENTION_MAX_KEYS, matmul_attention's forward + backward is 1.5-2.7x as fast as SDPA's bf16
+    flash kernel at SmolLM2's 9 query / 3 kv heads (bench/train_attention.py, three runs). It keeps the
+    [B, H, T, S] probabilities for backward, which grow with the square of the length, so past 256 keys (1.2-1.7x
+    at 384, slower at 1024) SDPA takes over to keep activation memory low.
     Under autocast the half dtype is autocast's, whatever RoPE promoted q to.
     """
-    if (q.device.type != "cpu" or k.shape[-2] > 256 or not torch.is_grad_enabled()
+    if (q.device.type != "cpu" or k.shape[-2] > MATMUL_ATTENTION_MAX_KEYS or not torch.is_grad_enabled()
             or not (q.requires_grad or k.requires_grad)):
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype

@@ -1,0 +1,93 @@
+"""Half-precision training attention on CPU: lmstack's matmul_attention against SDPA's flash kernel, forward +
+backward at SmolLM2-135M's heads (9 query, 3 kv, head_dim 64), plus the bare matmul throughput that bounds a
+training step in fp32 and bf16.
+
+    python bench/train_attention.py [--threads 2] [--repeats 15]
+
+Attention rows: causal self-attention, q/k/v laid out as Attention.forward makes them (a [B, T, H, D] projection
+viewed as [B, H, T, D]), one backward with a fixed output gradient; median milliseconds per call. `sdpa fp32`
+casts bf16 q/k/v to float32 first (an alternative that was tried: faster than bf16 SDPA up to ~384 keys, but
+slower than matmul_attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median, record  # noqa: E402
+
+from lmstack.models.blocks import MATMUL_ATTENTION_MAX_KEYS, matmul_attention  # noqa: E402
+
+SHAPES = [(2, 160), (8, 160), (2, 256), (2, 384), (1, 1024)]  # (batch, keys)
+
+
+def ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * median(times)
+
+
+def attention_row(batch: int, keys: int, repeats: int) -> tuple[float, float, float]:
+    g = torch.Generator().manual_seed(0)
+
+    def heads(n: int) -> torch.Tensor:  # [B, n, T, D] as a view of a [B, T, n, D] projection
+        return torch.randn(batch, keys, n, 64, generator=g).bfloat16().transpose(1, 2).requires_grad_()
+
+    q, k, v = heads(9), heads(3), heads(3)
+    grad = torch.randn(batch, 9, keys, 64, generator=g).bfloat16()
+
+    def sdpa(dtype: torch.dtype) -> None:
+        y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, enable_gqa=True)
+        y.to(torch.bfloat16).backward(grad)
+
+    def ours() -> None:
+        matmul_attention(q, k, v, None, None, is_causal=True).backward(grad)
+
+    return ms(lambda: sdpa(torch.bfloat16), repeats), ms(lambda: sdpa(torch.float32), repeats), ms(ours, repeats)
+
+
+def matmul_gflops(dtype: torch.dtype, repeats: int) -> float:
+    x, w = torch.randn(320, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)  # a SmolLM2 MLP projection
+    return 2 * 320 * 576 * 1536 / (ms(lambda: x @ w.T, repeats) * 1e-3) / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = ["| batch x keys | sdpa bf16 ms | sdpa fp32 ms | matmul_attention ms | sdpa bf16 / ours | lmstack uses |",
+             "|---|---:|---:|---:|---:|---|"]
+    for batch, keys in SHAPES:
+        bf16, fp32, ours = attention_row(batch, keys, args.repeats)
+        uses = "matmul_attention" if keys <= MATMUL_ATTENTION_MAX_KEYS else "sdpa"
+        lines.append(f"| {batch} x {keys} | {bf16:.2f} | {fp32:.2f} | {ours:.2f} | {bf16 / ours:.2f} | {uses} |")
+        print(lines[-1], flush=True)
+    mm = {dtype: matmul_gflops(dtype, args.repeats) for dtype in (torch.float32, torch.bfloat16)}
+    table = "\n".join(lines)
+    body = (table + "\n\nForward + backward of causal attention, bf16 inputs, medians of "
+            f"{args.repeats} calls. Bare 320x576 @ 576x1536 matmul: {mm[torch.float32]:.0f} GFLOP/s fp32, "
+            f"{mm[torch.bfloat16]:.0f} GFLOP/s bf16 ({mm[torch.bfloat16] / mm[torch.float32]:.1f}x).")
+    print(body)
+    if not args.no_record:
+        record("Training attention on CPU: matmul_attention vs SDPA", body,
+               "python " + " ".join(["bench/train_attention.py", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()
