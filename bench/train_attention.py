@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median, record  # noqa: E402
 
-from lmstack.models.blocks import MATMUL_ATTENTION_MAX_KEYS, matmul_attention  # noqa: E402
+from lmstack.models.attention import MATMUL_ATTENTION_MAX_KEYS, matmul_attention  # noqa: E402
 
 SHAPES = [(2, 160), (8, 160), (2, 256), (2, 384), (1, 1024)]  # (batch, keys)
 

@@ -16,7 +16,7 @@ from lmstack.checkpoints import instantiate, load_model
 from lmstack.errors import LmstackError
 from lmstack.generation import (GenerationConfig, Generator, apply_repetition_penalty, apply_top_k, apply_top_p,
                                 held_back)
-from lmstack.models.blocks import Attention, _matmul_attention_dtype, matmul_attention
+from lmstack.models.attention import Attention, _training_half_dtype, matmul_attention
 from lmstack.tokenizer import StreamDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -171,18 +171,18 @@ def test_matmul_attention_matches_sdpa(dtype, compute, T):
 
 def test_short_half_precision_training_attends_with_matmuls_and_the_same_gradients(monkeypatch):
     """bf16 training steps on CPU with up to 256 keys skip SDPA for matmul_attention (twice as fast there, see
-    _matmul_attention_dtype), under autocast too; outputs and gradients stay those of the float32 module within
+    _training_half_dtype), under autocast too; outputs and gradients stay those of the float32 module within
     bf16 resolution."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 6, 40, 16, requires_grad=True), torch.randn(2, 2, 40, 16)
-    assert _matmul_attention_dtype(q.bfloat16(), k) == torch.bfloat16
-    assert _matmul_attention_dtype(q.detach().bfloat16(), k) is None  # inference: no backward to win on
+    assert _training_half_dtype(q.bfloat16(), k) == torch.bfloat16
+    assert _training_half_dtype(q.detach().bfloat16(), k) is None  # inference: no backward to win on
     with torch.no_grad():
-        assert _matmul_attention_dtype(q.bfloat16(), k) is None
-    assert _matmul_attention_dtype(q.bfloat16(), torch.randn(2, 2, 512, 16)) is None  # long: flash saves memory
-    assert _matmul_attention_dtype(q, k) is None  # float32: SDPA is as fast
+        assert _training_half_dtype(q.bfloat16(), k) is None
+    assert _training_half_dtype(q.bfloat16(), torch.randn(2, 2, 512, 16)) is None  # long: flash saves memory
+    assert _training_half_dtype(q, k) is None  # float32: SDPA is as fast
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _matmul_attention_dtype(q, k) == torch.bfloat16  # RoPE may have promoted q to float32
+        assert _training_half_dtype(q, k) == torch.bfloat16  # RoPE may have promoted q to float32
 
     def make() -> Attention:
         torch.manual_seed(1)
@@ -520,14 +520,14 @@ def test_seq2seq_batch_sampling_and_stream(t5_pair):
 
 def test_single_row_matmuls_only_for_one_bf16_row_and_always_restores():
     from lmstack.generation import single_row_matmuls
-    bf16, fp32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
     before = torch.backends.mkldnn.enabled
-    with single_row_matmuls(1, bf16):
+    with single_row_matmuls(1, cpu, bf16):
         assert not torch.backends.mkldnn.enabled
-    for rows, weight in ((2, bf16), (1, fp32)):
-        with single_row_matmuls(rows, weight):
+    for rows, dtype in ((2, bf16), (1, fp32)):
+        with single_row_matmuls(rows, cpu, dtype):
             assert torch.backends.mkldnn.enabled == before
     with pytest.raises(RuntimeError):
-        with single_row_matmuls(1, bf16):
+        with single_row_matmuls(1, cpu, bf16):
             raise RuntimeError("a failing step")
     assert torch.backends.mkldnn.enabled == before

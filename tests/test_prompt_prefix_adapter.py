@@ -197,14 +197,14 @@ def test_adapters_cache_disable_and_state() -> None:
     ids = tokens(vocab=256)
     with torch.no_grad():
         full = adapted(ids)
-        # setup_cache assigns layer.attn.kv_cache through the wrapper: it must reach the real attention.
+        # The cache reaches the wrapped attention as an argument: nothing is forwarded through the wrapper.
         adapted.setup_cache(2, 16)
-        assert adapted.layers[0].attn.inner.kv_cache is not None
+        assert adapted.cache_shape() == (2, 16, torch.float32)
         steps = [adapted(ids[:, :4], input_pos=torch.arange(4))]
         steps += [adapted(ids[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(4, 9)]
         torch.testing.assert_close(torch.cat(steps, dim=1), full)
         adapted.clear_cache()
-        assert adapted.layers[0].attn.inner.kv_cache is None
+        assert adapted.cache_shape() is None
         with disable_adapter(adapted):
             torch.testing.assert_close(adapted(ids), model(ids), rtol=0, atol=0)
         assert not torch.allclose(full, model(ids))

@@ -78,7 +78,7 @@ def test_reorder_cache_matches_recompute_with_reordered_inputs(name: str) -> Non
         got = model.decode(new, None, None, input_pos=torch.arange(4, 6))
         model.clear_cache()
         layer = model.decoder_layers[0]
-        assert layer.attn.kv_cache is None and layer.cross_attn.memory_kv is None and model.memory_mask is None
+        assert model.cache_len == 0 and layer.cross_attn.memory_kv is None and model.memory_mask is None
         want = model(src[beam_idx], torch.cat([tgt[beam_idx, :4], new], dim=1), src_mask[beam_idx])[:, 4:]
     assert_close(got, want, atol=1e-5, rtol=1e-4)
 

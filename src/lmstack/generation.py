@@ -194,11 +194,11 @@ class _Row:
 
 
 @contextlib.contextmanager
-def single_row_matmuls(rows: int, weight: Tensor) -> Iterator[None]:
+def single_row_matmuls(rows: int, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Route a one-row (M=1) bf16/fp16 CPU step around oneDNN, whose matmul is 2-3x slower than ATen's own
     kernel for a single row (SmolLM2's 49152x576 head: 3.3 vs 1.9 ms; a layer's Linears: 360 vs 130 us). From
     two rows up oneDNN wins, so batches and prefills keep it."""
-    if rows != 1 or weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+    if rows != 1 or device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         yield
         return
     enabled = torch.backends.mkldnn.enabled
@@ -240,7 +240,7 @@ class _CausalAdapter:
     def __init__(self, model: nn.Module, pad_id: int, compile: bool, max_len: int | None) -> None:
         self.model, self.pad_id, self.max_len = model, pad_id, max_len
         self.context = model.config.max_seq_len if max_len is None else min(max_len, model.config.max_seq_len)
-        self.device = model.tok_emb.weight.device
+        self.device = model.device
         self.step_fn = _compile(decode_one_token, self.device) if compile else decode_one_token
 
     def plan(self, prompts: list[list[int]], max_new_tokens: int) -> int:
@@ -259,9 +259,7 @@ class _CausalAdapter:
         """Write the prompts to a fresh cache; -> logits of the first new token [B, V] (float32)."""
         B, T = len(prompts), max(map(len, prompts))
         cache_len = _cache_len(T + n_new - 1, self.context, self.max_len)
-        cache = self.model.layers[0].attn.kv_cache
-        if cache is None or cache.k.shape[0] != B or cache.k.shape[2] != cache_len \
-                or cache.k.dtype != self.model.tok_emb.weight.dtype:
+        if self.model.cache_shape() != (B, cache_len, self.model.dtype):
             self.model.setup_cache(B, cache_len)  # else reuse the buffers (and the compiled graph)
         dev = self.device
         tokens = torch.tensor([[self.pad_id] * (T - len(p)) + p for p in prompts], device=dev)  # [B, T]
@@ -289,7 +287,7 @@ class _CausalAdapter:
         self.input_pos += 1
         if self.position_ids is not None:
             self.position_ids += 1
-        with single_row_matmuls(tokens.shape[0], self.model.tok_emb.weight):
+        with single_row_matmuls(tokens.shape[0], self.model.device, self.model.dtype):
             return self.step_fn(self.model, tokens, self.input_pos, self.position_ids, self.key_padding_mask)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 
 from lmstack.config import PRESETS, DecoderConfig, ModelConfig, config_from_dict, from_name
 from lmstack.errors import LmstackError
-from lmstack.models.blocks import MATMUL_ATTENTION_MAX_KEYS
+from lmstack.models.attention import MATMUL_ATTENTION_MAX_KEYS
 from lmstack.training.flops import matmul_params, train_flops_per_token
 
 Precision = Literal["fp32", "bf16", "int8", "nf4"]
@@ -212,7 +212,7 @@ def activation_bytes(cfg: DecoderConfig, batch: int, seq: int, *, autocast: bool
     docstring). Shapes per token: C d_model, F d_ff, Dq = H*D query width, Dkv = Hkv*D, V vocabulary.
     The CPU and CUDA SDPA kernels (flash / memory-efficient) save q, k, v, the output and a logsumexp per head,
     never the T x T score matrix, and take GQA's shared k/v without expanding them. A half-precision step on
-    CPU with up to 256 keys attends with models.blocks.matmul_attention instead, which saves the probabilities.
+    CPU with up to 256 keys attends with models.attention.matmul_attention instead, which saves the probabilities.
     """
     C, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_head
     Dq, Dkv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim

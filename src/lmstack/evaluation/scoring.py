@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -53,7 +52,7 @@ class Scorer:
         self.decoder = _decoder(model)
         self.max_length = max_length or self.decoder.config.max_seq_len
         self.batch_size, self.token_budget, self.progress = batch_size, token_budget, progress
-        self.device = self.decoder.tok_emb.weight.device
+        self.device = self.decoder.device
         pad = tokenizer.pad_token_id if tokenizer is not None else None
         self.pad_id = pad if pad is not None else 0  # pads are masked out; any id will do
 
@@ -120,29 +119,27 @@ class Scorer:
         return results  # type: ignore[return-value]
 
     def _score_batch(self, inputs: list[list[int]], continuations: list[list[int]]) -> list[Score]:
+        from lmstack.training.objectives import IGNORE, token_logprobs
         T = max(map(len, inputs))
         dev = self.device
         tokens = torch.tensor([x + [self.pad_id] * (T - len(x)) for x in inputs], device=dev)  # [B, T]
         padded = any(len(x) < T for x in inputs)
         mask = (torch.tensor([[True] * len(x) + [False] * (T - len(x)) for x in inputs], device=dev)
                 if padded else None)  # [B, T]; right padding keeps positions 0.. for the real tokens
-        hidden = self.model(tokens, key_padding_mask=mask, return_hidden=True)  # [B, T, C]
-        # Only the continuation positions go through the LM head: N rows of V logits instead of B * T.
-        rows = torch.cat([torch.full((len(c),), b, dtype=torch.long) for b, c in enumerate(continuations)])
-        cols = torch.cat([torch.arange(len(x) - len(c), len(x)) for x, c in zip(inputs, continuations)])
-        h = hidden[rows.to(dev), cols.to(dev)]  # [N, C]
-        d = self.decoder
-        weight = d.tok_emb.weight if d.lm_head is None else d.lm_head.weight  # as Decoder.forward
-        logp = F.log_softmax((h @ weight.t()).float(), dim=-1)  # [N, V]
-        target = torch.tensor([t for c in continuations for t in c], device=dev)  # [N]
-        token_lp = logp.gather(-1, target[:, None]).squeeze(-1)  # [N]
-        hit = logp.argmax(dim=-1) == target  # [N]
-        out, at = [], 0
+        # Position t predicts the next token: the continuation's tokens are the labels of its last len(c) inputs.
+        labels = torch.full((len(inputs), T), IGNORE, dtype=torch.long)
+        for b, (x, c) in enumerate(zip(inputs, continuations)):
+            labels[b, len(x) - len(c):len(x)] = torch.tensor(c)
+        batch = {"input_ids": tokens, "labels": labels.to(dev), "key_padding_mask": mask}
+        out = token_logprobs(self.model, batch, greedy=True)  # [N], row-major = continuation order
+        token_lp, hit = out.logprobs, out.greedy
+        scores, at = [], 0
         for c in continuations:
             n = len(c)
-            out.append(Score(logprob=float(token_lp[at:at + n].sum()), greedy=bool(hit[at:at + n].all()), n_tokens=n))
+            scores.append(Score(logprob=float(token_lp[at:at + n].sum()), greedy=bool(hit[at:at + n].all()),
+                                n_tokens=n))
             at += n
-        return out
+        return scores
 
 
 # ------------------------------------------------------------------------------------ perplexity

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from lmstack.config import DecoderConfig
-from lmstack.models.blocks import (Block, KVCache, make_attention, make_mlp, make_norm, rope_table,
+from lmstack.models.attention import KVCache
+from lmstack.models.blocks import (Block, TiedHead, make_attention, make_mlp, make_norm, rope_table,
                                    sinusoidal_table)
 
 
@@ -32,8 +33,10 @@ class Decoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(build_block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        # Tied heads reuse tok_emb.weight, so the checkpoint holds one copy.
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # A tied head reuses tok_emb's table, so the checkpoint holds one copy.
+        self.lm_head = TiedHead(self) if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._cache_pool: list[KVCache] = []  # one cache per layer, made by setup_cache
+        self._caches: list[KVCache] = []  # what each layer attends over: the pool, or views of it
         if self.tok_emb.weight.device.type != "meta":  # a meta skeleton gets its tables in `instantiate`
             self.reset_buffers()
         self.apply(self._init_weights)
@@ -57,27 +60,56 @@ class Decoder(nn.Module):
 
     # ---------------------------------------------------------------------------------------- cache
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the norms' weights: a quantized model keeps them in it)."""
+        return self.norm.weight.dtype
+
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Preallocate a static KV cache for `batch_size` sequences of up to `max_len` tokens."""
         cfg = self.config
         max_len = max_len or cfg.max_seq_len
-        dtype = dtype or self.tok_emb.weight.dtype
-        device = self.tok_emb.weight.device
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
+        dtype = dtype or self.dtype
+        self._cache_pool = [KVCache(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype, self.device)
+                            for _ in self.layers]
+        self._caches = list(self._cache_pool)
 
     def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attn.kv_cache = None
+        self._cache_pool, self._caches = [], []
+
+    def cache_shape(self) -> tuple[int, int, torch.dtype] | None:
+        """(rows, slots, dtype) of the cache setup_cache made, or None without one."""
+        if not self._cache_pool:
+            return None
+        k = self._cache_pool[0].k
+        return k.shape[0], k.shape[2], k.dtype
 
     @property
     def cache_len(self) -> int:
-        cache = self.layers[0].attn.kv_cache
-        return 0 if cache is None else cache.k.shape[2]
+        return self._caches[0].k.shape[2] if self._caches else 0
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
-        for layer in self.layers:
-            layer.attn.kv_cache.reorder(beam_idx)
+        for cache in self._caches:
+            cache.reorder(beam_idx)
+
+    def use_cache_rows(self, rows: slice, length: int) -> None:
+        """Attend over a view of the cache: `rows` and the first `length` slots, sharing its storage (continuous
+        batching runs each step over the active rows and the slots they use)."""
+        self._caches = [pool.view(rows, length) for pool in self._cache_pool]
+
+    def cached_kv(self) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's whole cache: (keys, values), each [B, Hkv, S, D]."""
+        return [(pool.k, pool.v) for pool in self._cache_pool]
+
+    def copy_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of cache row `src` into row `dst`."""
+        for pool in self._cache_pool:
+            pool.k[dst, :, :length] = pool.k[src, :, :length]
+            pool.v[dst, :, :length] = pool.v[src, :, :length]
 
     # -------------------------------------------------------------------------------------- forward
 
@@ -104,7 +136,7 @@ class Decoder(nn.Module):
         inputs_embeds:    [B, T, C] embeddings to use instead of looking `tokens` up (prompt tuning).
         """
         B, T = tokens.shape[:2] if inputs_embeds is None else inputs_embeds.shape[:2]
-        device = self.tok_emb.weight.device
+        device = self.device
         if position_ids is None:
             base = input_pos if input_pos is not None else torch.arange(T, device=device)
             position_ids = base if base.dim() == 2 else base.unsqueeze(0).expand(B, T)
@@ -137,15 +169,20 @@ class Decoder(nn.Module):
                 mask = mask & key_padding_mask[:, None, None, :kv_len]  # [B, 1, T, S]
         elif kv_len is not None:
             mask = mask[..., :kv_len]
-        for layer in self.layers:
-            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, input_pos=input_pos, kv_len=kv_len)
+        caches = self._caches if input_pos is not None else [None] * len(self.layers)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, input_pos=input_pos, kv_len=kv_len, cache=cache)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
         if return_hidden:
             return x
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return x @ weight.t()  # [B, T, V]
+        return self.head(x)  # [B, T, V]
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Hidden states [.., C] -> logits [.., V]: the only way to logits, so a swapped head module (quantized,
+        LoRA) takes effect in generation, training, evaluation and serving alike."""
+        return self.lm_head(hidden)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from lmstack.config import Seq2SeqConfig
 from lmstack.errors import LmstackError
-from lmstack.models.blocks import (Attention, Block, KVCache, make_attention, make_mlp, make_norm,
-                                   sinusoidal_table)
+from lmstack.models.attention import Attention, KVCache
+from lmstack.models.blocks import Block, TiedHead, make_attention, make_mlp, make_norm, sinusoidal_table
 
 # ------------------------------------------------------------------------------ relative position bias
 
@@ -113,7 +113,8 @@ class Seq2Seq(nn.Module):
         self.decoder_layers = nn.ModuleList(build_block(cfg, cross=True) for _ in range(cfg.n_decoder_layer))
         self.encoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.final_norm else None
         self.decoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.final_norm else None
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = TiedHead(self) if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._caches: list[KVCache] = []  # the decoder self-attention caches, made by setup_cache
         # Encoder padding mask [B, 1, 1, S], kept with the cross-attention keys/values for cached decoding.
         self.memory_mask: Tensor | None = None
         if self.tok_emb.weight.device.type != "meta":  # a meta skeleton gets its tables in `instantiate`
@@ -151,26 +152,25 @@ class Seq2Seq(nn.Module):
             raise LmstackError(f"cache length {max_len} exceeds max_seq_len={cfg.max_seq_len} of {cfg.name}")
         dtype = dtype or self.tok_emb.weight.dtype
         device = self.tok_emb.weight.device
-        for layer in self.decoder_layers:
-            layer.attn.kv_cache = KVCache(batch_size, cfg.n_head, max_len, cfg.head_dim, dtype, device)
+        self._caches = [KVCache(batch_size, cfg.n_head, max_len, cfg.head_dim, dtype, device)
+                        for _ in self.decoder_layers]
 
     def clear_cache(self) -> None:
         """Drop the self-attention caches, the cross-attention keys/values and the stored memory mask."""
+        self._caches = []
         for layer in self.decoder_layers:
-            layer.attn.kv_cache = None
             layer.cross_attn.memory_kv = None
         self.memory_mask = None
 
     @property
     def cache_len(self) -> int:
-        cache = self.decoder_layers[0].attn.kv_cache
-        return 0 if cache is None else cache.k.shape[2]
+        return self._caches[0].k.shape[2] if self._caches else 0
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Beam search: keep the rows `beam_idx` [B] of every cache, cross-attention keys/values included."""
+        for cache in self._caches:
+            cache.reorder(beam_idx)
         for layer in self.decoder_layers:
-            if layer.attn.kv_cache is not None:
-                layer.attn.kv_cache.reorder(beam_idx)
             if layer.cross_attn.memory_kv is not None:
                 k, v = layer.cross_attn.memory_kv  # [B, H, S, D]
                 layer.cross_attn.memory_kv = (k.index_select(0, beam_idx), v.index_select(0, beam_idx))
@@ -239,17 +239,30 @@ class Seq2Seq(nn.Module):
             keep = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, T, S]
             bias = self.decoder_rel_bias(query_pos, key_pos) if self.decoder_rel_bias is not None else None
             mask = combine_mask(keep, bias, x.dtype)
-        for layer in self.decoder_layers:
+        caches = self._caches if input_pos is not None and self._caches else [None] * len(self.decoder_layers)
+        for layer, cache in zip(self.decoder_layers, caches):
             x = layer(x, mask=mask, is_causal=is_causal, input_pos=input_pos, memory=memory,
-                      memory_mask=self.memory_mask)
+                      memory_mask=self.memory_mask, cache=cache)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         if return_hidden:
             return x
+        return self.head(x)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Decoder hidden states [.., C] -> logits [.., V]: the only way to logits, so a swapped head module
+        (quantized, LoRA) takes effect everywhere."""
         if self.config.scale_decoder_outputs:
-            x = x * self.config.d_model ** -0.5
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return x @ weight.t()  # [B, T, V]
+            hidden = hidden * self.config.d_model ** -0.5
+        return self.lm_head(hidden)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_emb.weight.dtype
 
     def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """Teacher forcing: src [B, S], tgt [B, T] (starts with the decoder start token) -> logits [B, T, V]."""

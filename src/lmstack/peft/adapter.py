@@ -43,11 +43,10 @@ class BottleneckAdapter(nn.Module):
 
 
 class WithAdapter(nn.Module):
-    """inner(*args, **kwargs), then the adapter. Attributes the model sets on attention modules (KV cache,
-    cross-attention memory, prefix) are forwarded to `inner`, and any other attribute is read from it."""
+    """inner(*args, **kwargs), then the adapter; attributes it lacks are read from `inner`. Everything a call
+    needs (the KV cache too) comes in its arguments, so nothing has to be forwarded into `inner`."""
 
     peft_switch = True  # disable_adapter() turns the adapter off
-    FORWARDED = frozenset({"kv_cache", "memory_kv", "prefix"})
 
     def __init__(self, inner: nn.Module, adapter: BottleneckAdapter) -> None:
         super().__init__()
@@ -66,13 +65,6 @@ class WithAdapter(nn.Module):
             if name == "inner":
                 raise
             return getattr(self.inner, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Decoder.setup_cache assigns layer.attn.kv_cache: it must land on the real attention module.
-        if name in self.FORWARDED:
-            setattr(self.inner, name, value)
-        else:
-            super().__setattr__(name, value)
 
 
 def apply_adapters(model: nn.Module, bottleneck: int = 64, activation: str = "gelu",

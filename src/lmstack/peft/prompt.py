@@ -63,34 +63,39 @@ class PromptTuned(nn.Module):
         self.disabled = False
         for p in model.parameters():
             p.requires_grad_(False)
-        emb = model.tok_emb.weight  # [V, C]
+        V = cfg.vocab_size
         if init_ids is None:
-            ids = torch.randint(0, emb.shape[0], (n_virtual,), device=emb.device)
+            ids = torch.randint(0, V, (n_virtual,), device=model.device)
         else:
-            ids = torch.as_tensor(init_ids, dtype=torch.long, device=emb.device).reshape(-1)
+            ids = torch.as_tensor(init_ids, dtype=torch.long, device=model.device).reshape(-1)
             if ids.numel() == 0:
                 raise LmstackError("prompt tuning init text is empty")
-            if ((ids < 0) | (ids >= emb.shape[0])).any():
-                raise LmstackError(f"prompt tuning init ids must be in 0..{emb.shape[0] - 1}")
+            if ((ids < 0) | (ids >= V)).any():
+                raise LmstackError(f"prompt tuning init ids must be in 0..{V - 1}")
             ids = ids.repeat(math.ceil(n_virtual / ids.numel()))[:n_virtual]
-        self.prompt = nn.Parameter(emb.detach()[ids].clone().to(_float_dtype(emb.dtype)))  # [N, C]
+        with torch.no_grad():
+            init = model.tok_emb(ids)  # [N, C]: a lookup, so a quantized table works too
+        self.prompt = nn.Parameter(init.detach().clone().to(_float_dtype(init.dtype)))  # [N, C]
 
-    # The pieces generation.py and the trainer read from a Decoder.
-    @property
-    def tok_emb(self) -> nn.Embedding:
-        return self.model.tok_emb
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
+    # The CausalLM protocol (lmstack.models.CausalLM), by composition over the wrapped Decoder.
+    def head(self, hidden: Tensor) -> Tensor:
+        return self.model.head(hidden)
 
     @property
-    def lm_head(self) -> nn.Module | None:
-        return self.model.lm_head
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
     @property
     def cache_len(self) -> int:
         return max(0, self.model.cache_len - self.n_virtual)
+
+    def cache_shape(self) -> tuple[int, int, torch.dtype] | None:
+        shape = self.model.cache_shape()
+        return None if shape is None else (shape[0], shape[1] - self.n_virtual, shape[2])
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         self.model.reorder_cache(beam_idx)
@@ -104,7 +109,7 @@ class PromptTuned(nn.Module):
         N = self.n_virtual
         self.model.setup_cache(batch_size, (max_len or self.config.max_seq_len) + N, dtype)
         slots = torch.arange(N, device=self.prompt.device)
-        x = self._with_positions(self._virtual(batch_size, self.tok_emb.weight.dtype), slots.expand(batch_size, N))
+        x = self._with_positions(self._virtual(batch_size, self.model.dtype), slots.expand(batch_size, N))
         self.model(slots.expand(batch_size, N), input_pos=slots, inputs_embeds=x, return_hidden=True)
 
     def _virtual(self, batch: int, dtype: torch.dtype) -> Tensor:
@@ -261,12 +266,11 @@ def apply_prefix_tuning(model: nn.Module, n_prefix: int, hidden: int | None = No
 @torch.no_grad()
 def _activations(model: nn.Module, init_ids: list[int] | Tensor, n_prefix: int) -> Tensor:
     """Run the model on the ids and read each layer's keys/values from its cache: [L, 2, Hkv, P, D]."""
-    ids = torch.as_tensor(init_ids, dtype=torch.long, device=model.tok_emb.weight.device).reshape(-1)
+    ids = torch.as_tensor(init_ids, dtype=torch.long, device=model.device).reshape(-1)
     if ids.numel() != n_prefix:
         raise LmstackError(f"prefix init needs exactly {n_prefix} token ids, got {ids.numel()}")
     model.setup_cache(1, n_prefix)
     model(ids[None], input_pos=torch.arange(n_prefix, device=ids.device), return_hidden=True)
-    attns = _self_attentions(model)
-    kv = torch.stack([torch.stack([a.kv_cache.k[0], a.kv_cache.v[0]]) for a in attns])  # [L, 2, Hkv, P, D]
+    kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in model.cached_kv()])  # [L, 2, Hkv, P, D]
     model.clear_cache()
     return kv.float()

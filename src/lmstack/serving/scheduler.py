@@ -195,12 +195,11 @@ class Scheduler:
         self.router = router or AdapterRouter()
         self.metrics = metrics or Metrics()
         self.max_queue, self.prefill_tokens = max_queue, prefill_tokens
-        self.device = model.tok_emb.weight.device
+        self.device = model.device
         self.vocab_size = model.config.vocab_size
         self.reference = Generator(model, tokenizer)  # stop ids, stop strings and chat prompts as generate does
         self.pad_id = self.reference.adapter.pad_id
-        model.setup_cache(max_batch, context)
-        self.pools = [layer.attn.kv_cache for layer in model.layers]  # [max_batch, Hkv, S, D] each
+        model.setup_cache(max_batch, context)  # the pool: [max_batch, Hkv, S, D] per layer
         self.active: list[_Seq] = []  # row i of the pool holds active[i]
         self.waiting: collections.deque[Job] = collections.deque()
         self.lock = threading.Condition()
@@ -285,14 +284,11 @@ class Scheduler:
     # ---------------------------------------------------------------------------------- caching
 
     def _install(self, rows: slice, length: int) -> None:
-        """Point every layer's cache at a view of the pool: `rows` and the first `length` slots."""
-        for layer, pool in zip(self.model.layers, self.pools):
-            layer.attn.kv_cache = pool.view(rows, length)
+        """Run the next forward over a view of the pool: `rows` and the first `length` slots."""
+        self.model.use_cache_rows(rows, length)
 
     def _copy_row(self, src: int, dst: int, length: int) -> None:
-        for pool in self.pools:
-            pool.k[dst, :, :length] = pool.k[src, :, :length]
-            pool.v[dst, :, :length] = pool.v[src, :, :length]
+        self.model.copy_cache_row(src, dst, length)
 
     def _retire(self, row: int) -> None:
         """Free `row`: the last active row moves into it (only its used slots are copied)."""
@@ -359,12 +355,7 @@ class Scheduler:
         hidden = self.model(tokens, input_pos=torch.arange(T, device=self.device), return_hidden=True)  # [k, T, C]
         last = torch.tensor([len(j.prompt_ids) - 1 for j in jobs], device=self.device)
         hidden = hidden[torch.arange(k, device=self.device), last]  # [k, C]: each prompt's last token
-        return self._head(hidden).float()  # [k, V]
-
-    def _head(self, hidden: Tensor) -> Tensor:
-        # Decoder's output head (tied embeddings or lm_head), applied to the gathered rows only.
-        model = self.model
-        return hidden @ (model.tok_emb.weight if model.lm_head is None else model.lm_head.weight).t()
+        return self.model.head(hidden).float()  # [k, V]
 
     # ----------------------------------------------------------------------------------- decode
 
@@ -377,7 +368,7 @@ class Scheduler:
         tokens = torch.tensor([[s.ids[-1]] for s in seqs], device=self.device)  # [n, 1]
         input_pos = torch.tensor([[s.pos] for s in seqs], device=self.device)  # [n, 1]: each row's own slot
         started = time.perf_counter()
-        with single_row_matmuls(n, self.model.tok_emb.weight):
+        with single_row_matmuls(n, self.device, self.model.dtype):
             logits = self.model(tokens, input_pos=input_pos)[:, -1].float()  # [n, V]
         for s in seqs:
             s.pos += 1

@@ -282,7 +282,7 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
         raise LmstackError(f"{adapter}: a {spec.method} adapter cannot be merged into the base weights (only "
                            "LoRA / QLoRA can); run it unmerged with --adapter")
     loaded = load_with_adapter(model, adapter, dtype)
-    merged = merge_lora(loaded.model, dtype=loaded.model.tok_emb.weight.dtype)
+    merged = merge_lora(loaded.model, dtype=loaded.model.dtype)
     metadata = {"merged_adapter": str(adapter), "base_model": info.get("base_model") or model,
                 "peft": dataclasses.asdict(spec)}
     return save_native(merged, loaded.tokenizer, out, metadata=metadata)

@@ -12,9 +12,9 @@ def matmul_params(model: nn.Module) -> int:
     """Parameters that take part in matmuls: everything but embedding lookups and 1-D tensors (norms, biases)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     n = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings)
-    head = getattr(model, "lm_head", "absent")
-    if head is None:  # a tied head reuses the embedding matrix as a matmul
-        n += model.tok_emb.weight.numel()
+    from lmstack.models.blocks import TiedHead
+    if isinstance(getattr(model, "lm_head", None), TiedHead):  # a tied head reuses the embedding matrix as a matmul
+        n += model.lm_head.weight.numel()
     return n
 
 

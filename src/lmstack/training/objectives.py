@@ -1,10 +1,15 @@
 """Training objectives: each maps (model, batch) to a summed token loss and its token counts.
 
-Labels use -100 for positions without loss (padding, prompts, unmasked MLM positions).
+Labels use -100 for positions without loss (padding, prompts, unmasked MLM positions). `token_logprobs` is the
+one place a causal model's labelled positions become log-probabilities: the causal objective, evaluation's
+scorer and the preference objectives all call it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,16 +32,40 @@ def causal_lm(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     return token_loss_sum(logits, batch["labels"])
 
 
-def causal_lm_targets(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
-    """causal_lm with the vocabulary projection only at labelled positions: the same loss, but fine-tuning masks
-    its prompts (often half the positions), so the [B, T, V] logits and their gradient shrink to [N, V]."""
+@dataclass
+class TokenLogprobs:
+    """log p(label) at every labelled position of a batch, in row-major order (N positions)."""
+
+    logprobs: Tensor  # [N] float32
+    rows: Tensor  # [N] the batch row of each position
+    greedy: Tensor | None  # [N] bool: the label is the argmax (only when asked for)
+
+
+def token_logprobs(model: nn.Module, batch: dict[str, Tensor], greedy: bool = False) -> TokenLogprobs:
+    """Log-probabilities of the labels of a causal LM batch, with the head applied only at labelled positions.
+
+    batch: input_ids [B, T], labels [B, T] (already shifted: labels[b, t] follows position t; -100 = not
+    scored), and optionally attn_mask [B, 1, T, T] and position_ids [B, T] (packed rows) or key_padding_mask
+    [B, T] (right-padded rows). Fine-tuning masks its prompts and scoring reads only continuations, so the
+    [B, T, V] logits and their gradient shrink to [N, V].
+    """
     hidden = model(batch["input_ids"], attn_mask=batch.get("attn_mask"), position_ids=batch.get("position_ids"),
-                   return_hidden=True)  # [B, T, C]
+                   key_padding_mask=batch.get("key_padding_mask"), return_hidden=True)  # [B, T, C]
     labels = batch["labels"]
-    picked = labels != IGNORE
-    head = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight  # [V, C]
-    out = token_loss_sum(hidden[picked] @ head.t(), labels[picked])  # [N, V] vs [N]
-    return LossOutput(out.loss_sum, out.n_targets, labels.numel())
+    picked = labels != IGNORE  # [B, T]
+    logits = model.head(hidden[picked]).float()  # [N, V]
+    targets = labels[picked]  # [N]
+    logprobs = -F.cross_entropy(logits, targets, reduction="none")  # [N]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[picked]
+    hit = logits.argmax(dim=-1) == targets if greedy else None
+    return TokenLogprobs(logprobs, rows, hit)
+
+
+def causal_lm_targets(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+    """causal_lm with the vocabulary projection only at labelled positions (see token_logprobs)."""
+    out = token_logprobs(model, batch)
+    return LossOutput(-out.logprobs.sum(), out.logprobs.new_tensor(out.logprobs.numel(), dtype=torch.long),
+                      batch["labels"].numel())
 
 
 def masked_lm(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
