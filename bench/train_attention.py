@@ -1,6 +1,7 @@
-"""Half-precision training attention on CPU: lmstack's matmul_attention against SDPA's flash kernel, forward +
-backward at SmolLM2-135M's heads (9 query, 3 kv, head_dim 64), plus the bare matmul throughput that bounds a
-training step in fp32 and bf16.
+"""Attention kernels on CPU, the figures behind `models.attention.attend`: half-precision training attention
+(lmstack's matmul_attention against SDPA's flash kernel, forward + backward) and one-query cached decoding (bf16
+SDPA against matmul_attention in float32), at SmolLM2-135M's heads (9 query, 3 kv, head_dim 64), plus the bare
+matmul throughput that bounds a training step in fp32 and bf16.
 
     python bench/train_attention.py [--threads 2] [--repeats 15]
 
@@ -59,6 +60,22 @@ def attention_row(batch: int, keys: int, repeats: int) -> tuple[float, float, fl
     return ms(lambda: sdpa(torch.bfloat16), repeats), ms(lambda: sdpa(torch.float32), repeats), ms(ours, repeats)
 
 
+DECODE_KEYS = [256, 768, 2048]  # cache slots a one-query decode step attends over
+
+
+def decode_row(keys: int, repeats: int) -> tuple[float, float]:
+    """One query per row over a bf16 cache with a boolean slot mask, as Decoder.forward makes for a cached step:
+    median microseconds of SDPA in bf16 and of matmul_attention computing in float32."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 9, 1, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 3, keys, 64, generator=g).bfloat16() for _ in range(2))
+    mask = (torch.arange(keys) <= keys - 2).view(1, 1, 1, keys)  # the last slot is not written yet
+    with torch.inference_mode():
+        sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True), repeats)
+        ours = ms(lambda: matmul_attention(q, k, v, mask, None, dtype=torch.float32).bfloat16(), repeats)
+    return 1e3 * sdpa, 1e3 * ours
+
+
 def matmul_gflops(dtype: torch.dtype, repeats: int) -> float:
     x, w = torch.randn(320, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)  # a SmolLM2 MLP projection
     return 2 * 320 * 576 * 1536 / (ms(lambda: x @ w.T, repeats) * 1e-3) / 1e9
@@ -84,9 +101,19 @@ def main() -> None:
             f"{args.repeats} calls. Bare 320x576 @ 576x1536 matmul: {mm[torch.float32]:.0f} GFLOP/s fp32, "
             f"{mm[torch.bfloat16]:.0f} GFLOP/s bf16 ({mm[torch.bfloat16] / mm[torch.float32]:.1f}x).")
     print(body)
+    decode = ["| keys | sdpa bf16 us | matmul_attention fp32 us | sdpa / ours |", "|---|---:|---:|---:|"]
+    for keys in DECODE_KEYS:
+        sdpa, ours = decode_row(keys, 10 * args.repeats)
+        decode.append(f"| {keys} | {sdpa:.0f} | {ours:.0f} | {sdpa / ours:.2f} |")
+        print(decode[-1], flush=True)
+    decode_body = ("\n".join(decode) + "\n\nOne query, batch 1, a boolean slot mask, bf16 cache, medians of "
+                   f"{10 * args.repeats} calls. Cached half-precision decoding on CPU attends with "
+                   "matmul_attention in float32 (`models.attention.attend`).")
+    print(decode_body)
     if not args.no_record:
-        record("Training attention on CPU: matmul_attention vs SDPA", body,
-               "python " + " ".join(["bench/train_attention.py", *sys.argv[1:]]))
+        command = "python " + " ".join(["bench/train_attention.py", *sys.argv[1:]])
+        record("Training attention on CPU: matmul_attention vs SDPA", body, command)
+        record("Decode attention on CPU: one query, matmul_attention vs SDPA", decode_body, command)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, is_causal: b
     - half-precision training steps with at most MATMUL_ATTENTION_MAX_KEYS keys: matmul_attention in the
       autocast (or input) dtype. It keeps the [B, H, T, S] probabilities for backward, which grow with the
       square of the length, so SDPA's flash kernel takes over past that to keep activation memory low.
-    The measurements behind both are in docs/benchmarks.md ("Attention kernels on CPU").
+    The measurements behind both are bench/train_attention.py's, in docs/benchmarks.md ("Training attention on
+    CPU" and "Decode attention on CPU").
     """
     if q.device.type == "cpu" and not dropout:
         if q.shape[2] == 1 and q.dtype != torch.float32 and not is_causal:
