@@ -2,8 +2,8 @@
 
     python bench/generate.py [--threads 2] [--prompt-tokens 512] [--new-tokens 128] [--repeats 3]
 
-Each engine runs in its own subprocess (so peak RSS is its own): load the model, prefill a 512-token prompt,
-then 128 greedy tokens. Reports load time, peak RSS, prefill tokens/s and decode tokens/s (medians over the
+Each engine runs in its own subprocess and reports its own peak RSS (getrusage of that process alone): load the
+model, prefill a 512-token prompt, then 128 greedy tokens, one at a time. Reports load time, peak RSS, prefill tokens/s and decode tokens/s (medians over the
 repeats), and ratios against transformers bf16 measured in the same run. llama-cpp-python is used when
 installed; it is not a dependency.
 """
@@ -89,21 +89,26 @@ def run_llamacpp(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t0
     text = PROMPT_TEXT.read_text()[:20_000]
     ids = llm.tokenize(text.encode(), add_bos=False)[: args.prompt_tokens]
-    prefill, decode = [], []
+    prefill, decode, tokens = [], [], []
     for _ in range(args.repeats):
+        # Prefill once, then one token at a time (sample, eval): `llm.generate(ids, reset=False)` would evaluate
+        # the prompt a second time inside the decode timing.
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
+        token = llm.sample(top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)  # greedy
         t1 = time.perf_counter()
-        n = 0
-        for token in llm.generate(ids, temp=0.0, reset=False):
-            n += 1
-            if n >= args.new_tokens:
-                break
+        new = [token]
+        while len(new) < args.new_tokens:
+            llm.eval([token])
+            token = llm.sample(top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
+            new.append(token)
         t2 = time.perf_counter()
         prefill.append(len(ids) / (t1 - t0))
-        decode.append(n / (t2 - t1))
-    return {"load_s": load_s, "prefill": median(prefill), "decode": median(decode), "new_tokens": args.new_tokens}
+        decode.append((len(new) - 1) / (t2 - t1))  # as lmstack: the first token comes out of the prefill
+        tokens.append(new)
+    return {"load_s": load_s, "prefill": median(prefill), "decode": median(decode), "tokens": tokens[-1],
+            "new_tokens": len(tokens[-1])}
 
 
 ENGINES = {"lmstack": run_lmstack, "transformers": run_transformers, "llama.cpp": run_llamacpp}
