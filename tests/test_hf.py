@@ -61,7 +61,7 @@ def llama_config(tie: bool, bias: bool) -> transformers.LlamaConfig:
 @pytest.mark.parametrize("tie,bias", [(False, False), (True, True)])
 def test_import_llama_gqa_matches_transformers(tmp_path: Path, tie: bool, bias: bool) -> None:
     ref = randomize(transformers.LlamaForCausalLM(llama_config(tie, bias)))
-    loaded = load_model(str(save_hf(ref, tmp_path)))
+    loaded = load_model(str(save_hf(ref, tmp_path)), dtype="float32")
     assert loaded.config.n_kv_head == 2 and loaded.config.head_dim == 24 and loaded.config.rope_base == 50000.0
     assert loaded.config.tie_embeddings == tie
     ids = tokens(97)
@@ -74,7 +74,7 @@ def test_import_mistral_as_llama(tmp_path: Path) -> None:
                                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
                                      sliding_window=16)
     ref = randomize(transformers.MistralForCausalLM(cfg))
-    loaded = load_model(str(save_hf(ref, tmp_path)))
+    loaded = load_model(str(save_hf(ref, tmp_path)), dtype="float32")
     assert loaded.config.max_seq_len == 16  # exact only inside the sliding window, so the context stops there
     ids = tokens(97, length=16)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_import_gpt2_matches_transformers(tmp_path: Path) -> None:
     cfg = transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
                                   eos_token_id=0)
     ref = randomize(transformers.GPT2LMHeadModel(cfg))
-    loaded = load_model(str(save_hf(ref, tmp_path)))
+    loaded = load_model(str(save_hf(ref, tmp_path)), dtype="float32")
     ids = tokens(97)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids), ref(ids).logits)
@@ -96,7 +96,7 @@ def test_import_gpt2_base_model_without_prefix(tmp_path: Path) -> None:
     cfg = transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=1, n_head=4, n_positions=32,
                                   activation_function="gelu", bos_token_id=0, eos_token_id=0)
     ref = randomize(transformers.GPT2Model(cfg))
-    loaded = load_model(str(save_hf(ref, tmp_path)))
+    loaded = load_model(str(save_hf(ref, tmp_path)), dtype="float32")
     assert loaded.config.activation == "gelu"
     ids = tokens(97)
     with torch.no_grad():
@@ -110,7 +110,7 @@ def bert_config() -> transformers.BertConfig:
 
 def test_import_bert_mlm_with_padding_mask(tmp_path: Path) -> None:
     ref = randomize(transformers.BertForMaskedLM(bert_config()))
-    loaded = load_model(str(save_hf(ref, tmp_path)))
+    loaded = load_model(str(save_hf(ref, tmp_path)), dtype="float32")
     assert loaded.config.mlm_head and not loaded.config.cls_pooler
     ids, mask = tokens(97), padding_mask()
     types = (torch.arange(11) >= 5).long().expand(2, 11)  # a sentence pair: A then B
@@ -129,7 +129,7 @@ def test_import_bert_model_with_pooler_sharded(tmp_path: Path) -> None:
     ref = randomize(transformers.BertModel(bert_config()))
     folder = save_hf(ref, tmp_path, max_shard_size="20KB")
     assert (folder / "model.safetensors.index.json").exists()
-    loaded = load_model(str(folder))
+    loaded = load_model(str(folder), dtype="float32")
     assert loaded.config.cls_pooler and not loaded.config.mlm_head
     ids, mask = tokens(97), padding_mask()
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_export_decoder_loads_in_transformers(tmp_path: Path, preset: str, overr
     with torch.no_grad():
         torch.testing.assert_close(ref(ids).logits, model(ids))
     # And back: the exported folder imports to the same tensors.
-    again = load_model(str(folder)).model.state_dict()
+    again = load_model(str(folder), dtype="float32").model.state_dict()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0)
 
@@ -198,7 +198,7 @@ def test_minilm_round_trip(tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
     source = resolve("minilm-l6")
-    loaded = load_model("minilm-l6")
+    loaded = load_model("minilm-l6", dtype="float32")
     folder = export_hf(loaded.model, loaded.tokenizer, tmp_path / "minilm")
     texts = ["The cat sat on the mat.", "Embeddings map sentences to vectors, so similar meanings end up close."]
     ours = transformers.AutoTokenizer.from_pretrained(folder)
@@ -221,7 +221,7 @@ def test_minilm_round_trip(tmp_path: Path) -> None:
 
 def one_line_error(path: Path) -> str:
     with pytest.raises(LmstackError) as err:
-        load_model(str(path))
+        load_model(str(path), dtype="float32")
     message = str(err.value)
     assert "\n" not in message
     return message
