@@ -1,4 +1,4 @@
-"""HF folders: import of tiny random Llama (GQA), GPT-2 and BERT models, export back to transformers, bad input.
+"""HF folders: import of tiny random Llama (GQA), GPT-2, BERT and T5 models, export back to transformers, bad input.
 
 Every comparison runs transformers itself on the same folder in fp32. Weights are redrawn with a large std
 (norm gains and biases included) so that a swapped or transposed tensor cannot hide behind ones and zeros.
@@ -125,6 +125,41 @@ def test_import_bert_mlm_with_padding_mask(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.model.mlm_logits(loaded.model(ids)), ref(input_ids=ids).logits)
 
 
+# ------------------------------------------------------------------------------------------------- t5
+
+
+@pytest.mark.parametrize("feed_forward_proj,tied", [("relu", True), ("gated-gelu", False)])
+def test_import_t5_folder_and_convert_it(tmp_path: Path, feed_forward_proj: str, tied: bool) -> None:
+    """An HF T5 folder loads through load_model, as transformers computes it, and `lmstack convert` keeps it."""
+    cfg = transformers.T5Config(vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=1,
+                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                                dropout_rate=0.0, feed_forward_proj=feed_forward_proj, tie_word_embeddings=tied,
+                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    ref = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF's init gives tiny logits; larger weights make the comparison mean something
+        for p in ref.parameters():
+            p.mul_(4.0 if p.ndim == 2 else 1.0)
+    folder = save_hf(ref, tmp_path / "t5")
+    loaded = load_model(str(folder), dtype="float32")
+    assert loaded.config.family == "seq2seq" and loaded.metadata["hf_model_type"] == "t5"
+    src, tgt, mask = tokens(97), tokens(97, length=5, seed=2), padding_mask()
+    with torch.no_grad():
+        want = ref(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
+        torch.testing.assert_close(loaded.model(src, tgt, mask.bool()), want, atol=1e-4, rtol=1e-4)
+
+    from typer.testing import CliRunner
+
+    from lmstack.cli import app
+    out = tmp_path / "native"
+    result = CliRunner().invoke(app, ["convert", str(folder), str(out), "--to", "native"])
+    assert result.exit_code == 0, result.output
+    again = load_model(str(out), dtype="float32")
+    assert again.metadata["converted_from"] == str(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(src, tgt, mask.bool()), want, atol=1e-4, rtol=1e-4)
+
+
 def test_import_bert_model_with_pooler_sharded(tmp_path: Path) -> None:
     ref = randomize(transformers.BertModel(bert_config()))
     folder = save_hf(ref, tmp_path, max_shard_size="20KB")
@@ -235,9 +270,11 @@ def test_pickle_only_folder_is_refused(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
-    transformers.T5Config(d_model=64, num_layers=1, num_heads=4, d_ff=96).save_pretrained(tmp_path)
+    # T5 was the example until its importer was registered; BART is not supported.
+    transformers.BartConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                            decoder_attention_heads=4).save_pretrained(tmp_path)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
-    assert "unsupported architecture 't5' (supported: llama, mistral, gpt2, bert)" in one_line_error(tmp_path)
+    assert "unsupported architecture 'bart' (supported: llama, mistral, gpt2, bert, t5)" in one_line_error(tmp_path)
 
 
 def test_missing_config_field(tmp_path: Path) -> None:

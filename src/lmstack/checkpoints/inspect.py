@@ -1,9 +1,8 @@
 """`lmstack models list`, `lmstack models show` and `lmstack convert`, and the summary they print.
 
-Heavy modules (torch, the importers) are imported inside the functions, so `lmstack --help` starts fast.
+Heavy modules (torch, the importers) are imported inside the functions, so `lmstack --help` starts fast. No
+`from __future__ import annotations` here: the CLI reads these signatures' annotations as real types.
 """
-
-from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
 DType = Literal["float32", "bfloat16"]
 
 
-def model_summary(loaded: LoadedModel) -> dict[str, Any]:
+def model_summary(loaded: "LoadedModel") -> dict[str, Any]:
     """What `lmstack models show` prints."""
     from lmstack.config import config_to_dict
 
