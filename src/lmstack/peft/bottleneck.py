@@ -70,7 +70,7 @@ class WithBottleneck(nn.Module):
 
 
 def apply_bottleneck(model: nn.Module, bottleneck: int = 64, activation: str = "gelu",
-                   init_std: float = 1e-2) -> nn.Module:
+                     init_std: float = 1e-2) -> nn.Module:
     """Wrap the attention and MLP of every block with a bottleneck adapter (in place); freeze everything else."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
@@ -93,4 +93,3 @@ def _param_like(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(module.parameters())
     # Adapter weights stay float32 over a half-precision model (the trainer's bf16 autocast handles the matmuls).
     return p.device, torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-

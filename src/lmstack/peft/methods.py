@@ -109,4 +109,3 @@ def load_adapter(model: nn.Module, path: str | Path, tokenizer: Any = None) -> n
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
