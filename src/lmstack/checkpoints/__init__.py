@@ -3,7 +3,7 @@
     registry.py  named models, DEFAULT_MODEL / DEFAULT_EMBEDDING_MODEL, resolve(), detect_format()
     native.py    save_native / load_native_parts / read_safetensors
     load.py      load_model(name_or_path, adapter=None, dtype="auto"): the one loader; instantiate, auto_dtype
-    hf.py        Hugging Face folders (Llama, Mistral, GPT-2, BERT, T5) in, and out
+    hf.py        Hugging Face folders: Llama, Mistral, GPT-2, BERT in and out; T5 in
     gguf.py      GGUF files (llama.cpp) in
     inspect.py   `models list`, `models show`, `convert`
 

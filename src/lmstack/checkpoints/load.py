@@ -20,13 +20,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lmstack.checkpoints.native import load_native_parts
+from lmstack.checkpoints.registry import detect_format, resolve
 from lmstack.config import ModelConfig
 from lmstack.errors import LmstackError
 from lmstack.models import build_model
 from lmstack.tokenizer import Tokenizer
-
-from lmstack.checkpoints.native import load_native_parts
-from lmstack.checkpoints.registry import detect_format, resolve
 
 CPUINFO = Path("/proc/cpuinfo")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # either one: bf16 matmuls run natively
