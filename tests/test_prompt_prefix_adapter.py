@@ -240,3 +240,24 @@ def test_adapters_train_only_themselves(tmp_path: Path) -> None:
     assert after < before
     saved, _, _ = ckpt.load_checkpoint_tensors(ckpt.latest_checkpoint(trainer.ckpt_dir))
     assert set(saved) == set(peft_state_dict(model))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "prefix-mlp", "bottleneck", "lora"])
+def test_peft_state_dict_is_the_methods_weights_even_when_frozen(method: str) -> None:
+    """One function returns every method's own weights: the trainable ones, and still after a loaded adapter
+    is frozen for inference."""
+    model = decoder()
+    if method == "prompt":
+        model = PromptTuned(model, n_virtual=3)
+    elif method.startswith("prefix"):
+        apply_prefix_tuning(model, n_prefix=2, hidden=8 if method == "prefix-mlp" else None)
+    elif method == "bottleneck":
+        apply_bottleneck(model, bottleneck=4)
+    else:
+        apply_lora(model, rank=2, targets="q,v")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = peft_state_dict(model)
+    assert trainable and set(state) == trainable
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert set(peft_state_dict(model)) == trainable
