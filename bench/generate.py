@@ -155,8 +155,8 @@ def main() -> None:
         return
     native = Path("runs/bench/smollm2-native-bf16")  # the same weights, converted once: load time from our format
     if not (native / "lmstack.json").exists():
-        from lmstack import commands
-        commands.convert(args.model, str(native), to="native", dtype="bfloat16")
+        from lmstack.checkpoints import convert
+        convert(args.model, str(native), to="native", dtype="bfloat16")
     rows = [("transformers fp32", spawn(args, "transformers", "float32")),
             ("transformers bf16", spawn(args, "transformers", "bfloat16")),
             ("lmstack fp32", spawn(args, "lmstack", "float32")),

@@ -98,13 +98,12 @@ def train(method: str, out: Path, data: Path, args: argparse.Namespace) -> dict:
 def load(method: str, out: Path, dtype: str):
     from lmstack.checkpoints import load_model
     from lmstack.peft.lora import merge_lora
-    from lmstack.training.finetune import load_with_adapter
 
     if method == "base":
         return load_model(MODEL, dtype=dtype)
     if method == "full":
         return load_model(str(out), dtype=dtype)
-    loaded = load_with_adapter(None, str(out))
+    loaded = load_model(None, adapter=str(out), dtype="float32")
     loaded.model = merge_lora(loaded.model, dtype=torch.float32).to(getattr(torch, dtype)).eval()
     return loaded
 

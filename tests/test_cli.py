@@ -214,7 +214,7 @@ def test_generate_json_and_stream_agree(tiny: Path) -> None:
     out = json.loads(result.stdout)
     assert set(out) == {"text", "prompt_tokens", "new_tokens", "load_s", "prefill_tokens_per_s",
                         "decode_tokens_per_s", "finish_reason"}
-    loaded = load_model(str(tiny))
+    loaded = load_model(str(tiny), dtype="float32")
     assert out["prompt_tokens"] == len(loaded.tokenizer.encode("hello world"))
     assert 1 <= out["new_tokens"] <= 8 and out["finish_reason"] in ("stop", "length")
     # Streaming (the default) prints the same greedy text, then a newline.
@@ -273,7 +273,7 @@ def test_chat_turn_error_keeps_going(tiny: Path) -> None:
 def test_convert_native_to_native_bf16(tiny: Path, tmp_path: Path) -> None:
     result = run_cli("convert", tiny, tmp_path / "bf16", "--to", "native", "--dtype", "bfloat16")
     assert result.exit_code == 0, result.stderr
-    a, b = load_model(str(tiny)), load_model(str(tmp_path / "bf16"))
+    a, b = load_model(str(tiny), dtype="float32"), load_model(str(tmp_path / "bf16"), dtype="float32")
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb
         torch.testing.assert_close(vb, va.to(torch.bfloat16).float())
@@ -286,7 +286,7 @@ def test_convert_native_hf_native_keeps_logits(tiny: Path, tmp_path: Path) -> No
     result = run_cli("convert", tmp_path / "hf", tmp_path / "back", "--to", "native")
     assert result.exit_code == 0, result.stderr
     tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    a, b = load_model(str(tiny)), load_model(str(tmp_path / "back"))
+    a, b = load_model(str(tiny), dtype="float32"), load_model(str(tmp_path / "back"), dtype="float32")
     with torch.no_grad():
         torch.testing.assert_close(b.model(tokens), a.model(tokens))
     assert b.tokenizer.encode("hello world") == a.tokenizer.encode("hello world")

@@ -89,7 +89,7 @@ SENTENCES = [
 def test_minilm_matches_sentence_transformers() -> None:
     from sentence_transformers import SentenceTransformer
 
-    loaded = load_model("minilm-l6")
+    loaded = load_model("minilm-l6", dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     assert loaded.config.pooling == "mean" and loaded.config.normalize_embeddings
     assert loaded.config.embed_max_len == 256 and not loaded.config.mlm_head and loaded.config.cls_pooler

@@ -264,7 +264,7 @@ def test_eval_cli_end_to_end(tiny: Path, tiny_tasks: Path, tmp_path: Path) -> No
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The multiple-choice numbers are the scorer's: recompute one row by hand, unbatched.
-    loaded = load_model(str(tiny))
+    loaded = load_model(str(tiny), dtype="float32")
     scorer = Scorer(loaded.model, loaded.tokenizer, batch_size=1, progress=False)
     ex = mc["examples"][2]
     direct = [scorer.score_text([(ex["prompt"], " " + c)])[0].logprob for c in ex["choices"]]
@@ -281,7 +281,7 @@ def test_eval_cli_end_to_end(tiny: Path, tiny_tasks: Path, tmp_path: Path) -> No
 
 def test_eval_two_models_with_adapter_side_by_side(tiny: Path, tiny_tasks: Path, tmp_path: Path) -> None:
     from lmstack.peft.methods import PeftSpec, apply_method, save_adapter
-    loaded = load_model(str(tiny))
+    loaded = load_model(str(tiny), dtype="float32")
     spec = PeftSpec(method="lora", rank=4, targets=["q", "v"])
     model = apply_method(loaded.model, spec)
     torch.manual_seed(1)

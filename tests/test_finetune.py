@@ -21,7 +21,6 @@ from lmstack.checkpoints import REGISTRY, load_model, read_safetensors, save_nat
 from lmstack.config import from_name
 from lmstack.models import build_model
 from lmstack.peft.lora import LoRALinear, disable_adapter
-from lmstack.training.finetune import load_with_adapter
 
 torch.set_num_threads(2)
 
@@ -87,7 +86,7 @@ def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path
     info = json.loads((out / "adapter.json").read_text())
     assert info["peft"]["method"] == method and info["base_model"] == str(tiny)
 
-    base = load_model(str(tiny))
+    base = load_model(str(tiny), dtype="float32")
     base_state = base.model.state_dict()
     # after training, every base weight is bit-identical to the checkpoint's, and the adapter file holds exactly
     # the other (the method's own) weights
@@ -99,7 +98,7 @@ def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path
         elif value.is_floating_point():
             moved.add(key)
     assert set(adapter) == moved  # (qlora's NF4 base is in buffers outside the state dict: tests/test_nf4.py)
-    tuned = load_with_adapter(None, str(out))
+    tuned = load_model(None, adapter=str(out), dtype="float32")
     assert not any(p.requires_grad for p in tuned.model.parameters())
     for key, value in tuned.model.state_dict().items():
         if key in adapter:
@@ -118,7 +117,7 @@ def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path
 def test_full_finetune_writes_a_native_checkpoint(tiny: Path, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "full"
     result = finetune_cli(tiny, data, out, "full", "--lr", "1e-3")
-    base, tuned = load_model(str(tiny)), load_model(str(out))
+    base, tuned = load_model(str(tiny), dtype="float32"), load_model(str(out), dtype="float32")
     assert result["trainable_params"] == result["total_params"] == sum(p.numel() for p in base.model.parameters())
     assert result["adapter_bytes"] == (out / "model.safetensors").stat().st_size
     assert not torch.allclose(_logits(tuned.model, TOKENS), _logits(base.model, TOKENS))
@@ -189,8 +188,8 @@ def lora_dir(tiny: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_merge_keeps_outputs_and_exports_to_hf(lora_dir: Path, tmp_path: Path) -> None:
     result = run_cli("merge", "--adapter", lora_dir, "--out", tmp_path / "merged")
     assert result.exit_code == 0, result.stderr
-    unmerged = load_with_adapter(None, str(lora_dir))
-    merged = load_model(str(tmp_path / "merged"))
+    unmerged = load_model(None, adapter=str(lora_dir), dtype="float32")
+    merged = load_model(str(tmp_path / "merged"), dtype="float32")
     assert not any(isinstance(m, LoRALinear) for m in merged.model.modules())
     torch.testing.assert_close(_logits(merged.model, TOKENS), _logits(unmerged.model, TOKENS), atol=1e-5, rtol=1e-5)
     if importlib.util.find_spec("transformers") is None:
@@ -207,7 +206,7 @@ def test_lora_run_folder_loads_in_peft_with_the_same_logits(tiny: Path, lora_dir
     from transformers import AutoModelForCausalLM
     assert run_cli("convert", tiny, tmp_path / "hf", "--to", "hf").exit_code == 0
     ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), lora_dir).eval()
-    ours = load_with_adapter(None, str(lora_dir)).model
+    ours = load_model(None, adapter=str(lora_dir), dtype="float32").model
     with torch.no_grad():
         torch.testing.assert_close(ref(input_ids=TOKENS).logits, _logits(ours, TOKENS), atol=1e-5, rtol=1e-5)
     # and the peft files alone import back (given the base)
@@ -215,7 +214,7 @@ def test_lora_run_folder_loads_in_peft_with_the_same_logits(tiny: Path, lora_dir
     alone.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (alone / name).write_bytes((lora_dir / name).read_bytes())
-    imported = load_with_adapter(str(tiny), str(alone)).model
+    imported = load_model(str(tiny), adapter=str(alone), dtype="float32").model
     torch.testing.assert_close(_logits(imported, TOKENS), _logits(ours, TOKENS))
 
 

@@ -466,7 +466,7 @@ def test_chat_prompt_uses_template():
 
 @pytest.fixture(scope="module")
 def t5_pair():
-    from lmstack.models.seq2seq import config_from_hf_t5, from_hf_t5_state_dict
+    from lmstack.checkpoints.hf import config_from_hf_t5, from_hf_t5_state_dict
 
     cfg = transformers.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                                 num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,

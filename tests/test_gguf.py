@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import gguf
 import numpy as np
@@ -16,12 +17,21 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from lmstack.checkpoints import instantiate, load_model
-from lmstack.checkpoints.gguf import (dequantize, load_gguf, permute_qk, read_gguf, unpermute_qk)
+from lmstack.checkpoints.gguf import dequantize, load_gguf, read_gguf, unpermute_qk
 from lmstack.config import from_name
 from lmstack.errors import LmstackError
 from lmstack.models.decoder import Decoder
 
 torch.set_num_threads(2)
+ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
+
+
+def permute_qk(w: ArrayT, n_head: int) -> ArrayT:
+    """llama.cpp's converter permutation (convert_hf_to_gguf.py `LlamaModel.permute`), the inverse of
+    unpermute_qk: the test writes GGUF files the way llama.cpp's converter does."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["h e", "l l", "he ll", "Ġ w"]
@@ -233,7 +243,7 @@ def test_qk_unpermute_round_trip(tmp_path: Path) -> None:
     w = model.layers[0].attn.q_proj.weight.detach()
     assert not torch.equal(permute_qk(w, 4), w)  # the permutation really moves rows
     torch.testing.assert_close(unpermute_qk(permute_qk(w, 4), 4), w, rtol=0, atol=0)
-    loaded = load_model(str(write_gguf(tmp_path / "f32.gguf", model)))
+    loaded = load_model(str(write_gguf(tmp_path / "f32.gguf", model)), dtype="float32")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
     torch.testing.assert_close(logits(loaded.model, IDS), logits(model, IDS), rtol=0, atol=0)
@@ -244,7 +254,7 @@ def test_qk_unpermute_round_trip(tmp_path: Path) -> None:
 def test_untied_output_head(tmp_path: Path) -> None:
     model = tiny_model("tiny-llama")
     untied = Decoder(from_name("tiny-llama", vocab_size=model.config.vocab_size, tie_embeddings=False)).eval()
-    loaded = load_model(str(write_gguf(tmp_path / "untied.gguf", untied)))
+    loaded = load_model(str(write_gguf(tmp_path / "untied.gguf", untied)), dtype="float32")
     assert not loaded.config.tie_embeddings
     torch.testing.assert_close(loaded.model.lm_head.weight, untied.lm_head.weight, rtol=0, atol=0)
     torch.testing.assert_close(logits(loaded.model, IDS), logits(untied, IDS), rtol=0, atol=0)
@@ -253,7 +263,7 @@ def test_untied_output_head(tmp_path: Path) -> None:
 def test_gpt2_architecture(tmp_path: Path) -> None:
     """GPT-2 files: learned positions, LayerNorm with bias, fused qkv split back into q, k, v."""
     model = tiny_model("tiny-gpt2")
-    loaded = load_model(str(write_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2")))
+    loaded = load_model(str(write_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2")), dtype="float32")
     assert loaded.metadata["architecture"] == "gpt2" and loaded.config.positions == "learned"
     torch.testing.assert_close(logits(loaded.model, IDS), logits(model, IDS), rtol=0, atol=0)
 
@@ -289,7 +299,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 
 def assert_one_line_error(path: Path) -> str:
     with pytest.raises(LmstackError) as info:
-        load_model(str(path))
+        load_model(str(path), dtype="float32")
     message = str(info.value)
     assert "\n" not in message and path.name in message
     return message

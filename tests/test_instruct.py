@@ -18,7 +18,7 @@ from lmstack.data.instruct import (
     Example,
     InstructionDataset,
     InstructionSource,
-    TaskSpec,
+    InstructionTask,
     build_instruction_source,
     pack_rows,
     pad_rows,
@@ -474,8 +474,8 @@ def test_gsm8k_and_self_instruct_with_smollm2(tok: Tokenizer, tmp_path: Path) ->
     # both tasks mixed through the command's entry point, with a val file for GSM8K
     val = _write(tmp_path / "gsm_dev.jsonl", GSM8K.read_text(encoding="utf-8").splitlines()[200:240])
     source = build_instruction_source(
-        [TaskSpec(str(GSM8K), weight=3, val_path=str(val), fields=GSM8K_FIELDS, limit=200),
-         TaskSpec(str(SEED_TASKS), weight=1, template="alpaca")], tok, 512, pack=True, seed=0, val_fraction=0.1)
+        [InstructionTask(str(GSM8K), weight=3, val_path=str(val), fields=GSM8K_FIELDS, limit=200),
+         InstructionTask(str(SEED_TASKS), weight=1, template="alpaca")], tok, 512, pack=True, seed=0, val_fraction=0.1)
     assert source.task_names == ["train", "seed_tasks"] and source.probs.tolist() == [0.75, 0.25]
     kept = source.summary()["seed_tasks"]["kept"]
     assert [len(d) for d in source.train] == [200, kept - round(kept * 0.1)]
@@ -485,4 +485,4 @@ def test_gsm8k_and_self_instruct_with_smollm2(tok: Tokenizer, tmp_path: Path) ->
     assert T <= 512 and batch["attn_mask"].shape == (2, 1, T, T)
     assert set(source.val_batches_by_task(4)) == {"train", "seed_tasks"}
     with pytest.raises(LmstackError, match="give a weight for every task or for none"):
-        build_instruction_source([TaskSpec(str(GSM8K), weight=1), TaskSpec(str(SEED_TASKS))], tok, 128)
+        build_instruction_source([InstructionTask(str(GSM8K), weight=1), InstructionTask(str(SEED_TASKS))], tok, 128)

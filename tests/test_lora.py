@@ -23,8 +23,8 @@ from lmstack.config import from_name
 from lmstack.errors import LmstackError
 from lmstack.models.decoder import Decoder
 from lmstack.peft import (LoRALinear, apply_lora, disable_adapter, export_peft_adapter, import_peft_adapter,
-                          load_lora_state_dict, lora_config, lora_state_dict, merge_lora)
-from lmstack.training import checkpoint as ckpt
+                          load_peft_state_dict, lora_config, peft_state_dict, merge_lora)
+from lmstack.training import state as ckpt
 from lmstack.training.objectives import causal_lm
 from lmstack.training.trainer import TrainConfig, Trainer
 
@@ -86,7 +86,7 @@ def tiny_decoder(seed: int = 0, **overrides) -> Decoder:
 
 
 def test_fresh_adapter_is_identity_and_initialized_like_peft(llama_dir: Path) -> None:
-    model = load_model(str(llama_dir)).model
+    model = load_model(str(llama_dir), dtype="float32").model
     ids = tokens()
     with torch.no_grad():
         base = model(ids)
@@ -104,7 +104,7 @@ def test_fresh_adapter_is_identity_and_initialized_like_peft(llama_dir: Path) ->
 @pytest.mark.parametrize("targets", [["q", "v"], "all-linear"])
 def test_forward_and_gradients_match_peft(llama_dir: Path, targets) -> None:
     hf = transformers.LlamaForCausalLM.from_pretrained(llama_dir)
-    ours = load_model(str(llama_dir)).model
+    ours = load_model(str(llama_dir), dtype="float32").model
     apply_lora(ours, rank=4, alpha=12, targets=targets)
     randomize_lora(ours)
     names = ["q_proj", "v_proj"] if targets != "all-linear" else list(PROJ)
@@ -265,23 +265,23 @@ def test_trainer_trains_only_the_adapter(tmp_path: Path) -> None:
     assert_only_trainable_changed(model, frozen, trainable)
     assert after < before
     saved, _, _ = ckpt.load_checkpoint_tensors(ckpt.latest_checkpoint(trainer.ckpt_dir))
-    assert set(saved) == set(lora_state_dict(model))  # the checkpoint holds the adapter alone
+    assert set(saved) == set(peft_state_dict(model))  # the checkpoint holds the adapter alone
 
 
 # --------------------------------------------------------------------------------------- state dicts
 
 
-def test_lora_state_dict_round_trip_and_config() -> None:
+def test_peft_state_dict_round_trip_and_config() -> None:
     model = apply_lora(tiny_decoder(), rank=4, alpha=8, dropout=0.1, targets="q,v,up")
     randomize_lora(model)
-    state = lora_state_dict(model)
+    state = peft_state_dict(model)
     assert sorted({k.rsplit(".", 2)[-2] for k in state}) == ["q_proj", "up_proj", "v_proj"]
     assert lora_config(model) == {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["q", "v", "up"], "nf4": False}
     other = apply_lora(tiny_decoder(), rank=4, alpha=8, targets="q,v,up")
     for m in other.modules():
         if isinstance(m, LoRALinear):
             m.merge()  # loading into merged layers keeps them merged, with the new update
-    load_lora_state_dict(other, state)
+    load_peft_state_dict(other, state)
     model.eval(), other.eval()
     ids = tokens(vocab=256)
     with torch.no_grad():
@@ -304,18 +304,18 @@ def test_mismatched_adapter_names_the_tensor_and_both_shapes() -> None:
     large = apply_lora(tiny_decoder(d_model=64), rank=8, targets="q")
     with pytest.raises(LmstackError, match=r"adapter does not match the base model: layers\.0\.attn\.q_proj\.lora_a "
                                            r"is \[8, 32\], the model expects \[8, 64\]"):
-        load_lora_state_dict(large, lora_state_dict(small))
+        load_peft_state_dict(large, peft_state_dict(small))
     with pytest.raises(LmstackError, match=r"adapter does not match the base model: missing layers\.0\.attn\.v_proj"):
-        load_lora_state_dict(apply_lora(tiny_decoder(), rank=8, targets="q,v"), lora_state_dict(small))
+        load_peft_state_dict(apply_lora(tiny_decoder(), rank=8, targets="q,v"), peft_state_dict(small))
     with pytest.raises(LmstackError, match="apply_lora first"):
-        load_lora_state_dict(tiny_decoder(), lora_state_dict(small))
+        load_peft_state_dict(tiny_decoder(), peft_state_dict(small))
 
 
 # ----------------------------------------------------------------------------------------- peft format
 
 
 def test_export_loads_in_peft_with_the_same_logits(llama_dir: Path, tmp_path: Path) -> None:
-    ours = load_model(str(llama_dir)).model
+    ours = load_model(str(llama_dir), dtype="float32").model
     apply_lora(ours, rank=4, alpha=8, targets=["q", "v", "o", "gate", "down"])
     randomize_lora(ours)
     out = export_peft_adapter(ours, tmp_path / "adapter", str(llama_dir))
@@ -337,7 +337,7 @@ def test_peft_adapter_imports_with_the_same_logits(llama_dir: Path, tmp_path: Pa
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     ref.save_pretrained(tmp_path / "adapter")
-    ours = import_peft_adapter(tmp_path / "adapter", load_model(str(llama_dir)).model)
+    ours = import_peft_adapter(tmp_path / "adapter", load_model(str(llama_dir), dtype="float32").model)
     assert lora_config(ours) == {"rank": 2, "alpha": 5.0, "dropout": 0.0, "targets": ["k", "up"], "nf4": False}
     ids = tokens()
     with torch.no_grad():
@@ -349,6 +349,6 @@ def test_peft_import_refuses_what_lmstack_lora_cannot_hold(llama_dir: Path, tmp_
     peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True)) \
         .save_pretrained(tmp_path / "dora")
     with pytest.raises(LmstackError, match="DoRA is not supported"):
-        import_peft_adapter(tmp_path / "dora", load_model(str(llama_dir)).model)
+        import_peft_adapter(tmp_path / "dora", load_model(str(llama_dir), dtype="float32").model)
     with pytest.raises(LmstackError, match="Llama-architecture"):
         import_peft_adapter(tmp_path / "dora", Decoder(from_name("tiny-gpt2", n_layer=1)))

@@ -19,8 +19,9 @@ import torch
 from lmstack.config import from_name
 from lmstack.errors import LmstackError
 from lmstack.models.decoder import Decoder
-from lmstack.peft import LoRALinear, NF4Weight, apply_lora, lora_config, merge_lora
-from lmstack.peft.nf4 import (BLOCK, BLOCK2, DYNAMIC_LEVELS, NF4_LEVELS, blockwise_absmax_quantize, dynamic_map,
+from lmstack.peft import LoRALinear, apply_lora, lora_config, merge_lora
+from lmstack.quant import NF4Weight
+from lmstack.quant.nf4 import (BLOCK, BLOCK2, DYNAMIC_LEVELS, NF4_LEVELS, blockwise_absmax_quantize, dynamic_map,
                               unpack_nibbles)
 
 bnbf = pytest.importorskip("bitsandbytes.functional")

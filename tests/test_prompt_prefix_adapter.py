@@ -19,10 +19,10 @@ from lmstack.config import from_name
 from lmstack.errors import LmstackError
 from lmstack.generation import GenerationConfig, Generator
 from lmstack.models.decoder import Decoder
-from lmstack.peft import (PromptTuned, adapter_state_dict, apply_adapters, apply_lora, apply_prefix_tuning,
-                          disable_adapter, load_trainable_state_dict, trainable_state_dict)
-from lmstack.peft.adapter import WithAdapter
-from lmstack.training import checkpoint as ckpt
+from lmstack.peft import (PromptTuned, apply_bottleneck, apply_lora, apply_prefix_tuning, disable_adapter,
+                          load_peft_state_dict, peft_state_dict)
+from lmstack.peft.bottleneck import WithBottleneck
+from lmstack.training import state as ckpt
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_lora import assert_only_trainable_changed, tokens, train_peft  # noqa: E402
@@ -178,9 +178,9 @@ def test_prefix_tuning_trains_only_the_prefix(tmp_path: Path, hidden: int | None
 
 def test_adapter_block_is_the_houlsby_composition() -> None:
     model = decoder()
-    adapted = apply_adapters(copy.deepcopy(model), bottleneck=8, init_std=0.1)
+    adapted = apply_bottleneck(copy.deepcopy(model), bottleneck=8, init_std=0.1)
     block, orig = adapted.layers[0], model.layers[0]
-    assert isinstance(block.attn, WithAdapter) and isinstance(block.mlp, WithAdapter)
+    assert isinstance(block.attn, WithBottleneck) and isinstance(block.mlp, WithBottleneck)
     x = torch.randn(2, 5, 32)
     rope = (model.rope_cos[:5][None, None], model.rope_sin[:5][None, None])
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_adapter_block_is_the_houlsby_composition() -> None:
 
 def test_adapters_cache_disable_and_state() -> None:
     model = decoder()
-    adapted = apply_adapters(copy.deepcopy(model), bottleneck=8, init_std=0.1)
+    adapted = apply_bottleneck(copy.deepcopy(model), bottleneck=8, init_std=0.1)
     ids = tokens(vocab=256)
     with torch.no_grad():
         full = adapted(ids)
@@ -208,35 +208,56 @@ def test_adapters_cache_disable_and_state() -> None:
         with disable_adapter(adapted):
             torch.testing.assert_close(adapted(ids), model(ids), rtol=0, atol=0)
         assert not torch.allclose(full, model(ids))
-    state = adapter_state_dict(adapted)
-    assert set(state) == set(trainable_state_dict(adapted))
+    state = peft_state_dict(adapted)
+    assert set(state) == {n for n, p in adapted.named_parameters() if p.requires_grad}
     assert set(state) == {f"layers.{i}.{part}.adapter.{lin}.{w}" for i in range(2) for part in ("attn", "mlp")
                           for lin in ("down", "up") for w in ("weight", "bias")}
-    fresh = apply_adapters(copy.deepcopy(model), bottleneck=8)
-    load_trainable_state_dict(fresh, state)
+    fresh = apply_bottleneck(copy.deepcopy(model), bottleneck=8)
+    load_peft_state_dict(fresh, state)
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids), full, rtol=0, atol=0)
     with pytest.raises(LmstackError, match=r"adapter does not match the base model: layers\.0\.attn\.adapter\.down"
                                            r"\.weight is \[8, 32\], the model expects \[4, 32\]"):
-        load_trainable_state_dict(apply_adapters(copy.deepcopy(model), bottleneck=4), state)
+        load_peft_state_dict(apply_bottleneck(copy.deepcopy(model), bottleneck=4), state)
 
 
 def test_adapters_compose_with_prefix_and_lora() -> None:
-    model = apply_adapters(decoder(), bottleneck=8)
+    model = apply_bottleneck(decoder(), bottleneck=8)
     apply_prefix_tuning(model, n_prefix=2)  # sees through the adapter wrapper to the attention
     assert all(layer.attn.inner.prefix is not None for layer in model.layers)
     prompts = [[1, 2, 3, 4], [5, 6]]
     assert greedy(model, prompts) == [greedy(model, [p])[0] for p in prompts]
-    lora = apply_lora(apply_adapters(decoder(), bottleneck=8), rank=2, targets="q")
+    lora = apply_lora(apply_bottleneck(decoder(), bottleneck=8), rank=2, targets="q")
     assert {n.rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad} == {"lora_a", "lora_b"}
 
 
 @pytest.mark.slow
 def test_adapters_train_only_themselves(tmp_path: Path) -> None:
-    model = apply_adapters(decoder(), bottleneck=8)
+    model = apply_bottleneck(decoder(), bottleneck=8)
     trainer, frozen, trainable, before, after = train_peft(model, tmp_path, lr=1e-2)
     assert trainable and all(".adapter." in n for n in trainable)
     assert_only_trainable_changed(model, frozen, trainable)
     assert after < before
     saved, _, _ = ckpt.load_checkpoint_tensors(ckpt.latest_checkpoint(trainer.ckpt_dir))
-    assert set(saved) == set(adapter_state_dict(model))
+    assert set(saved) == set(peft_state_dict(model))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "prefix-mlp", "bottleneck", "lora"])
+def test_peft_state_dict_is_the_methods_weights_even_when_frozen(method: str) -> None:
+    """One function returns every method's own weights: the trainable ones, and still after a loaded adapter
+    is frozen for inference."""
+    model = decoder()
+    if method == "prompt":
+        model = PromptTuned(model, n_virtual=3)
+    elif method.startswith("prefix"):
+        apply_prefix_tuning(model, n_prefix=2, hidden=8 if method == "prefix-mlp" else None)
+    elif method == "bottleneck":
+        apply_bottleneck(model, bottleneck=4)
+    else:
+        apply_lora(model, rank=2, targets="q,v")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = peft_state_dict(model)
+    assert trainable and set(state) == trainable
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert set(peft_state_dict(model)) == trainable

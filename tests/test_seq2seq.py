@@ -10,7 +10,8 @@ from lmstack.checkpoints import instantiate
 from lmstack.config import from_name
 from lmstack.errors import LmstackError
 from lmstack.models.blocks import Attention, Block
-from lmstack.models.seq2seq import Seq2Seq, config_from_hf_t5, from_hf_t5_state_dict, relative_position_bucket
+from lmstack.checkpoints.hf import config_from_hf_t5, from_hf_t5_state_dict
+from lmstack.models.seq2seq import Seq2Seq, relative_position_bucket
 
 torch.set_num_threads(2)
 

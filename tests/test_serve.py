@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def reference():
     """A separate copy of SmolLM2 (and one with a random LoRA adapter) for the oracle generations."""
     try:
-        loaded = load_model(MODEL)
+        loaded = load_model(MODEL, dtype="float32")
     except Exception as e:  # the model package is not installed
         pytest.skip(f"SmolLM2 unavailable: {e}")
     return loaded

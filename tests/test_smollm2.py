@@ -31,7 +31,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def ours() -> LoadedModel:
-    return load_model("smollm2-135m-instruct")
+    return load_model("smollm2-135m-instruct", dtype="float32")
 
 
 @pytest.fixture(scope="module")

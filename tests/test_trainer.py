@@ -19,7 +19,7 @@ import torch
 from lmstack.config import from_name
 from lmstack.errors import LmstackError
 from lmstack.models.decoder import Decoder
-from lmstack.training import checkpoint as ckpt
+from lmstack.training import state as ckpt
 from lmstack.training.objectives import causal_lm
 from lmstack.training.optim import lr_at, param_groups
 from lmstack.training.trainer import LossOutput, TrainConfig, Trainer

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from lmstack import commands, rag
+from lmstack.checkpoints import inspect as model_verbs
 from lmstack.errors import LmstackError
 
 app = typer.Typer(name="lmstack", help="A hackable toolkit for the whole life of an LLM.", no_args_is_help=True,
@@ -153,7 +154,7 @@ def _chat(**kwargs: Any) -> None:
 
 
 def _models_list(as_json: bool) -> None:
-    entries = commands.list_models()
+    entries = model_verbs.list_models()
     if as_json:
         print(json.dumps([e.__dict__ for e in entries], indent=2))
         return
@@ -167,7 +168,7 @@ def _models_list(as_json: bool) -> None:
 
 
 def _models_show(name: str, as_json: bool) -> None:
-    summary = commands.show_model(name)
+    summary = model_verbs.show_model(name)
     if as_json:
         print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
     else:
@@ -229,15 +230,15 @@ def _architecture(cfg: dict[str, Any]) -> str:
 
 
 def _convert(**kwargs: Any) -> None:
-    out = commands.convert(**kwargs)
+    out = model_verbs.convert(**kwargs)
     print(f"wrote {kwargs['to']} checkpoint to {out}", file=sys.stderr)
 
 
 verb(app, commands.generate, "generate", skip={"on_text"}, extra=[JSON_FLAG], run=_generate)
 verb(app, commands.chat, "chat", skip={"input", "output", "notices"}, run=_chat)
-verb(app, commands.convert, "convert", run=_convert)
-verb(models_app, commands.list_models, "list", extra=[JSON_FLAG], run=_models_list)
-verb(models_app, commands.show_model, "show", extra=[JSON_FLAG], run=_models_show)
+verb(app, model_verbs.convert, "convert", run=_convert)
+verb(models_app, model_verbs.list_models, "list", extra=[JSON_FLAG], run=_models_list)
+verb(models_app, model_verbs.show_model, "show", extra=[JSON_FLAG], run=_models_show)
 
 
 def _print_json(result: Any) -> None:

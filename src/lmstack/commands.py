@@ -67,11 +67,7 @@ def load_generator(model: str | None, dtype: DType = "float32", compile: bool = 
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
     start = time.perf_counter()
-    if adapter is not None:
-        from lmstack.training.finetune import load_with_adapter
-        loaded = load_with_adapter(model, adapter, dtype)
-    else:
-        loaded = load_model(model or DEFAULT_MODEL, dtype=dtype)
+    loaded = load_model(model or (None if adapter else DEFAULT_MODEL), adapter=adapter, dtype=dtype)
     generator = Generator(loaded.model, loaded.tokenizer, compile=compile)
     return generator, loaded, time.perf_counter() - start
 
@@ -254,90 +250,6 @@ def chat(*, model: str | None = None, system: str | None = None, max_new_tokens:
             continue
         write("\n")
     return failures
-
-
-# -------------------------------------------------------------------------------------------- models
-
-
-@dataclass
-class ModelEntry:
-    """One row of `lmstack models list`."""
-
-    name: str
-    kind: Literal["model", "preset"]
-    description: str
-    installed: bool  # weights are on this machine (presets have none: always False)
-    path: str | None = None
-
-
-def list_models() -> list[ModelEntry]:
-    """Registry models (with weights, from installed packages) and config presets (architectures, no weights)."""
-    from lmstack.checkpoints import REGISTRY
-    from lmstack.config import PRESETS, from_name
-    entries = []
-    for name, (description, locate) in REGISTRY.items():
-        path = locate()
-        installed = path is not None and path.exists()
-        entries.append(ModelEntry(name, "model", description, installed, str(path) if installed else None))
-    for name in PRESETS:
-        cfg = from_name(name)  # a dataclass: cheap, and it fills in the defaults
-        layers = getattr(cfg, "n_layer", None) or f"{cfg.n_encoder_layer}+{cfg.n_decoder_layer}"
-        entries.append(ModelEntry(name, "preset", f"{cfg.family} config: {layers} layers, d_model {cfg.d_model}, "
-                                                  f"vocab {cfg.vocab_size}", installed=False))
-    return entries
-
-
-def show_model(name: str) -> dict[str, Any]:
-    """Describe a model: architecture, parameter count, layers, heads, context, dtype or quant types, tokenizer.
-
-    Args:
-        name: A registry name, a path to a checkpoint, or a config preset (shown without weights).
-    """
-    from lmstack.checkpoints import REGISTRY, model_summary
-    from lmstack.config import PRESETS
-    if name in PRESETS and name not in REGISTRY and not Path(name).exists():
-        return _preset_summary(name)
-    from lmstack.checkpoints import load_model
-    return model_summary(load_model(name))
-
-
-def _preset_summary(name: str) -> dict[str, Any]:
-    import torch
-
-    from lmstack.checkpoints import LoadedModel, model_summary
-    from lmstack.config import from_name
-    from lmstack.models import build_model
-    config = from_name(name)
-    with torch.device("meta"):  # count parameters without allocating them
-        model = build_model(config)
-    summary = model_summary(LoadedModel(model=model, tokenizer=None, config=config, source=f"preset {name}"))
-    summary["dtype"] = "none (a preset has no weights)"
-    return summary
-
-
-# ------------------------------------------------------------------------------------------- convert
-
-
-def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype: DType = "float32") -> Path:
-    """Convert a checkpoint (registry name, GGUF, HF or native folder) into a native or an HF folder.
-
-    Args:
-        src: What to convert: a registry name, a GGUF file, an HF folder or a native folder.
-        dst: The output folder (created; files in it are replaced atomically).
-        to: Output format: native (lmstack safetensors + JSON) or hf (a transformers folder).
-        dtype: dtype of the saved weights (quantized GGUF weights are dequantized to it).
-    """
-    from lmstack.checkpoints import load_model, save_native
-    out = Path(dst)
-    if out.exists() and not out.is_dir():
-        raise LmstackError(f"{dst}: exists and is not a folder")
-    loaded = load_model(src, dtype=dtype)
-    if to == "native":
-        metadata = {**loaded.metadata, "converted_from": loaded.source}
-        return save_native(loaded.model, loaded.tokenizer, out, metadata=metadata)
-    from lmstack.checkpoints.hf import export_hf
-    export_hf(loaded.model, loaded.tokenizer, out)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ training

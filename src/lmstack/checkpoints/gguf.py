@@ -333,12 +333,6 @@ def unpermute_qk(w: ArrayT, n_head: int) -> ArrayT:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_qk(w: ArrayT, n_head: int) -> ArrayT:
-    """llama.cpp's converter permutation (convert_hf_to_gguf.py `LlamaModel.permute`), the inverse of the above."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _get(meta: dict[str, Any], key: str, path: Path, default: Any = None) -> Any:
     if key in meta:
         return meta[key]

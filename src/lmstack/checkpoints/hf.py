@@ -1,4 +1,4 @@
-"""Hugging Face folders: import Llama (and Mistral), GPT-2 and BERT checkpoints; export them back.
+"""Hugging Face folders: import Llama (and Mistral), GPT-2, BERT and T5 checkpoints; export the first three back.
 
 Import reads config.json, every *.safetensors file (sharded or not), the tokenizer files and, for
 sentence-transformers folders, the pooling/normalize modules. It returns lmstack's config, a state dict in
@@ -15,11 +15,16 @@ Key maps (HF -> lmstack), per layer i:
          encoder.layer.i.attention.self.{query,key,value} -> attn.{q,k,v}_proj, attention.output.dense ->
          o_proj, attention.output.LayerNorm -> attn_norm, intermediate.dense/output.dense -> mlp.up/down_proj,
          output.LayerNorm -> mlp_norm, pooler.dense -> pooler, cls.predictions.* -> mlm_dense/mlm_norm/mlm_bias
+  t5     shared -> tok_emb, {encoder,decoder}.block.i.layer.N.{SelfAttention,EncDecAttention}.{q,k,v,o} ->
+         {encoder,decoder}_layers.i.{attn,cross_attn}.*_proj, DenseReluDense.{wi,wi_0,wi_1,wo} ->
+         mlp.{up,gate,up,down}_proj, layer_norm -> that sublayer's norm, block.0 relative_attention_bias ->
+         {encoder,decoder}_rel_bias, final_layer_norm -> {encoder,decoder}_norm
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,13 +32,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lmstack.checkpoints import read_safetensors
-from lmstack.config import DecoderConfig, EncoderConfig, ModelConfig
+from lmstack.checkpoints.native import read_safetensors
+from lmstack.config import DecoderConfig, EncoderConfig, ModelConfig, Seq2SeqConfig
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write, atomic_write_json, read_json
 from lmstack.tokenizer import Tokenizer, _special
 
-SUPPORTED = ("llama", "mistral", "gpt2", "bert")
+SUPPORTED = ("llama", "mistral", "gpt2", "bert", "t5")
 
 # HF activation names <-> lmstack's. gelu_new and gelu_pytorch_tanh are both the tanh approximation.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -331,9 +336,95 @@ def _pooling_mode(file: Path) -> str:
     return modes[0]
 
 
+# ------------------------------------------------------------------------------------------------ t5
+
+_T5_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
+
+
+def config_from_hf_t5(hf: dict[str, Any], name: str = "t5") -> Seq2SeqConfig:
+    """A Seq2SeqConfig from an HF T5 config.json dict (T5 and T5 v1.1: relu or gated-gelu)."""
+    proj = hf.get("feed_forward_proj", "relu")
+    gated = proj.startswith("gated-")
+    act = "gelu_new" if proj == "gated-gelu" else proj.removeprefix("gated-")  # HF's own special case
+    if act not in _T5_ACTIVATIONS:
+        raise LmstackError(f"unsupported T5 feed_forward_proj {proj!r}")
+    tied = hf.get("tie_word_embeddings", True)
+    # T5 v1.1 config.json files say tie_word_embeddings=false and have no scaling; transformers 5 always ties
+    # and writes the scaling as `scale_decoder_outputs` instead.
+    scale = hf.get("scale_decoder_outputs", tied)
+    return Seq2SeqConfig(
+        name=name, vocab_size=hf["vocab_size"], n_encoder_layer=hf["num_layers"],
+        n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"], n_head=hf["num_heads"],
+        d_model=hf["d_model"], d_ff=hf["d_ff"], head_dim=hf["d_kv"], max_seq_len=hf.get("n_positions", 512),
+        positions="relative", relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128), norm="rmsnorm", norm_first=True,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), activation=_T5_ACTIVATIONS[act], gated_mlp=gated,
+        bias=False, tie_embeddings=tied, scale_embeddings=False, final_norm=True, attn_scale=1.0,
+        scale_decoder_outputs=scale, dropout=hf.get("dropout_rate", 0.1),
+        pad_token_id=hf.get("pad_token_id", 0), bos_token_id=hf.get("decoder_start_token_id", 0),
+        eos_token_id=hf.get("eos_token_id", 1))
+
+
+_T5_KEY = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(.+)")
+_T5_SUBLAYERS = {"encoder": (("attn", "attn_norm"), ("mlp", "mlp_norm")),  # HF layer.N -> (module, its norm)
+                 "decoder": (("attn", "attn_norm"), ("cross_attn", "cross_norm"), ("mlp", "mlp_norm"))}
+_T5_LINEARS = {"SelfAttention.q": "q_proj", "SelfAttention.k": "k_proj", "SelfAttention.v": "v_proj",
+               "SelfAttention.o": "o_proj", "EncDecAttention.q": "q_proj", "EncDecAttention.k": "k_proj",
+               "EncDecAttention.v": "v_proj", "EncDecAttention.o": "o_proj", "DenseReluDense.wi": "up_proj",
+               "DenseReluDense.wi_0": "gate_proj", "DenseReluDense.wi_1": "up_proj",
+               "DenseReluDense.wo": "down_proj"}
+
+
+def from_hf_t5_state_dict(hf_state: dict[str, Tensor], config: Seq2SeqConfig) -> dict[str, Tensor]:
+    """Rename an HF T5ForConditionalGeneration state dict to Seq2Seq keys (tied copies are dropped)."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in hf_state.items():
+        if key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") or (
+                key == "lm_head.weight" and config.tie_embeddings):
+            continue  # copies of shared.weight
+        if key == "shared.weight":
+            out["tok_emb.weight"] = tensor
+        elif key == "lm_head.weight":
+            out["lm_head.weight"] = tensor
+        elif key in ("encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"):
+            out[f"{key.split('.')[0]}_norm.weight"] = tensor
+        elif (m := _T5_KEY.fullmatch(key)) is None:
+            raise LmstackError(f"unexpected T5 weight {key!r}")
+        else:
+            stack, block, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+            if sub >= len(_T5_SUBLAYERS[stack]):
+                raise LmstackError(f"unexpected T5 weight {key!r}")
+            module, norm = _T5_SUBLAYERS[stack][sub]
+            prefix = f"{stack}_layers.{block}"
+            if rest == "layer_norm.weight":
+                out[f"{prefix}.{norm}.weight"] = tensor
+            elif rest.endswith("relative_attention_bias.weight"):
+                if rest.startswith("SelfAttention") and block == 0:
+                    out[f"{stack}_rel_bias.weight"] = tensor
+                # HF also stores an unused cross-attention table in some checkpoints; it has no effect there.
+                elif not rest.startswith("EncDecAttention"):
+                    raise LmstackError(f"unexpected T5 weight {key!r}")
+            elif rest.removesuffix(".weight") in _T5_LINEARS:
+                out[f"{prefix}.{module}.{_T5_LINEARS[rest.removesuffix('.weight')]}.weight"] = tensor
+            else:
+                raise LmstackError(f"unexpected T5 weight {key!r}")
+    return out
+
+
+def _import_t5(hf: dict[str, Any], weights: dict[str, Tensor], path: Path,
+               tokenizer: Tokenizer | None) -> tuple[Seq2SeqConfig, dict]:
+    try:
+        cfg = config_from_hf_t5(hf, name=path.name)
+        state = from_hf_t5_state_dict(weights, cfg)
+    except LmstackError as e:
+        raise LmstackError(f"{path}: {e}") from None
+    weights.clear()  # from_hf_t5_state_dict refuses any tensor it does not map, so nothing is left over
+    return cfg, state
+
+
 Importer = Callable[[dict[str, Any], dict[str, Tensor], Path, Tokenizer | None], tuple[ModelConfig, dict]]
 IMPORTERS: dict[str, Importer] = {
-    "llama": _import_llama, "mistral": _import_llama, "gpt2": _import_gpt2, "bert": _import_bert}
+    "llama": _import_llama, "mistral": _import_llama, "gpt2": _import_gpt2, "bert": _import_bert, "t5": _import_t5}
 
 
 # ------------------------------------------------------------------------------------------ export

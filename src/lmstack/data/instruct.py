@@ -659,7 +659,7 @@ def _unique_names(names: list[str]) -> list[str]:
 
 
 @dataclass
-class TaskSpec:
+class InstructionTask:
     """One task for `build_instruction_source`, as the finetune command reads it from flags or a config."""
 
     path: str
@@ -672,8 +672,8 @@ class TaskSpec:
     limit: int | None = None
 
 
-def build_instruction_source(tasks: Sequence[TaskSpec], tokenizer: Tokenizer, max_seq_len: int, pack: bool = False,
-                             seed: int = 0, val_fraction: float = 0.05,
+def build_instruction_source(tasks: Sequence[InstructionTask], tokenizer: Tokenizer, max_seq_len: int,
+                             pack: bool = False, seed: int = 0, val_fraction: float = 0.05,
                              overflow: Overflow = "truncate") -> InstructionSource:
     """Read, tokenize and mix the tasks. Weights: all given, or none (then proportional to task size)."""
     if not tasks:
@@ -682,7 +682,7 @@ def build_instruction_source(tasks: Sequence[TaskSpec], tokenizer: Tokenizer, ma
     if any(given) and not all(given):
         raise LmstackError("give a weight for every task or for none (none = proportional to task size)")
 
-    def load(path: str, task: TaskSpec) -> InstructionDataset:
+    def load(path: str, task: InstructionTask) -> InstructionDataset:
         return InstructionDataset.from_jsonl(path, tokenizer, max_seq_len, task.template, task.format, task.fields,
                                              overflow, task.name, task.limit)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmstack.checkpoints.registry import DEFAULT_MODEL
 from lmstack.errors import LmstackError
 
 try:
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover - the message is the point
 class LmstackLM(TemplateLM):
     """An lmstack model (registry name, GGUF, HF or native folder), optionally with a PEFT adapter."""
 
-    def __init__(self, pretrained: Any = "smollm2-135m-instruct", adapter: str | None = None,
+    def __init__(self, pretrained: Any = DEFAULT_MODEL, adapter: str | None = None,
                  dtype: str = "float32", batch_size: int | str = 8, max_length: int | None = None,
                  max_gen_toks: int = 256, **_: Any) -> None:
         """pretrained: a registry name or checkpoint path (`--model_args pretrained=...`), or in Python an

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from lmstack.errors import LmstackError
 from lmstack.evaluation import metrics as M
 from lmstack.evaluation.scoring import Scorer, perplexity_windows, window_perplexity
-from lmstack.evaluation.tasks import (Row, TaskSpec, build_prompt, choices_of, fewshot_examples, gold_index,
+from lmstack.evaluation.tasks import (Row, EvalTask, build_prompt, choices_of, fewshot_examples, gold_index,
                                       read_rows, render)
 from lmstack.tokenizer import Tokenizer
 
@@ -37,11 +37,9 @@ class EvalModel:
 def load_eval_model(name: str, adapter: str | None = None, dtype: str = "float32") -> EvalModel:
     """A model by registry name or path, with an optional PEFT adapter folder applied."""
     from lmstack.checkpoints import load_model
-    loaded = load_model(name, dtype=dtype)
+    loaded = load_model(name, adapter=adapter or None, dtype=dtype)
     model, label = loaded.model, name
     if adapter:
-        from lmstack.peft.methods import load_adapter
-        model = load_adapter(model, adapter, loaded.tokenizer)
         label = f"{name}+{Path(adapter).name}"
     return EvalModel(label=label, model=model.eval(), tokenizer=loaded.tokenizer,
                      family=getattr(loaded.config, "family", "decoder"), context=loaded.config.max_seq_len)
@@ -70,7 +68,7 @@ class RunOptions:
     progress: bool = True
 
 
-def run_task(em: EvalModel, spec: TaskSpec, opts: RunOptions) -> TaskResult:
+def run_task(em: EvalModel, spec: EvalTask, opts: RunOptions) -> TaskResult:
     start = time.perf_counter()
     rows = read_rows(spec)
     if opts.limit is not None and spec.type != "perplexity":  # for perplexity, --limit counts windows
@@ -91,7 +89,7 @@ def run_task(em: EvalModel, spec: TaskSpec, opts: RunOptions) -> TaskResult:
     return result
 
 
-def _prompts(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: RunOptions) -> tuple[list[str], int, int]:
+def _prompts(em: EvalModel, spec: EvalTask, rows: list[Row], opts: RunOptions) -> tuple[list[str], int, int]:
     """Each row's prompt with its few-shot examples; -> (prompts, k, seed)."""
     k = spec.fewshot.num if opts.num_fewshot is None else opts.num_fewshot
     seed = spec.fewshot.seed if opts.seed is None else opts.seed
@@ -113,7 +111,7 @@ def _scorer(em: EvalModel, opts: RunOptions) -> Scorer:
 # --------------------------------------------------------------------------------------- generate
 
 
-def generation_config(spec: TaskSpec, seed: int) -> Any:
+def generation_config(spec: EvalTask, seed: int) -> Any:
     from lmstack.generation import GenerationConfig
     known = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams", "stop"}
     unknown = sorted(set(spec.generation) - known)
@@ -125,7 +123,7 @@ def generation_config(spec: TaskSpec, seed: int) -> Any:
     return cfg
 
 
-def _run_generate(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: RunOptions) -> TaskResult:
+def _run_generate(em: EvalModel, spec: EvalTask, rows: list[Row], opts: RunOptions) -> TaskResult:
     from lmstack.generation import Generator
     prompts, k, seed = _prompts(em, spec, rows, opts)
     cfg = generation_config(spec, seed)
@@ -166,7 +164,7 @@ def _run_generate(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: RunOptio
 # -------------------------------------------------------------------------------- multiple choice
 
 
-def _run_multiple_choice(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: RunOptions) -> TaskResult:
+def _run_multiple_choice(em: EvalModel, spec: EvalTask, rows: list[Row], opts: RunOptions) -> TaskResult:
     prompts, k, seed = _prompts(em, spec, rows, opts)
     choices = [choices_of(spec, r) for r in rows]
     golds = [gold_index(spec, r) for r in rows]
@@ -188,7 +186,7 @@ def _run_multiple_choice(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: R
 # ---------------------------------------------------------------------------------- log-likelihood
 
 
-def _run_loglikelihood(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: RunOptions) -> TaskResult:
+def _run_loglikelihood(em: EvalModel, spec: EvalTask, rows: list[Row], opts: RunOptions) -> TaskResult:
     prompts, k, seed = _prompts(em, spec, rows, opts)
     targets = [spec.target_prefix + render(spec, spec.target, r) for r in rows]
     scores = _scorer(em, opts).score_text(list(zip(prompts, targets)), desc=f"{spec.name} score")
@@ -205,7 +203,7 @@ def _run_loglikelihood(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: Run
 # -------------------------------------------------------------------------------------- perplexity
 
 
-def _run_perplexity(em: EvalModel, spec: TaskSpec, rows: list[Row], opts: RunOptions) -> TaskResult:
+def _run_perplexity(em: EvalModel, spec: EvalTask, rows: list[Row], opts: RunOptions) -> TaskResult:
     scorer = _scorer(em, opts)
     window = min(spec.window or em.context, em.context)
     stride = opts.stride or spec.stride or max(window // 2, 1)

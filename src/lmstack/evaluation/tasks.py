@@ -77,7 +77,9 @@ class FewShot:
 
 
 @dataclass
-class TaskSpec:
+class EvalTask:
+    """One evaluation task, as its YAML file describes it (load_task)."""
+
     name: str
     type: str
     file: Path  # the YAML it came from (for error messages)
@@ -164,7 +166,7 @@ def resolve_task_file(name: str) -> Path:
     raise LmstackError(f"unknown task {name!r} (known: {', '.join(known_tasks())}; or pass a task .yaml file)")
 
 
-def load_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
+def load_task(name: str, data_root: str | Path | None = None) -> EvalTask:
     """Read and validate a task file; every missing or bad key is an error naming the file and the key."""
     file = resolve_task_file(name)
     root = Path(data_root) if data_root else default_data_root()
@@ -207,7 +209,7 @@ def load_task(name: str, data_root: str | Path | None = None) -> TaskSpec:
                       source=_path(shots["source"], file, root) if shots.get("source") else None,
                       num=_int(shots, "num", 0, file, "fewshot."), seed=_int(shots, "seed", 1234, file, "fewshot."),
                       separator=str(shots.get("separator", "\n\n")))
-    spec = TaskSpec(
+    spec = EvalTask(
         name=str(cfg.get("name") or file.stem), type=task_type, file=file, data_path=data_path, data_format=fmt,
         fields=list(data.get("fields") or []), metrics=list(metrics), prompt=str(cfg.get("prompt", "")),
         target=str(cfg.get("target", "")), choices=str(cfg.get("choices", "")), gold=str(cfg.get("gold", "")),
@@ -253,7 +255,7 @@ def _open_text(path: Path) -> Any:
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def read_rows(spec: TaskSpec, path: Path | None = None, source: Path | None = None) -> list[Row]:
+def read_rows(spec: EvalTask, path: Path | None = None, source: Path | None = None) -> list[Row]:
     """The task's rows (or those of `path`, e.g. the few-shot pool), each checked for the task's fields."""
     path, fmt = path or spec.data_path, spec.data_format
     rows: list[Row] = []
@@ -288,7 +290,7 @@ def read_rows(spec: TaskSpec, path: Path | None = None, source: Path | None = No
     return rows
 
 
-def _check_fields(spec: TaskSpec, rows: list[Row], needed: list[str]) -> None:
+def _check_fields(spec: EvalTask, rows: list[Row], needed: list[str]) -> None:
     for r in rows:
         missing = [k for k in needed if k not in r.fields]
         if missing:
@@ -296,7 +298,7 @@ def _check_fields(spec: TaskSpec, rows: list[Row], needed: list[str]) -> None:
                                f"(task {spec.name} needs {', '.join(needed)})")
 
 
-def _needed_fields(spec: TaskSpec) -> list[str]:
+def _needed_fields(spec: EvalTask) -> list[str]:
     if spec.type == "multiple_choice":
         return [spec.choices, spec.gold]
     if spec.type == "perplexity":
@@ -328,7 +330,7 @@ PREPROCESS = {"hh_rlhf_pair": hh_rlhf_pair}
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
-def render(spec: TaskSpec, template: str, row: Row) -> str:
+def render(spec: EvalTask, template: str, row: Row) -> str:
     try:
         return _ENV.from_string(template).render(**row.fields)
     except jinja2.UndefinedError as e:
@@ -337,7 +339,7 @@ def render(spec: TaskSpec, template: str, row: Row) -> str:
         raise LmstackError(f"{spec.file}: bad template ({e.message})") from None
 
 
-def gold_index(spec: TaskSpec, row: Row) -> int:
+def gold_index(spec: EvalTask, row: Row) -> int:
     """The gold choice as an index: an int, a digit string, or a letter A, B, ..."""
     value, n = row.fields[spec.gold], len(choices_of(spec, row))
     if isinstance(value, str) and len(value.strip()) == 1 and value.strip().isalpha():
@@ -352,21 +354,21 @@ def gold_index(spec: TaskSpec, row: Row) -> int:
     return index
 
 
-def choices_of(spec: TaskSpec, row: Row) -> list[str]:
+def choices_of(spec: EvalTask, row: Row) -> list[str]:
     choices = row.fields[spec.choices]
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
         raise LmstackError(f"{row.where}: {spec.choices!r} must be a non-empty list of strings")
     return choices
 
 
-def example_answer(spec: TaskSpec, row: Row) -> str:
+def example_answer(spec: EvalTask, row: Row) -> str:
     """What a few-shot example shows after its prompt: the target, or the gold choice."""
     if spec.type == "multiple_choice":
         return spec.choice_prefix + choices_of(spec, row)[gold_index(spec, row)]
     return spec.target_prefix + render(spec, spec.target, row)
 
 
-def fewshot_examples(spec: TaskSpec, pool: list[Row], index: int, k: int, seed: int,
+def fewshot_examples(spec: EvalTask, pool: list[Row], index: int, k: int, seed: int,
                      same_pool: bool) -> list[Row]:
     """k examples for evaluation row `index`, drawn without replacement by a generator seeded with
     (seed, index): the same seed gives the same prompts, whatever --limit or the order of evaluation."""
@@ -379,7 +381,7 @@ def fewshot_examples(spec: TaskSpec, pool: list[Row], index: int, k: int, seed: 
     return [pool[i] for i in rng.sample(candidates, k)]
 
 
-def build_prompt(spec: TaskSpec, row: Row, shots: list[Row], template: str | None = None) -> str:
+def build_prompt(spec: EvalTask, row: Row, shots: list[Row], template: str | None = None) -> str:
     """Few-shot examples (prompt + answer), separated by fewshot.separator, then the row's prompt."""
     template = template if template is not None else spec.prompt
     parts = [render(spec, template, s) + example_answer(spec, s) for s in shots]

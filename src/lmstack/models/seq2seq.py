@@ -8,7 +8,7 @@ T5 features built here: bucketed relative position bias (yes; one table for the 
 for the decoder self-attention, unidirectional, each shared by all layers of its stack, none in cross-attention),
 attention without the 1/sqrt(d) scale (`attn_scale=1.0`), pre-norm RMSNorm without biases, final norms, no
 embedding scaling, decoder output scaled by d_model**-0.5 before the tied head (`scale_decoder_outputs`), the
-gated-GELU MLP of T5 v1.1 (`gated_mlp`). `from_hf_t5_state_dict` / `config_from_hf_t5` map HF T5 checkpoints.
+gated-GELU MLP of T5 v1.1 (`gated_mlp`). HF T5 checkpoints are imported by `lmstack.checkpoints.hf`.
 Not built: T5's own weight initialisation (we use a simple normal init) and its fp16 clamping.
 
 Decoding interface (used by generation.py): `encode`, `decode` (with `input_pos` after `setup_cache`),
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -273,78 +272,3 @@ class Seq2Seq(nn.Module):
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
-
-
-# ---------------------------------------------------------------------------------- HF T5 mapping
-
-_T5_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
-
-
-def config_from_hf_t5(hf: dict[str, Any], name: str = "t5") -> Seq2SeqConfig:
-    """A Seq2SeqConfig from an HF T5 config.json dict (T5 and T5 v1.1: relu or gated-gelu)."""
-    proj = hf.get("feed_forward_proj", "relu")
-    gated = proj.startswith("gated-")
-    act = "gelu_new" if proj == "gated-gelu" else proj.removeprefix("gated-")  # HF's own special case
-    if act not in _T5_ACTIVATIONS:
-        raise LmstackError(f"unsupported T5 feed_forward_proj {proj!r}")
-    tied = hf.get("tie_word_embeddings", True)
-    # T5 v1.1 config.json files say tie_word_embeddings=false and have no scaling; transformers 5 always ties
-    # and writes the scaling as `scale_decoder_outputs` instead.
-    scale = hf.get("scale_decoder_outputs", tied)
-    return Seq2SeqConfig(
-        name=name, vocab_size=hf["vocab_size"], n_encoder_layer=hf["num_layers"],
-        n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"], n_head=hf["num_heads"],
-        d_model=hf["d_model"], d_ff=hf["d_ff"], head_dim=hf["d_kv"], max_seq_len=hf.get("n_positions", 512),
-        positions="relative", relative_buckets=hf.get("relative_attention_num_buckets", 32),
-        relative_max_distance=hf.get("relative_attention_max_distance", 128), norm="rmsnorm", norm_first=True,
-        norm_eps=hf.get("layer_norm_epsilon", 1e-6), activation=_T5_ACTIVATIONS[act], gated_mlp=gated,
-        bias=False, tie_embeddings=tied, scale_embeddings=False, final_norm=True, attn_scale=1.0,
-        scale_decoder_outputs=scale, dropout=hf.get("dropout_rate", 0.1),
-        pad_token_id=hf.get("pad_token_id", 0), bos_token_id=hf.get("decoder_start_token_id", 0),
-        eos_token_id=hf.get("eos_token_id", 1))
-
-
-_T5_KEY = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(.+)")
-_T5_SUBLAYERS = {"encoder": (("attn", "attn_norm"), ("mlp", "mlp_norm")),  # HF layer.N -> (module, its norm)
-                 "decoder": (("attn", "attn_norm"), ("cross_attn", "cross_norm"), ("mlp", "mlp_norm"))}
-_T5_LINEARS = {"SelfAttention.q": "q_proj", "SelfAttention.k": "k_proj", "SelfAttention.v": "v_proj",
-               "SelfAttention.o": "o_proj", "EncDecAttention.q": "q_proj", "EncDecAttention.k": "k_proj",
-               "EncDecAttention.v": "v_proj", "EncDecAttention.o": "o_proj", "DenseReluDense.wi": "up_proj",
-               "DenseReluDense.wi_0": "gate_proj", "DenseReluDense.wi_1": "up_proj",
-               "DenseReluDense.wo": "down_proj"}
-
-
-def from_hf_t5_state_dict(hf_state: dict[str, Tensor], config: Seq2SeqConfig) -> dict[str, Tensor]:
-    """Rename an HF T5ForConditionalGeneration state dict to Seq2Seq keys (tied copies are dropped)."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in hf_state.items():
-        if key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") or (
-                key == "lm_head.weight" and config.tie_embeddings):
-            continue  # copies of shared.weight
-        if key == "shared.weight":
-            out["tok_emb.weight"] = tensor
-        elif key == "lm_head.weight":
-            out["lm_head.weight"] = tensor
-        elif key in ("encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"):
-            out[f"{key.split('.')[0]}_norm.weight"] = tensor
-        elif (m := _T5_KEY.fullmatch(key)) is None:
-            raise LmstackError(f"unexpected T5 weight {key!r}")
-        else:
-            stack, block, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-            if sub >= len(_T5_SUBLAYERS[stack]):
-                raise LmstackError(f"unexpected T5 weight {key!r}")
-            module, norm = _T5_SUBLAYERS[stack][sub]
-            prefix = f"{stack}_layers.{block}"
-            if rest == "layer_norm.weight":
-                out[f"{prefix}.{norm}.weight"] = tensor
-            elif rest.endswith("relative_attention_bias.weight"):
-                if rest.startswith("SelfAttention") and block == 0:
-                    out[f"{stack}_rel_bias.weight"] = tensor
-                # HF also stores an unused cross-attention table in some checkpoints; it has no effect there.
-                elif not rest.startswith("EncDecAttention"):
-                    raise LmstackError(f"unexpected T5 weight {key!r}")
-            elif rest.removesuffix(".weight") in _T5_LINEARS:
-                out[f"{prefix}.{module}.{_T5_LINEARS[rest.removesuffix('.weight')]}.weight"] = tensor
-            else:
-                raise LmstackError(f"unexpected T5 weight {key!r}")
-    return out

@@ -1,20 +1,19 @@
-"""Parameter-efficient fine-tuning: LoRA / QLoRA (NF4), prompt tuning, prefix tuning, bottleneck adapters, and
-LoRA interop with Hugging Face peft. Each method changes a model in place by swapping or wrapping modules
-(never by subclassing it) and freezes everything but its own weights, so the one Trainer trains it unchanged.
+"""Parameter-efficient fine-tuning: LoRA / QLoRA (an NF4 base from lmstack.quant), prompt tuning, prefix tuning,
+bottleneck adapters, and LoRA interop with Hugging Face peft. Each method changes a model in place by swapping
+or wrapping modules (never by subclassing it) and freezes everything but its own weights, so the one Trainer
+trains it unchanged. `peft_state_dict` / `load_peft_state_dict` move any method's weights alone; "adapter" means
+such a method's output folder (`--adapter DIR`, see methods.py).
 """
 
-from lmstack.peft.adapter import BottleneckAdapter, WithAdapter, adapter_state_dict, apply_adapters
+from lmstack.peft.bottleneck import BottleneckAdapter, WithBottleneck, apply_bottleneck
 from lmstack.peft.export import export_peft_adapter, import_peft_adapter, read_peft_adapter
-from lmstack.peft.lora import (TARGETS, LoRALinear, apply_lora, disable_adapter, load_lora_state_dict,
-                               load_trainable_state_dict, lora_config, lora_state_dict, merge_lora, peft_modules,
-                               resolve_targets, trainable_state_dict)
-from lmstack.peft.nf4 import NF4_LEVELS, NF4Weight
+from lmstack.peft.lora import (TARGETS, LoRALinear, apply_lora, disable_adapter, load_peft_state_dict, lora_config,
+                               merge_lora, peft_modules, peft_state_dict, resolve_targets)
 from lmstack.peft.prompt import PrefixTuning, PromptTuned, apply_prefix_tuning
 
 __all__ = [
-    "TARGETS", "BottleneckAdapter", "LoRALinear", "NF4Weight", "NF4_LEVELS", "PrefixTuning", "PromptTuned",
-    "WithAdapter", "adapter_state_dict", "apply_adapters", "apply_lora", "apply_prefix_tuning", "disable_adapter",
-    "export_peft_adapter", "import_peft_adapter", "load_lora_state_dict", "load_trainable_state_dict",
-    "lora_config", "lora_state_dict", "merge_lora", "peft_modules", "read_peft_adapter", "resolve_targets",
-    "trainable_state_dict",
+    "TARGETS", "BottleneckAdapter", "LoRALinear", "PrefixTuning", "PromptTuned", "WithBottleneck",
+    "apply_bottleneck", "apply_lora", "apply_prefix_tuning", "disable_adapter", "export_peft_adapter",
+    "import_peft_adapter", "load_peft_state_dict", "lora_config", "merge_lora", "peft_modules", "peft_state_dict",
+    "read_peft_adapter", "resolve_targets",
 ]

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lmstack.checkpoints import read_safetensors
+from lmstack.checkpoints.native import read_safetensors
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write, atomic_write_json, read_json
-from lmstack.peft.lora import TARGETS, apply_lora, lora_config, lora_layers, load_lora_state_dict, lora_state_dict
+from lmstack.peft.lora import TARGETS, apply_lora, load_peft_state_dict, lora_config, lora_layers, peft_state_dict
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -60,7 +60,7 @@ def export_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_o
     cfg = lora_config(model)  # an NF4 base changes nothing here: the adapter itself is full precision
     if any(layer.merged for layer in lora_layers(model).values()):
         raise LmstackError("unmerge the LoRA layers before exporting the adapter")
-    weights = {to_peft_key(k): v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    weights = {to_peft_key(k): v.detach().cpu().contiguous() for k, v in peft_state_dict(model).items()}
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
@@ -125,5 +125,5 @@ def import_peft_adapter(path: str | Path, model: nn.Module, nf4: bool = False) -
             raise LmstackError(f"{path}: adapter has rank {settings['rank']}, alpha {settings['alpha']:g}; the model's "
                                f"LoRA layers have rank {have['rank']}, alpha {have['alpha']:g}")
     with torch.no_grad():
-        load_lora_state_dict(model, state, source=str(Path(path) / WEIGHTS_FILE))
+        load_peft_state_dict(model, state, source=str(Path(path) / WEIGHTS_FILE))
     return model

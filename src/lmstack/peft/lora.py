@@ -6,9 +6,10 @@
 `lora_b`. A is kaiming-uniform and B zero (as in peft), so a fresh adapter leaves the model unchanged. With
 `nf4=True` the frozen base weight is held as an `NF4Weight` and dequantized on the fly.
 
-`apply_lora` swaps the targeted Linears in place and freezes everything else; `lora_state_dict` /
-`load_lora_state_dict` move the adapter alone; `merge_lora` folds it into plain Linears for export; and
-`disable_adapter(model)` turns every PEFT module off at once, which gives DPO and PPO their reference model.
+`apply_lora` swaps the targeted Linears in place and freezes everything else; `peft_state_dict` /
+`load_peft_state_dict` move the adapter alone (for every PEFT method); `merge_lora` folds it into plain
+Linears for export; and `disable_adapter(model)` turns every PEFT module off at once, which gives DPO and PPO
+their reference model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.errors import LmstackError
-from lmstack.peft.nf4 import NF4Weight
+from lmstack.quant import NF4Weight
 
 # Short target names -> the Linear attribute names in lmstack's blocks (the same as HF Llama's).
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -53,6 +54,7 @@ class LoRALinear(nn.Module):
     """nn.Linear plus a low-rank update. `merged`: the update is folded into `weight`; `disabled`: base only."""
 
     peft_switch = True  # disable_adapter() turns this module off
+    peft_weights = ("lora_a", "lora_b")  # what peft_state_dict saves
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int = 8,
                  alpha: float = 16.0, dropout: float = 0.0, device: torch.device | str | None = None,
@@ -226,11 +228,6 @@ def lora_config(model: nn.Module) -> dict[str, object]:
             "targets": [short[t] for t in TARGETS.values() if t in found], "nf4": first.nf4 is not None}
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter alone: every `*.lora_a` / `*.lora_b` tensor, keyed as in the model's state dict."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b"))}
-
-
 def check_state_dict(expected: dict[str, Tensor], state: dict[str, Tensor], source: str) -> None:
     """Refuse a key or shape mismatch between adapter tensors and what the model holds, naming the first."""
     missing = sorted(set(expected) - set(state))
@@ -246,35 +243,37 @@ def check_state_dict(expected: dict[str, Tensor], state: dict[str, Tensor], sour
                                f"the model expects {list(expected[key].shape)}")
 
 
+def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The PEFT methods' own weights alone (LoRA's A and B, bottleneck adapters, virtual tokens, prefixes), keyed
+    as in the model's state dict; what an adapter file holds. Every PEFT module names its weights in
+    `peft_weights`, so this holds whether or not they require grad (a loaded adapter is frozen)."""
+    out: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        for attr in getattr(module, "peft_weights", ()):
+            part = getattr(module, attr, None)  # absent: e.g. a direct prefix has no MLP
+            key = f"{name}.{attr}" if name else attr
+            if isinstance(part, nn.Module):
+                out.update({f"{key}.{k}": v for k, v in part.state_dict().items()})
+            elif isinstance(part, Tensor):
+                out[key] = part.detach()
+    return out
+
+
 @torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "adapter") -> None:
-    """Copy adapter tensors into the model's LoRA layers, refusing any key or shape mismatch by name."""
-    expected = lora_state_dict(model)
+def load_peft_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "adapter") -> None:
+    """The inverse of peft_state_dict: copy a method's weights into a model the method was applied to, refusing
+    any key or shape mismatch by name. Merged LoRA layers stay merged, with the new update."""
+    expected = peft_state_dict(model)
     if not expected:
-        raise LmstackError(f"{source}: the model has no LoRA layers; apply_lora first")
+        raise LmstackError(f"{source}: the model has no PEFT layers: apply_lora first (or the adapter's method)")
     check_state_dict(expected, state, source)
-    for name, layer in lora_layers(model).items():
-        was_merged = layer.merged
+    merged = [layer for layer in lora_layers(model).values() if layer.merged]
+    for layer in merged:
         layer.unmerge()
-        layer.lora_a.copy_(state[f"{name}.lora_a"])
-        layer.lora_b.copy_(state[f"{name}.lora_b"])
-        if was_merged:
-            layer.merge()
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter that requires grad (any PEFT method's own weights), keyed as in the model."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def load_trainable_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "adapter") -> None:
-    """The inverse of trainable_state_dict, for prompt, prefix and bottleneck adapters (LoRA has its own, which
-    also handles merged layers)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    check_state_dict(params, state, source)
-    for name, tensor in state.items():
-        params[name].copy_(tensor)
+    for key, tensor in expected.items():
+        tensor.copy_(state[key])  # shares storage with the parameter
+    for layer in merged:
+        layer.merge()
 
 
 @torch.no_grad()

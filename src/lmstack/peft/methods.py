@@ -9,7 +9,6 @@ A full fine-tune writes a whole native checkpoint instead.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ class PeftSpec:
 
 def apply_method(model: nn.Module, spec: PeftSpec, tokenizer: Any = None) -> nn.Module:
     """Make `model` trainable by `spec.method`; returns the model to train (prompt tuning wraps it)."""
-    from lmstack.peft import PromptTuned, apply_adapters, apply_lora, apply_prefix_tuning
+    from lmstack.peft import PromptTuned, apply_bottleneck, apply_lora, apply_prefix_tuning
 
     spec.validate()
     if spec.method == "full":
@@ -63,18 +62,15 @@ def apply_method(model: nn.Module, spec: PeftSpec, tokenizer: Any = None) -> nn.
         return PromptTuned(model, spec.n_virtual, init_ids=init)
     if spec.method == "prefix":
         return apply_prefix_tuning(model, spec.prefix_len, hidden=spec.prefix_hidden)
-    return apply_adapters(model, bottleneck=spec.bottleneck)
-
-
-def adapter_weights(model: nn.Module) -> dict:
-    """The method's own trainable weights, keyed as in `model`."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return apply_bottleneck(model, bottleneck=spec.bottleneck)  # "adapter": Houlsby's bottleneck adapters
 
 
 def save_adapter(model: nn.Module, spec: PeftSpec, out_dir: str | Path, base_model: str,
                  extra: dict[str, Any] | None = None) -> Path:
+    from lmstack.peft.lora import peft_state_dict
+
     out = Path(out_dir)
-    weights = adapter_weights(model)
+    weights = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
     atomic_write(out / "adapter.safetensors", lambda tmp: save_file(weights, tmp))
     atomic_write_json(out / "adapter.json", {"format": ADAPTER_FORMAT, "base_model": base_model,
                                              "peft": dataclasses.asdict(spec), **(extra or {})})
@@ -97,8 +93,8 @@ def read_adapter_spec(path: str | Path) -> tuple[PeftSpec, dict[str, Any]]:
 def load_adapter(model: nn.Module, path: str | Path, tokenizer: Any = None) -> nn.Module:
     """Apply the adapter in `path` (lmstack or Hugging Face peft format) to `model`, unmerged; returns the model
     to run. A mismatched base gives one line naming the first mismatched tensor and both shapes."""
-    from lmstack.checkpoints import read_safetensors
-    from lmstack.peft import import_peft_adapter, load_lora_state_dict, load_trainable_state_dict
+    from lmstack.checkpoints.native import read_safetensors
+    from lmstack.peft import import_peft_adapter, load_peft_state_dict
 
     path = Path(path)
     spec, _ = read_adapter_spec(path)
@@ -109,14 +105,7 @@ def load_adapter(model: nn.Module, path: str | Path, tokenizer: Any = None) -> n
     spec_no_init = dataclasses.replace(spec, prompt_init=None)  # the weights below replace any init
     model = apply_method(model, spec_no_init, tokenizer)
     state = read_safetensors(path / "adapter.safetensors")
-    if spec.method in ("lora", "qlora"):
-        load_lora_state_dict(model, state, source=str(path))
-    else:
-        load_trainable_state_dict(model, state, source=str(path))
+    load_peft_state_dict(model, state, source=str(path))
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
-
-def spec_summary(spec: PeftSpec) -> str:
-    return json.dumps({k: v for k, v in dataclasses.asdict(spec).items() if v is not None})

@@ -50,6 +50,7 @@ class PromptTuned(nn.Module):
     """
 
     peft_switch = True  # disable_adapter() runs the bare model (training-style calls only)
+    peft_weights = ("prompt",)  # what peft_state_dict saves (not the wrapped model)
 
     def __init__(self, model: nn.Module, n_virtual: int, init_ids: list[int] | Tensor | None = None) -> None:
         super().__init__()
@@ -181,6 +182,7 @@ class PrefixTuning(nn.Module):
     """
 
     peft_switch = True  # disable_adapter() detaches the prefixes, giving the exact base computation
+    peft_weights = ("prefix", "embedding", "mlp_in", "mlp_out")  # direct, or the reparameterization's
 
     def __init__(self, attentions: list[Attention], n_prefix: int, d_model: int, hidden: int | None = None,
                  init_std: float = 0.02) -> None:
@@ -233,7 +235,7 @@ class PrefixTuning(nn.Module):
 
 def _self_attentions(model: nn.Module) -> list[Attention]:
     blocks = [m for m in model.modules() if isinstance(m, Block)]
-    attns = [getattr(b.attn, "inner", b.attn) for b in blocks]  # see through a bottleneck-adapter wrapper
+    attns = [getattr(b.attn, "inner", b.attn) for b in blocks]  # see through a WithBottleneck wrapper
     if not attns or not all(isinstance(a, Attention) for a in attns):
         raise LmstackError("prefix tuning needs a model built from lmstack attention blocks")
     return attns

@@ -92,12 +92,8 @@ def get_generator(model: str, adapter: str | None = None, dtype: str = "float32"
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
 
-    loaded = load_model(model, dtype=dtype)
+    loaded = load_model(model, adapter=adapter, dtype=dtype)
     net = loaded.model
-    if adapter is not None:
-        from lmstack.peft.methods import load_adapter
-
-        net = load_adapter(net, adapter, loaded.tokenizer)
     if loaded.tokenizer is None or loaded.tokenizer.chat_template is None:
         raise LmstackError(f"{model}: answering needs a chat model with a chat template")
     return Generator(net, loaded.tokenizer)

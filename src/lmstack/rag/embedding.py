@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write, require_path
 
@@ -23,7 +24,7 @@ class Embedder:
     def __init__(self, name: str, batch_size: int = 32) -> None:
         from lmstack.checkpoints import load_model
 
-        loaded = load_model(name)
+        loaded = load_model(name, dtype="float32")
         if getattr(loaded.config, "family", None) != "encoder" or loaded.tokenizer is None:
             raise LmstackError(f"{name}: not a sentence encoder (need an encoder model with a tokenizer, "
                                "e.g. minilm-l6)")
@@ -75,7 +76,7 @@ def read_texts(path: Path, field: str | None) -> list[str]:
     return texts
 
 
-def embed_file(input: str, out: str, model: str = "minilm-l6", batch_size: int = 32,
+def embed_file(input: str, out: str, model: str = DEFAULT_EMBEDDING_MODEL, batch_size: int = 32,
                field: str | None = None) -> dict[str, Any]:
     """Embed the texts of `input` and write them to `out` (.npy, or .safetensors under the key "embeddings")."""
     src, dst = require_path(input), Path(out)

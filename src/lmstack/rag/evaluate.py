@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lmstack.checkpoints.registry import DEFAULT_MODEL
 from lmstack.errors import LmstackError
 from lmstack.evaluation.metrics import exact_match_score, normalize_answer, token_f1_score
 from lmstack.io import atomic_write_json, require_path
@@ -153,7 +154,7 @@ def faithfulness(answer: str, hits: list[Hit]) -> float | None:
 
 
 def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, generate: bool = True,
-             limit: int | None = None, model: str = "smollm2-135m-instruct", adapter: str | None = None,
+             limit: int | None = None, model: str = DEFAULT_MODEL, adapter: str | None = None,
              max_new_tokens: int = 64, min_score: float = 0.3, out: str | None = None,
              progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
 from lmstack.errors import LmstackError
 from lmstack.rag.chunk import Chunk, chunk_document
 from lmstack.rag.embedding import Embedder, get_embedder
@@ -89,7 +90,7 @@ class _Batch:
         return at
 
 
-def ingest(paths: list[str], index: str, embedding_model: str = "minilm-l6", source: str | None = None,
+def ingest(paths: list[str], index: str, embedding_model: str = DEFAULT_EMBEDDING_MODEL, source: str | None = None,
            field: str = "text", chunk_tokens: int | None = None, overlap: int | None = None, prune: bool = False,
            batch_size: int = 32, progress: bool = True, embedder: Embedder | None = None) -> dict[str, Any]:
     """Add, update and (with prune) remove the documents under `paths` in the index at `index`."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_text
 
@@ -234,10 +235,10 @@ def final_answer(text: str) -> str:
 # ------------------------------------------------------------------------------------------------ build
 
 
-def build(corpus: str, out: str, qa: str | None = None, model: str = "smollm2-135m-instruct",
+def build(corpus: str, out: str, qa: str | None = None, model: str = DEFAULT_MODEL,
           questions_per_chunk: int = 1, distractors: int = 4, p: float = 0.8, seed: int = 0,
           format: Literal["chat", "alpaca"] = "chat", chunk_tokens: int = 200, overlap: int = 0,
-          limit: int | None = None, max_new_tokens: int = 96, embedding_model: str = "minilm-l6",
+          limit: int | None = None, max_new_tokens: int = 96, embedding_model: str = DEFAULT_EMBEDDING_MODEL,
           field: str = "text", progress: bool = True) -> dict[str, Any]:
     from lmstack.rag.embedding import get_embedder
 

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
 from lmstack.errors import LmstackError
 
 
@@ -39,7 +40,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 class Engine:
     model: str  # registry name or path
     adapters: dict[str, Path] = field(default_factory=dict)
-    embedding_model: str | None = "minilm-l6"
+    embedding_model: str | None = DEFAULT_EMBEDDING_MODEL
     max_batch: int = 8
     context: int = 2048  # cache slots per row: prompt + completion
     dtype: str = "float32"
@@ -75,7 +76,7 @@ class Engine:
             self.scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch=self.max_batch,
                                        context=self.context, router=router, metrics=self.metrics)
             if self.embedding_model:
-                enc = load_model(self.embedding_model)
+                enc = load_model(self.embedding_model, dtype="float32")
                 if getattr(enc.config, "family", None) != "encoder" or enc.tokenizer is None:
                     raise LmstackError(f"--embedding-model {self.embedding_model} is not an encoder with a tokenizer")
                 self.encoder, self.encoder_tokenizer = enc.model, enc.tokenizer

@@ -1,1 +1,1 @@
-"""The one trainer, its objectives, optimizer, schedule and checkpoints."""
+"""The one trainer, its objectives, optimizer, schedule and resumable state (state.py; model files: checkpoints/)."""

@@ -28,8 +28,7 @@ from lmstack.checkpoints import load_model, save_native
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_json
 from lmstack.peft.lora import TARGETS, resolve_targets
-from lmstack.peft.methods import ADAPTER_FORMAT, METHODS, PeftSpec, apply_method, load_adapter, read_adapter_spec, \
-    save_adapter
+from lmstack.peft.methods import ADAPTER_FORMAT, METHODS, PeftSpec, apply_method, read_adapter_spec, save_adapter
 from lmstack.training.objectives import causal_lm_targets
 from lmstack.training.pretrain import TRAIN_KEYS, load_run_config, resolve_path
 from lmstack.training.trainer import TrainConfig, Trainer
@@ -79,7 +78,7 @@ def peft_spec(method: str, run: dict[str, Any]) -> PeftSpec:
 
 def task_specs(run: dict[str, Any]) -> list[Any]:
     """`tasks:` from the config, or one task per --data (NAME=PATH names it), with --weight / --val-data."""
-    from lmstack.data.instruct import TaskSpec, parse_fields
+    from lmstack.data.instruct import InstructionTask, parse_fields
 
     fields = run.get("fields")
     fields = parse_fields(fields) if isinstance(fields, str) else fields
@@ -88,7 +87,7 @@ def task_specs(run: dict[str, Any]) -> list[Any]:
     if run.get("tasks"):
         if run.get("data"):
             raise LmstackError("give the data as --data or as `tasks:` in the config, not both")
-        known = {f.name for f in dataclasses.fields(TaskSpec)}
+        known = {f.name for f in dataclasses.fields(InstructionTask)}
         specs = []
         for k, task in enumerate(run["tasks"]):
             if not isinstance(task, dict) or "path" not in task:
@@ -103,7 +102,7 @@ def task_specs(run: dict[str, Any]) -> list[Any]:
             task["path"] = str(resolve_path(str(task["path"])))
             if task.get("val_path"):
                 task["val_path"] = str(resolve_path(str(task["val_path"])))
-            specs.append(TaskSpec(**task))
+            specs.append(InstructionTask(**task))
         return specs
     data = run.get("data")
     paths = [data] if isinstance(data, str) else list(data or [])
@@ -118,7 +117,7 @@ def task_specs(run: dict[str, Any]) -> list[Any]:
         name, path = None, str(item)
         if "=" in path and not Path(path).exists():
             name, path = path.split("=", 1)
-        specs.append(TaskSpec(str(resolve_path(path)), weight=float(weights[k]) if weights else None,
+        specs.append(InstructionTask(str(resolve_path(path)), weight=float(weights[k]) if weights else None,
                               val_path=str(resolve_path(str(val[k]))) if val else None, name=name, **shared))
     return specs
 
@@ -253,20 +252,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-# ------------------------------------------------------------------------------------------ using adapters
-
-
-def load_with_adapter(model: str | None, adapter: str, dtype: str = "float32"):
-    """Load the adapter's base (or `model`, when given) and apply the adapter unmerged: a LoadedModel whose
-    model runs with it."""
-    spec, info = read_adapter_spec(adapter)
-    base = model or info.get("base_model")
-    if not base:
-        raise LmstackError(f"{adapter}: the adapter does not name its base model; pass --model")
-    loaded = load_model(str(base), dtype=dtype)
-    loaded.model = load_adapter(loaded.model, adapter, loaded.tokenizer)
-    loaded.source = f"{loaded.source} + adapter {adapter}"
-    return loaded
+# ------------------------------------------------------------------------------------------ merge
 
 
 def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float32") -> Path:
@@ -281,7 +267,7 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
     if spec.method not in ("lora", "qlora", "peft-lora"):
         raise LmstackError(f"{adapter}: a {spec.method} adapter cannot be merged into the base weights (only "
                            "LoRA / QLoRA can); run it unmerged with --adapter")
-    loaded = load_with_adapter(model, adapter, dtype)
+    loaded = load_model(model, adapter=adapter, dtype=dtype)
     merged = merge_lora(loaded.model, dtype=loaded.model.dtype)
     metadata = {"merged_adapter": str(adapter), "base_model": info.get("base_model") or model,
                 "peft": dataclasses.asdict(spec)}

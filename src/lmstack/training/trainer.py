@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_text
-from lmstack.training import checkpoint as ckpt
+from lmstack.training import state as ckpt
 from lmstack.training.flops import measure_peak_flops, model_train_flops_per_token
 from lmstack.training.optim import lr_at, make_optimizer
 

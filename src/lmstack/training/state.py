@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic, verified, keep-last-K, exact resume.
+"""The trainer's resumable state (not a model format: that is `lmstack.checkpoints`): atomic, verified,
+keep-last-K, exact resume.
 
 A checkpoint is a folder `step_000123/` holding model.safetensors (trainable weights), optimizer.pt (our own
 optimizer state, read back with weights_only=True), rng.safetensors and state.json. state.json is written last

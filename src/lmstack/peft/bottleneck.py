@@ -1,11 +1,12 @@
 """Houlsby bottleneck adapters (Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP").
 
 A small residual MLP, h + up(act(down(h))), placed after the attention and after the MLP of every block, before
-each residual add. It is inserted by composition: `block.attn` and `block.mlp` are wrapped by `WithAdapter`,
+each residual add. It is inserted by composition: `block.attn` and `block.mlp` are wrapped by `WithBottleneck`,
 which calls the original module (all arguments passed through) and then the adapter. No model class changes.
 
 Note: wrapping moves the wrapped module's keys under `.inner` (layers.0.attn.inner.q_proj.weight), so load base
-weights before `apply_adapters` and save the adapter alone with `adapter_state_dict`.
+weights before `apply_bottleneck` and save the bottlenecks alone with `peft.lora.peft_state_dict` (their keys are
+`layers.0.attn.adapter.down.weight`, ...: `adapter` is the attribute, kept so that saved files stay loadable).
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(self.act(self.down(h.to(w.dtype)))).to(h.dtype)
 
 
-class WithAdapter(nn.Module):
+class WithBottleneck(nn.Module):
     """inner(*args, **kwargs), then the adapter; attributes it lacks are read from `inner`. Everything a call
     needs (the KV cache too) comes in its arguments, so nothing has to be forwarded into `inner`."""
 
-    peft_switch = True  # disable_adapter() turns the adapter off
+    peft_switch = True  # disable_adapter() turns the bottleneck off
+    peft_weights = ("adapter",)  # what peft_state_dict saves
 
     def __init__(self, inner: nn.Module, adapter: BottleneckAdapter) -> None:
         super().__init__()
@@ -67,21 +69,21 @@ class WithAdapter(nn.Module):
             return getattr(self.inner, name)
 
 
-def apply_adapters(model: nn.Module, bottleneck: int = 64, activation: str = "gelu",
-                   init_std: float = 1e-2) -> nn.Module:
+def apply_bottleneck(model: nn.Module, bottleneck: int = 64, activation: str = "gelu",
+                     init_std: float = 1e-2) -> nn.Module:
     """Wrap the attention and MLP of every block with a bottleneck adapter (in place); freeze everything else."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
         raise LmstackError("the model has no transformer blocks to put adapters in")
-    if any(isinstance(b.attn, WithAdapter) for b in blocks):
+    if any(isinstance(b.attn, WithBottleneck) for b in blocks):
         raise LmstackError("the model already has bottleneck adapters")
     for p in model.parameters():
         p.requires_grad_(False)
     for block in blocks:
         dim = block.attn.o_proj.out_features  # d_model (also for LoRALinear projections)
         device, dtype = _param_like(block)
-        block.attn = WithAdapter(block.attn, BottleneckAdapter(dim, bottleneck, activation, init_std))
-        block.mlp = WithAdapter(block.mlp, BottleneckAdapter(dim, bottleneck, activation, init_std))
+        block.attn = WithBottleneck(block.attn, BottleneckAdapter(dim, bottleneck, activation, init_std))
+        block.mlp = WithBottleneck(block.mlp, BottleneckAdapter(dim, bottleneck, activation, init_std))
         block.attn.adapter.to(device=device, dtype=dtype)
         block.mlp.adapter.to(device=device, dtype=dtype)
     return model
@@ -91,8 +93,3 @@ def _param_like(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(module.parameters())
     # Adapter weights stay float32 over a half-precision model (the trainer's bf16 autocast handles the matmuls).
     return p.device, torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapters alone, keyed as in the model's state dict (`layers.0.attn.adapter.down.weight`, ...)."""
-    return {k: v for k, v in model.state_dict().items() if ".adapter." in k}

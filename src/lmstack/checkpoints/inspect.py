@@ -1,0 +1,117 @@
+"""`lmstack models list`, `lmstack models show` and `lmstack convert`, and the summary they print.
+
+Heavy modules (torch, the importers) are imported inside the functions, so `lmstack --help` starts fast. No
+`from __future__ import annotations` here: the CLI reads these signatures' annotations as real types.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from lmstack.errors import LmstackError
+
+if TYPE_CHECKING:
+    from lmstack.checkpoints.load import LoadedModel
+
+DType = Literal["float32", "bfloat16"]
+
+
+def model_summary(loaded: "LoadedModel") -> dict[str, Any]:
+    """What `lmstack models show` prints."""
+    from lmstack.config import config_to_dict
+
+    cfg = loaded.config
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    out = {"source": loaded.source, "family": cfg.family, "config": config_to_dict(cfg), "parameters": n_params,
+           "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
+    out.update(loaded.metadata)
+    if loaded.tokenizer is not None:
+        out["tokenizer"] = {"vocab_size": loaded.tokenizer.vocab_size, "bos": loaded.tokenizer.bos_token,
+                            "eos": loaded.tokenizer.eos_token, "hash": loaded.tokenizer.hash()}
+        out["chat_template"] = loaded.tokenizer.chat_template
+    return out
+
+
+# -------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelEntry:
+    """One row of `lmstack models list`."""
+
+    name: str
+    kind: Literal["model", "preset"]
+    description: str
+    installed: bool  # weights are on this machine (presets have none: always False)
+    path: str | None = None
+
+
+def list_models() -> list[ModelEntry]:
+    """Registry models (with weights, from installed packages) and config presets (architectures, no weights)."""
+    from lmstack.checkpoints.registry import REGISTRY
+    from lmstack.config import PRESETS, from_name
+    entries = []
+    for name, (description, locate) in REGISTRY.items():
+        path = locate()
+        installed = path is not None and path.exists()
+        entries.append(ModelEntry(name, "model", description, installed, str(path) if installed else None))
+    for name in PRESETS:
+        cfg = from_name(name)  # a dataclass: cheap, and it fills in the defaults
+        layers = getattr(cfg, "n_layer", None) or f"{cfg.n_encoder_layer}+{cfg.n_decoder_layer}"
+        entries.append(ModelEntry(name, "preset", f"{cfg.family} config: {layers} layers, d_model {cfg.d_model}, "
+                                                  f"vocab {cfg.vocab_size}", installed=False))
+    return entries
+
+
+def show_model(name: str) -> dict[str, Any]:
+    """Describe a model: architecture, parameter count, layers, heads, context, dtype or quant types, tokenizer.
+
+    Args:
+        name: A registry name, a path to a checkpoint, or a config preset (shown without weights).
+    """
+    from lmstack.checkpoints.registry import REGISTRY
+    from lmstack.config import PRESETS
+    if name in PRESETS and name not in REGISTRY and not Path(name).exists():
+        return _preset_summary(name)
+    from lmstack.checkpoints.load import load_model
+    return model_summary(load_model(name))
+
+
+def _preset_summary(name: str) -> dict[str, Any]:
+    import torch
+
+    from lmstack.checkpoints.load import LoadedModel
+    from lmstack.config import from_name
+    from lmstack.models import build_model
+    config = from_name(name)
+    with torch.device("meta"):  # count parameters without allocating them
+        model = build_model(config)
+    summary = model_summary(LoadedModel(model=model, tokenizer=None, config=config, source=f"preset {name}"))
+    summary["dtype"] = "none (a preset has no weights)"
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- convert
+
+
+def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype: DType = "float32") -> Path:
+    """Convert a checkpoint (registry name, GGUF, HF or native folder) into a native or an HF folder.
+
+    Args:
+        src: What to convert: a registry name, a GGUF file, an HF folder or a native folder.
+        dst: The output folder (created; files in it are replaced atomically).
+        to: Output format: native (lmstack safetensors + JSON) or hf (a transformers folder).
+        dtype: dtype of the saved weights (quantized GGUF weights are dequantized to it).
+    """
+    from lmstack.checkpoints.load import load_model
+    from lmstack.checkpoints.native import save_native
+    out = Path(dst)
+    if out.exists() and not out.is_dir():
+        raise LmstackError(f"{dst}: exists and is not a folder")
+    loaded = load_model(src, dtype=dtype)
+    if to == "native":
+        metadata = {**loaded.metadata, "converted_from": loaded.source}
+        return save_native(loaded.model, loaded.tokenizer, out, metadata=metadata)
+    from lmstack.checkpoints.hf import export_hf
+    export_hf(loaded.model, loaded.tokenizer, out)
+    return out

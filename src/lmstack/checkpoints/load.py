@@ -1,0 +1,181 @@
+"""The one loader, `load_model(name_or_path, adapter=None, dtype="auto")`: generate, chat, eval, rag, serve, merge.
+
+    name or path --registry.resolve--> file/folder --detect_format--> native | gguf | hf importer
+        --> (config, state dict in lmstack keys, tokenizer, metadata) --instantiate--> model in eval mode
+        [--adapter DIR: the PEFT method re-applied, unmerged, with its weights]
+
+`dtype="auto"` is bfloat16 where it runs natively (a CUDA device, or a CPU with AVX512-BF16 or AMX) and float32
+elsewhere; `LoadedModel.dtype` says which was chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lmstack.checkpoints.native import load_native_parts
+from lmstack.checkpoints.registry import detect_format, resolve
+from lmstack.config import ModelConfig
+from lmstack.errors import LmstackError
+from lmstack.models import build_model
+from lmstack.tokenizer import Tokenizer
+
+CPUINFO = Path("/proc/cpuinfo")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # either one: bf16 matmuls run natively
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    source: str  # the path it came from (+ the adapter, when one is applied)
+    metadata: dict[str, Any] = field(default_factory=dict)  # e.g. quant types of the source file
+    dtype: str = "float32"  # the dtype the weights were loaded in ("auto" resolved), for the verbs to report
+
+
+# ------------------------------------------------------------------------------------------ dtype
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = CPUINFO) -> bool:
+    """True when the CPU flags name AVX512-BF16 or AMX-BF16. `cpuinfo` is /proc/cpuinfo's text or a path to it;
+    a missing file (not Linux) counts as no."""
+    if isinstance(cpuinfo, Path):
+        try:
+            cpuinfo = cpuinfo.read_text(errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":  # every core lists the same flags: the first line decides
+            return any(flag in value.split() for flag in BF16_CPU_FLAGS)
+    return False
+
+
+def auto_dtype(device: str | torch.device = "cpu", cpuinfo: str | Path = CPUINFO) -> torch.dtype:
+    """bfloat16 on CUDA or on a CPU with native bf16, float32 otherwise."""
+    kind = torch.device(device).type
+    if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16(cpuinfo)):
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name ("auto", "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16") as a torch dtype."""
+    if name == "auto":
+        return auto_dtype(device)
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise LmstackError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtype: torch.dtype | str = "auto",
+               device: str = "cpu") -> LoadedModel:
+    """Load any supported checkpoint into an lmstack model in eval mode.
+
+    `adapter`: a PEFT output folder (lmstack's adapter.json or Hugging Face peft's adapter_config.json), applied
+    unmerged. With an adapter and no `name_or_path`, the base model is the one the adapter names.
+    """
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype, device)
+    if adapter is not None:
+        return _load_with_adapter(name_or_path, str(adapter), dtype, device)
+    if not name_or_path:
+        raise LmstackError("no model given: pass a registry name or a checkpoint path")
+    path = resolve(name_or_path)
+    fmt = detect_format(path)
+    if fmt == "native":
+        config, state, tokenizer, metadata = load_native_parts(path)
+    elif fmt == "gguf":
+        from lmstack.checkpoints.gguf import load_gguf
+        config, state, tokenizer, metadata = load_gguf(path)
+    else:
+        from lmstack.checkpoints.hf import load_hf
+        config, state, tokenizer, metadata = load_hf(path)
+    model = instantiate(config, state, dtype=dtype, device=device, source=str(path))
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(path), metadata=metadata,
+                       dtype=str(dtype).removeprefix("torch."))
+
+
+def _load_with_adapter(model: str | None, adapter: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    from lmstack.peft.methods import load_adapter, read_adapter_spec
+
+    _, info = read_adapter_spec(adapter)
+    base = model or info.get("base_model")
+    if not base:
+        raise LmstackError(f"{adapter}: the adapter does not name its base model; pass --model")
+    loaded = load_model(str(base), dtype=dtype, device=device)
+    loaded.model = load_adapter(loaded.model, adapter, loaded.tokenizer)
+    loaded.source = f"{loaded.source} + adapter {adapter}"
+    return loaded
+
+
+def instantiate(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str = "cpu",
+                source: str = "checkpoint") -> nn.Module:
+    """Build the model on the meta device, then adopt the checkpoint's tensors (no double allocation)."""
+    with torch.device("meta"), skip_init():
+        model = build_model(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise LmstackError(f"{source}: checkpoint does not match the {config.family} config: {'; '.join(parts)}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise LmstackError(f"{source}: {key} has shape {tuple(tensor.shape)}, the config expects "
+                               f"{tuple(expected[key].shape)}")
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    # Non-persistent buffers (RoPE tables) were made on meta: every model class rebuilds its own.
+    with torch.device(device):
+        model.reset_buffers()
+    return model.eval()
+
+
+# The in-place fills that random initialisation ends in, and nn.init's public functions (which reach the mode
+# first, through handle_torch_function, before any fill runs).
+_INIT_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
+    [getattr(nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_",
+                                        "xavier_uniform_", "xavier_normal_", "trunc_normal_", "zeros_", "ones_",
+                                        "constant_", "orthogonal_", "eye_", "dirac_", "sparse_")]
+    + [getattr(torch.Tensor, name) for name in ("normal_", "uniform_", "random_", "zero_", "fill_",
+                                               "exponential_", "bernoulli_", "cauchy_", "log_normal_",
+                                               "geometric_")])
+
+
+class _SkipInit(TorchFunctionMode):
+    """Returns the tensor unchanged for every random or constant initialisation call."""
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if func in _INIT_FUNCTIONS:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Skip weight initialisation while a skeleton is built: the checkpoint overwrites every weight anyway, and
+    normal_ on the meta device goes through torch._refs, which imports torch._dynamo (seconds).
+
+    A torch function mode, not a patch of torch.nn.init: modes live on the calling thread's stack, so a server's
+    other threads keep initialising normally while one of them loads a model."""
+    with _SkipInit():
+        yield
