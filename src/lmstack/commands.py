@@ -359,7 +359,7 @@ def tokenizer_train(inputs: list[str], *, out: str, kind: Literal["bpe", "char"]
         doc_split: how plain text splits into documents: file, line or blank-line.
     """
     from lmstack.data.tokenizer_train import train_tokenizer
-    return train_tokenizer(inputs, out, kind=kind, vocab_size=vocab_size, field=field, min_frequency=min_frequency,
+    return train_tokenizer(inputs, out=out, kind=kind, vocab_size=vocab_size, field=field, min_frequency=min_frequency,
                            sentinels=sentinels, doc_split=doc_split)
 
 
@@ -385,7 +385,7 @@ def data_prepare(inputs: list[str], *, out: str, tokenizer: str, field: str = "t
         split: hash (by document) or tail (the last val_fraction of the token stream, as nanoGPT).
     """
     from lmstack.data.prepare import prepare_data
-    return prepare_data(inputs, out, tokenizer, field=field, val_fraction=val_fraction, min_chars=min_chars,
+    return prepare_data(inputs, out=out, tokenizer=tokenizer, field=field, val_fraction=val_fraction, min_chars=min_chars,
                         dedup=dedup, normalize=normalize, shard_tokens=shard_tokens, seed=seed, doc_split=doc_split,
                         split=split)
 
