@@ -7,7 +7,9 @@ point (exit code, stderr, pipes).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import random
@@ -22,9 +24,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
-from lmstack import commands
+from lmstack.generation import chat as commands  # generate, chat and their helpers (GEN's move)
 from lmstack.checkpoints import REGISTRY, load_model, save_native
-from lmstack.cli import app
+from lmstack.cli import VERBS, Group, Verb, app, resolve
 from lmstack.config import PRESETS, from_name
 from lmstack.models import build_model
 from lmstack.tokenizer import Tokenizer
@@ -170,6 +172,67 @@ def test_invalid_sampling_is_reported_before_loading() -> None:
 def test_usage_error_exits_2() -> None:
     result = run_cli("generate", "--prompt", "hi", "--no-such-flag")
     assert result.exit_code == 2 and "No such option" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def _verbs(table: dict = VERBS, prefix: str = "") -> list[tuple[str, Verb]]:
+    out = []
+    for name, entry in table.items():
+        out += _verbs(entry.verbs, f"{prefix}{name} ") if isinstance(entry, Group) else [(prefix + name, entry)]
+    return out
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = ("import sys; from typer.testing import CliRunner; from lmstack.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(r.stdout); print('torch' in sys.modules, 'lmstack.training' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    *text, flags = proc.stdout.strip().splitlines()
+    assert flags == "False False"
+    for name in ("pretrain", "finetune", "plan", "eval", "serve", "rag", "embed", "data", "tokenizer"):
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in text), (name, text)
+
+
+@pytest.mark.parametrize("name,verb", _verbs(), ids=[n for n, _ in _verbs()])
+def test_every_verb_resolves_and_has_help(name: str, verb: Verb) -> None:
+    fn = resolve(verb.target)
+    assert fn.__doc__ and "Args:" in fn.__doc__ or not [p for p in inspect.signature(fn).parameters
+                                                         if p not in verb.skip], name
+    result = run_cli(*name.split(), "--help")
+    assert result.exit_code == 0, result.output
+
+
+def test_option_groups_expand_into_options() -> None:
+    from lmstack.training.trainer import TrainConfig
+    for verb in ("pretrain", "finetune"):  # every trainer setting is an option of both, from one declaration
+        text = run_cli(verb, "--help").stdout
+        for f in dataclasses.fields(TrainConfig):
+            if f.name != "out_dir":
+                assert f"--{f.name.replace('_', '-')}" in text, (verb, f.name)
+    assert "AdamW beta2" in run_cli("finetune", "--help").stdout  # help from TrainConfig's Args: lines
+
+
+def test_no_library_module_imports_the_cli_layer() -> None:
+    src = Path(__file__).resolve().parents[1] / "src" / "lmstack"
+    for path in src.rglob("*.py"):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        for needle in ("lmstack.cli", "lmstack.commands", "from lmstack import commands", "from lmstack import cli"):
+            assert needle not in text, (path, needle)
+
+
+def test_finetune_reports_mistyped_config_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("model: tiny\nrnak: 4\n")
+    assert_one_line_error(run_cli("finetune", "--config", cfg, "--out", tmp_path / "o"),
+                          f"{cfg}: rnak: unknown key (did you mean rank?)")
+    cfg.write_text("model: tiny\ntrain: {lr: fast}\n")
+    assert_one_line_error(run_cli("finetune", "--config", cfg, "--out", tmp_path / "o"),
+                          f"{cfg}: train.lr: expected a number, got 'fast'")
 
 
 # ------------------------------------------------------------------------------------------ verbs
