@@ -7,6 +7,7 @@ method for a step on the real SmolLM2. Label positions are tested in tests/test_
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -16,12 +17,13 @@ import torch
 import yaml
 from test_cli import assert_one_line_error, run_cli, tiny, tiny_tokenizer  # noqa: F401 (tiny: a fixture)
 
-from lmstack import commands
+from lmstack.generation import chat as commands  # generate (GEN's move)
 from lmstack.checkpoints import REGISTRY, load_model, read_safetensors, save_native
 from lmstack.config import from_name
 from lmstack.models import build_model
 from lmstack.peft.lora import LoRALinear, disable_adapter
-from lmstack.training.finetune import load_with_adapter
+from lmstack.training.finetune import finetune, load_with_adapter
+from lmstack.training.trainer import TrainOptions
 
 torch.set_num_threads(2)
 
@@ -173,7 +175,7 @@ def test_config_file_gives_tasks_and_flags_override_it(tiny: Path, data: Path, t
     assert out["steps"] == 2 and out["data"]["rep"]["template"] == "flan"
     assert json.loads((tmp_path / "run" / "adapter.json").read_text())["peft"]["rank"] == 2
     config.write_text(yaml.safe_dump({"model": str(tiny), "data": str(data), "rnak": 2}))
-    assert_one_line_error(run_cli("finetune", "--config", config, "--out", tmp_path / "bad"), "unknown key(s) rnak")
+    assert_one_line_error(run_cli("finetune", "--config", config, "--out", tmp_path / "bad"), "rnak: unknown key (did you mean rank?)")
 
 
 # ------------------------------------------------------------------------------------------ using adapters
@@ -292,10 +294,10 @@ def test_every_method_runs_on_smollm2(tmp_path: Path) -> None:
     gsm8k = DATA / "gsm8k" / "train.jsonl"
     sizes = {}
     for method in ["lora", "qlora", "prompt", "prefix", "adapter"]:  # full: tiny model above, and the benchmarks
-        result = commands.finetune(method=method, model="smollm2-135m-instruct", data=[str(gsm8k)],
-                                   out=str(tmp_path / method), fields="instruction=question,output=answer",
-                                   limit=8, max_seq_len=96, max_steps=1, batch_size=1, eval_batches=1,
-                                   val_fraction=0.25, progress=False)
+        result = dataclasses.asdict(finetune(
+            method=method, model="smollm2-135m-instruct", data=[str(gsm8k)], out=str(tmp_path / method),
+            fields="instruction=question,output=answer", limit=8, max_seq_len=96, val_fraction=0.25,
+            train=TrainOptions(max_steps=1, batch_size=1, eval_batches=1, progress=False)))
         assert result["steps"] == 1 and 0 < result["best_val_loss"] < 10, (method, result)
         assert result["data"]["train"]["truncated"] > 0  # GSM8K answers are longer than 96 tokens
         sizes[method] = (result["trainable_params"], result["adapter_bytes"])
