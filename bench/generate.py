@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median, record  # noqa: E402
+from lmstack.runconfig import data_root  # noqa: E402
 
-PROMPT_TEXT = (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
+PROMPT_TEXT = (data_root() / "tinyshakespeare" / "input.txt")
 
 
 def prompt_ids(tokenizer_encode, n: int) -> list[int]:
@@ -150,8 +151,8 @@ def main() -> None:
         return
     native = Path("runs/bench/smollm2-native-bf16")  # the same weights, converted once: load time from our format
     if not (native / "lmstack.json").exists():
-        from lmstack import commands
-        commands.convert(args.model, str(native), to="native", dtype="bfloat16")
+        from lmstack.checkpoints.inspect import convert
+        convert(args.model, str(native), to="native", dtype="bfloat16")
     rows = [("transformers fp32", spawn(args, "transformers", "float32")),
             ("transformers bf16", spawn(args, "transformers", "bfloat16")),
             ("lmstack fp32", spawn(args, "lmstack", "float32")),
