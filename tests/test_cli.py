@@ -215,6 +215,41 @@ def test_option_groups_expand_into_options() -> None:
     assert "AdamW beta2" in run_cli("finetune", "--help").stdout  # help from TrainConfig's Args: lines
 
 
+@dataclasses.dataclass
+class Sampling:
+    """An option group as GenerationConfig will be one (see the report on `sampling: GenerationConfig`).
+
+    Args:
+        max_new_tokens: The most tokens.
+        temperature: Sampling temperature.
+        stop: Stop strings.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    stop: list[str] = dataclasses.field(default_factory=list)
+
+
+def _say(*, prompt: str, sampling: Sampling | None = None) -> dict:
+    """Echo the options.
+
+    Args:
+        prompt: The prompt.
+        sampling: The sampling options.
+    """
+    return {"prompt": prompt, "sampling": dataclasses.asdict(sampling)}
+
+
+def test_a_plain_dataclass_is_an_option_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(VERBS, "say", Verb(f"{__name__}:_say"))
+    text = run_cli("say", "--help").stdout
+    assert "--max-new-tokens" in text and "Sampling temperature." in text and "--sampling" not in text
+    result = run_cli("say", "--prompt", "x", "--temperature", "0.5", "--stop", "a", "--stop", "b")
+    assert result.exit_code == 0, result.output
+    # Options not given keep the dataclass's defaults.
+    assert json.loads(result.stdout)["sampling"] == {"max_new_tokens": 128, "temperature": 0.5, "stop": ["a", "b"]}
+
+
 def test_no_library_module_imports_the_cli_layer() -> None:
     src = Path(__file__).resolve().parents[1] / "src" / "lmstack"
     for path in src.rglob("*.py"):

@@ -126,8 +126,9 @@ def build_command(name: str, fn: Callable[..., Any], run: Callable[..., None], *
     params.sort(key=lambda p: not isinstance(typing.get_args(p.annotation)[1], typer.models.ArgumentInfo))
 
     def command(**kwargs: Any) -> None:
-        for param, group in groups.items():
-            kwargs[param] = group(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)})
+        for param, group in groups.items():  # options not given keep the group's defaults (None: not given)
+            values = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)}
+            kwargs[param] = group(**{k: v for k, v in values.items() if v is not None})
         with user_errors():
             run(fn, **kwargs)
 
