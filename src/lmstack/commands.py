@@ -1,5 +1,5 @@
 """generate, chat, models list/show and convert until they move (to lmstack.generation.chat and
-lmstack.checkpoints.inspect); every other verb already lives in the module that does its work (see lmstack.cli).
+lmstack.checkpoints.inspect); every other verb already lives in the module that does its work.
 
     from lmstack import commands
     out = commands.generate(prompt="Name three colours.", chat=True, max_new_tokens=32)
