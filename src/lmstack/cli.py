@@ -14,12 +14,12 @@ error into one line on stderr with exit code 1; usage errors exit with 2 (Typer'
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib
 import inspect
 import json
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -406,10 +406,11 @@ def verb_summary(target: str) -> str:
     base = Path(__file__).parent.joinpath(*module.split(".")[1:])
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            for node in tree.body:
-                if isinstance(node, ast.FunctionDef) and node.name == name:
-                    return parse_docstring(ast.get_docstring(node))[0]
+            # A top-level `def name(...) -> T:` and the docstring that opens its body (a regex: parsing whole
+            # modules with ast costs ~5 ms each).
+            found = re.search(rf'^def {name}\(.*?\)[^:\n]*:\s*\n\s+"""(.*?)"""', path.read_text(encoding="utf-8"),
+                              re.S | re.M)
+            return parse_docstring(found.group(1))[0] if found else ""
     return ""
 
 
