@@ -249,3 +249,12 @@ def test_plan_cli_prints_the_documented_keys():
     bad = subprocess.run([sys.executable, "-m", "lmstack", "plan", "--model", "tiny-llama", "--method", "full",
                           "--precision", "nf4"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_a_yaml_config_with_a_syntax_error_names_the_line(tmp_path) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text("preset: tiny-gpt2\nn_layer: [1\n")
+    with pytest.raises(LmstackError, match=rf"^{bad}:3: invalid YAML"):
+        plan(model=str(bad))
+    bad.write_text("preset: tiny-gpt2\nn_layer: 2\n")
+    assert plan(model=str(bad), seq=64)["parameters"] > 0

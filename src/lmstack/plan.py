@@ -97,16 +97,15 @@ def load_config(model: str) -> ModelConfig:
 
 def _config_file(path: Path) -> ModelConfig:
     """{"preset": name, **overrides}, a config dict with "family", or a native lmstack.json ({"config": ...})."""
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
+    if path.suffix != ".json":
+        from lmstack.runconfig import read_yaml
 
-            values = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as e:
-        raise LmstackError(f"{path}: not valid {path.suffix[1:].upper()} ({str(e).splitlines()[0]})") from None
+        values: Any = read_yaml(path)  # a syntax error is reported as file:line
+    else:
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, ValueError) as e:
+            raise LmstackError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise LmstackError(f"{path}: expected a mapping of config fields")
     if isinstance(values.get("config"), dict):
