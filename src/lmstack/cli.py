@@ -73,8 +73,8 @@ def _annotated(p: inspect.Parameter, help_text: str | None) -> inspect.Parameter
         info: Any = typer.Argument(help=help_text, show_default=False)
     else:
         # A list option is repeated (--stop A --stop B): show the item type, not "list[str]".
-        origins = {typing.get_origin(p.annotation), *(typing.get_origin(a) for a in typing.get_args(p.annotation))}
-        metavar = "<str>" if list in origins else None
+        lists = [a for a in (p.annotation, *typing.get_args(p.annotation)) if typing.get_origin(a) is list]
+        metavar = f"<{getattr(typing.get_args(lists[0])[0], '__name__', 'str')}>" if lists else None
         info = typer.Option(help=help_text, show_default=p.default not in (None, p.empty), metavar=metavar)
     return inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default,
                              annotation=Annotated[p.annotation, info])
