@@ -11,7 +11,6 @@ import dataclasses
 import importlib.util
 import inspect
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -20,72 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
-from typer.testing import CliRunner
+from cli_helpers import CHATML, ENV, assert_one_line_error, run_cli, run_module
 
-from lmstack.generation import chat as commands  # generate, chat and their helpers (GEN's move)
-from lmstack.checkpoints import REGISTRY, load_model, save_native
-from lmstack.cli import VERBS, Group, Verb, app, resolve
+from lmstack.checkpoints import REGISTRY, load_model
+from lmstack.cli import VERBS, Group, Verb, resolve
 from lmstack.config import PRESETS, from_name
+from lmstack.generation import chat as commands  # generate, chat and their helpers (GEN's move)
 from lmstack.models import build_model
-from lmstack.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
-          "a small model for a small test", "what is the capital of france? paris is."] * 20
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-
-
-def tiny_tokenizer() -> Tokenizer:
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(CORPUS, trainer)
-    return Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|endoftext|>", chat_template=CHATML,
-                     extra_stop_tokens=["<|im_end|>"])
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A native checkpoint of a random 2-layer Llama (context 128) with a ChatML tokenizer."""
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model = build_model(from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
-    return save_native(model, tok, tmp_path_factory.mktemp("tiny") / "ckpt")
-
-
-def run_cli(*args: str, input: str | None = None):
-    """In-process `lmstack ARGS`; stdout and stderr are kept apart."""
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
-
-
-def run_module(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m lmstack ARGS` in a subprocess: the real entry point, exit code and streams."""
-    return subprocess.run([sys.executable, "-m", "lmstack", *map(str, args)], input=input, capture_output=True,
-                          text=True, env=ENV, timeout=timeout)
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    """Exit code 1, exactly one line on stderr starting with `error:`, no traceback."""
-    stderr = result.stderr
-    code = result.returncode if isinstance(result, subprocess.CompletedProcess) else result.exit_code
-    if not isinstance(result, subprocess.CompletedProcess):
-        assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
-    assert code == 1, (code, stderr)
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
 
 # ------------------------------------------------------------------------------------- bad input
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import assert_one_line_error, run_cli, tiny, tiny_tokenizer  # noqa: F401 (tiny: a fixture)
+from cli_helpers import assert_one_line_error, run_cli, tiny_tokenizer
 
-from lmstack.generation import chat as commands  # generate (GEN's move)
 from lmstack.checkpoints import REGISTRY, load_model, read_safetensors, save_native
 from lmstack.config import from_name
 from lmstack.models import build_model
@@ -68,6 +67,7 @@ TOKENS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(
 @pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix", "adapter"])
 def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path, data: Path, tmp_path: Path,
                                                                        method: str, monkeypatch) -> None:
+    from lmstack.generation.chat import generate  # (GEN's move)
     from lmstack.training import finetune as ft
     trained = []
     fit = ft.Trainer.fit
@@ -106,7 +106,7 @@ def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path
     for key, value in tuned.model.state_dict().items():
         if key in adapter:
             assert torch.equal(value, adapter[key]), key
-    generated = commands.generate(prompt="hello", model=str(tiny), adapter=str(out), max_new_tokens=3)
+    generated = generate(prompt="hello", model=str(tiny), adapter=str(out), max_new_tokens=3)
     assert generated.new_tokens >= 1  # generation runs through every method's wrapper
     with disable_adapter(tuned.model):
         off = _logits(tuned.model, TOKENS)
@@ -222,10 +222,12 @@ def test_lora_run_folder_loads_in_peft_with_the_same_logits(tiny: Path, lora_dir
 
 
 def test_generate_and_chat_run_the_adapter_unmerged(tiny: Path, lora_dir: Path) -> None:
+    from lmstack.generation.chat import generate  # (GEN's move)
+
     flags = ["--prompt", "hello", "--max-new-tokens", "6", "--json"]
     with_adapter = run_cli("generate", "--model", tiny, "--adapter", lora_dir, *flags)
     assert with_adapter.exit_code == 0, with_adapter.stderr
-    api = commands.generate(prompt="hello", model=str(tiny), adapter=str(lora_dir), max_new_tokens=6)
+    api = generate(prompt="hello", model=str(tiny), adapter=str(lora_dir), max_new_tokens=6)
     assert json.loads(with_adapter.stdout)["text"] == api.text
     # --model defaults to the adapter's recorded base
     default_base = run_cli("generate", "--adapter", lora_dir, *flags)
