@@ -118,6 +118,10 @@ def test_config_keys_and_types_are_checked(tmp_path, text, message):
 def test_model_overrides_are_typed(shards, tmp_path):
     with pytest.raises(LmstackError, match=r"--set: model_overrides.n_layer: expected an integer, got 'abc'"):
         pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), set=["n_layer=abc"], train=FAST)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: tiny-gpt2\nshards: {shards}\nmodel_overrides: {{dropout: high}}\n")
+    with pytest.raises(LmstackError, match=rf"^{cfg}: model_overrides.dropout: expected a number, got 'high'"):
+        pretrain(config=str(cfg), out=str(tmp_path), train=FAST)
 
 
 def test_cli_expands_the_trainer_options_and_the_data_root(shards, tmp_path, monkeypatch):

@@ -258,10 +258,14 @@ def pretrain(*, config: str | None = None, objective: Literal["causal", "mlm", "
     given = {"objective": objective, "model": model, "shards": shards, "out": out, "tokenizer": tokenizer,
              "seq_len": seq_len, "train": runconfig.given(train) or None}
     run = runconfig.load(PretrainRun, config, given, data_root)
-    run.model_overrides = {**run.model_overrides, **parse_overrides(set or [])}
+    from_set = parse_overrides(set or [])
     for key in ("model", "pairs" if run.objective == "seq2seq" else "shards", "out"):
         if not getattr(run, key):
             raise LmstackError(f"pretrain needs --{key} (or `{key}:` in the config file)")
+    # Known keys get their types checked (`n_layer=abc` is an error), each against where it was written.
+    for overrides, where in ((run.model_overrides, config or "config"), (from_set, "--set")):
+        _check_overrides(str(run.model), overrides, where)
+    run.model_overrides = {**run.model_overrides, **from_set}
     train_cfg = TrainConfig(**runconfig.given(run.train), out_dir=str(run.out))
     train_cfg.validate()
 
@@ -277,8 +281,7 @@ def pretrain(*, config: str | None = None, objective: Literal["causal", "mlm", "
         if tok is None:
             from lmstack.data.batching import TokenShards
             tok = TokenShards(data_dir, "train").tokenizer()
-    model_cfg = _model_config(str(run.model), run.objective, tok, run.seq_len, run.model_overrides,
-                              where=config or "--set")
+    model_cfg = _model_config(str(run.model), run.objective, tok, run.seq_len, run.model_overrides)
     if run.objective != "seq2seq":
         start = getattr(model_cfg, "bos_token_id", None)
         source = shard_source(run.objective, data_dir, run.seq_len, train_cfg.seed, train_cfg.eval_batches, tok,
@@ -337,13 +340,17 @@ def _pair_source(pairs: PairsConfig, run: PretrainRun, cfg: TrainConfig) -> tupl
     return PairSource(train, val, cfg.batch_size // micro, cfg.seed, cfg.eval_batches, run.seq_len), tok
 
 
-def _model_config(name: str, objective: str, tok: Tokenizer, seq_len: int, overrides: dict[str, Any],
-                  where: str):
-    fam = from_name(name).family  # raises for unknown presets, listing the known ones
-    # Known keys get their types checked (`n_layer=abc` is an error); unknown keys are from_name's to name.
+def _check_overrides(name: str, overrides: dict[str, Any], where: str) -> None:
+    """Model config overrides of preset `name`, type-checked per known key; unknown keys are from_name's to name."""
+    if name not in PRESETS:
+        return  # from_name reports the unknown preset
     cls = PRESETS[name][0]
     known = {f.name for f in dataclasses.fields(cls)}
     runconfig.check(cls, {k: v for k, v in overrides.items() if k in known}, where, prefix="model_overrides.")
+
+
+def _model_config(name: str, objective: str, tok: Tokenizer, seq_len: int, overrides: dict[str, Any]):
+    fam = from_name(name).family  # raises for unknown presets, listing the known ones
     want = FAMILY_FOR[objective]
     if fam != want:
         raise LmstackError(f"objective {objective!r} trains a {want} model; preset {name!r} is a {fam}")
