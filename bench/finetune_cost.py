@@ -31,9 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median, record  # noqa: E402
+from lmstack.runconfig import data_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = data_root() / "gsm8k" / "train.jsonl"
 METHODS = ["full", "lora", "qlora", "prompt", "prefix", "adapter", "peft-lora"]
 
 

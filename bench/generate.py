@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median, record  # noqa: E402
+from lmstack.runconfig import data_root  # noqa: E402
 
-PROMPT_TEXT = (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
+PROMPT_TEXT = (data_root() / "tinyshakespeare" / "input.txt")
 
 
 def prompt_ids(tokenizer_encode, n: int) -> list[int]:

@@ -32,9 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
+from lmstack.runconfig import data_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = data_root()
 MODEL = "smollm2-135m-instruct"
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

@@ -18,10 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
 
-from lmstack import commands  # noqa: E402
 from lmstack.checkpoints import load_model  # noqa: E402
 from lmstack.training.objectives import IGNORE  # noqa: E402
-from lmstack.training.pretrain import resolve_path, shard_source  # noqa: E402
+from lmstack.runconfig import resolve_path  # noqa: E402
+from lmstack.training.pretrain import pretrain, shard_source  # noqa: E402
+from lmstack.training.trainer import TrainOptions  # noqa: E402
 
 CONFIG = "configs/mlm-encoder.yaml"
 
@@ -53,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     if not (run / "final" / "lmstack.json").exists():
-        commands.pretrain(config=CONFIG, out=str(run), progress=False)
+        pretrain(config=CONFIG, out=str(run), train=TrainOptions(progress=False))
     cfg = yaml.safe_load(Path(CONFIG).read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     acc, n = masked_accuracy(run, resolve_path(cfg["shards"]), cfg["seq_len"], args.eval_batches)

@@ -20,11 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
 
-from lmstack import commands  # noqa: E402
+from lmstack.runconfig import data_root  # noqa: E402
+from lmstack.training.pretrain import pretrain  # noqa: E402
+from lmstack.training.trainer import TrainOptions  # noqa: E402
 from lmstack.checkpoints import load_model  # noqa: E402
 from lmstack.generation import GenerationConfig, Generator  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+DATA = data_root() / "multi30k"
 
 
 def translate(gen: Generator, sources: list[str], beams: int, batch_size: int) -> tuple[list[str], float]:
@@ -48,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     if not (run / "final" / "lmstack.json").exists():
-        commands.pretrain(config="configs/multi30k-en-de.yaml", out=str(run), progress=False)
+        pretrain(config="configs/multi30k-en-de.yaml", out=str(run), train=TrainOptions(progress=False))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     loaded = load_model(str(run / "final"))
     gen = Generator(loaded.model, loaded.tokenizer)

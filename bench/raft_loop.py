@@ -38,9 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
+from lmstack.runconfig import data_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTES = ROOT.parent / "shared" / "data" / "course-notes"
+NOTES = data_root() / "course-notes"
 QA = ROOT / "tests" / "data" / "course_notes_qa.jsonl"
 MODEL = "smollm2-135m-instruct"
 
@@ -101,7 +102,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from lmstack.checkpoints import load_model
-    from lmstack.commands import generation_config
+    from lmstack.generation import GenerationConfig
     from lmstack.generation import Generator
     from lmstack.peft.methods import PeftSpec, apply_method, save_adapter
     from lmstack.rag import raft_build, rag_index
@@ -149,7 +150,7 @@ def main() -> None:
     rag_index([str(NOTES)], index=str(work / "notes.sqlite"), chunk_tokens=args.chunk_tokens, progress=False)
     base = Generator(load_model(MODEL).model.eval(), tok)
     raft_gen = Generator(tuned, tok)
-    cfg = generation_config(max_new_tokens=args.max_new_tokens)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     embedder = get_embedder("minilm-l6")
     systems = {"plain RAG (base, rag ask prompt)": [], "base model, RAFT prompt": [], "RAFT-tuned, RAFT prompt": []}
     per_question = []

@@ -32,9 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median, record  # noqa: E402
+from lmstack.runconfig import data_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTES = ROOT.parent / "shared" / "data" / "course-notes"
+NOTES = data_root() / "course-notes"
 QA = ROOT / "tests" / "data" / "course_notes_qa.jsonl"
 
 
@@ -107,7 +108,7 @@ def bench_scale(n: int, tmp: Path, vocab: list[str], args: argparse.Namespace) -
     import faiss
     import torch
 
-    from lmstack.commands import generation_config
+    from lmstack.generation import GenerationConfig
     from lmstack.rag.answer import answer, get_generator
     from lmstack.rag.embedding import get_embedder
     from lmstack.rag.retrieve import search
@@ -132,7 +133,7 @@ def bench_scale(n: int, tmp: Path, vocab: list[str], args: argparse.Namespace) -
                 times.append(time.perf_counter() - t0)
             result[mode] = (percentile(times, 50) * 1e3, percentile(times, 95) * 1e3)
         generator = get_generator("smollm2-135m-instruct")
-        cfg = generation_config(max_new_tokens=32)
+        cfg = GenerationConfig(max_new_tokens=32)
         times = []
         for q in queries[:args.gen_queries]:
             t0 = time.perf_counter()

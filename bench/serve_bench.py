@@ -26,10 +26,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record  # noqa: E402
+from lmstack.runconfig import data_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
-NOTES = sorted((ROOT.parent / "shared" / "data" / "course-notes").glob("*.txt"))
+NOTES = sorted((data_root() / "course-notes").glob("*.txt"))
 
 
 def free_port() -> int:

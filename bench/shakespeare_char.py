@@ -11,6 +11,7 @@ matched parameter count), capped at the baseline's wall time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -22,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
 
-from lmstack import commands  # noqa: E402
+from lmstack.training.pretrain import pretrain  # noqa: E402
+from lmstack.training.trainer import TrainOptions  # noqa: E402
 from lmstack.training.flops import measure_peak_flops  # noqa: E402
 
 CONFIG = "configs/shakespeare-char-cpu.yaml"
@@ -32,8 +34,8 @@ MODERN = ["positions=rope", "norm=rmsnorm", "activation=silu", "gated_mlp=true",
 def run(out: Path, steps: int, extra: list[str], max_time: float | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    result = commands.pretrain(config=CONFIG, out=str(out), max_steps=steps, progress=False, set=extra,
-                               max_time=max_time, resume=False)
+    result = dataclasses.asdict(pretrain(config=CONFIG, out=str(out), set=extra, resume=False,
+                                         train=TrainOptions(max_steps=steps, max_time=max_time, progress=False)))
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tokens_per_s = result["tokens"] / result["elapsed_s"]

@@ -7,9 +7,10 @@ point (exit code, stderr, pipes).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -18,72 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
-from typer.testing import CliRunner
+from cli_helpers import CHATML, ENV, assert_one_line_error, run_cli, run_module
 
-from lmstack import commands
-from lmstack.checkpoints import REGISTRY, load_model, save_native
-from lmstack.cli import app
+from lmstack.checkpoints import REGISTRY, load_model
+from lmstack.cli import VERBS, Group, Verb, resolve
 from lmstack.config import PRESETS, from_name
+from lmstack.generation import chat as commands  # generate, chat and their helpers (GEN's move)
 from lmstack.models import build_model
-from lmstack.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
-          "a small model for a small test", "what is the capital of france? paris is."] * 20
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-
-
-def tiny_tokenizer() -> Tokenizer:
-    backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(CORPUS, trainer)
-    return Tokenizer(backend, bos_token="<|im_start|>", eos_token="<|endoftext|>", chat_template=CHATML,
-                     extra_stop_tokens=["<|im_end|>"])
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A native checkpoint of a random 2-layer Llama (context 128) with a ChatML tokenizer."""
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model = build_model(from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
-    return save_native(model, tok, tmp_path_factory.mktemp("tiny") / "ckpt")
-
-
-def run_cli(*args: str, input: str | None = None):
-    """In-process `lmstack ARGS`; stdout and stderr are kept apart."""
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
-
-
-def run_module(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m lmstack ARGS` in a subprocess: the real entry point, exit code and streams."""
-    return subprocess.run([sys.executable, "-m", "lmstack", *map(str, args)], input=input, capture_output=True,
-                          text=True, env=ENV, timeout=timeout)
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    """Exit code 1, exactly one line on stderr starting with `error:`, no traceback."""
-    stderr = result.stderr
-    code = result.returncode if isinstance(result, subprocess.CompletedProcess) else result.exit_code
-    if not isinstance(result, subprocess.CompletedProcess):
-        assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
-    assert code == 1, (code, stderr)
-    assert "Traceback" not in stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
 
 # ------------------------------------------------------------------------------------- bad input
 
@@ -170,6 +114,102 @@ def test_invalid_sampling_is_reported_before_loading() -> None:
 def test_usage_error_exits_2() -> None:
     result = run_cli("generate", "--prompt", "hi", "--no-such-flag")
     assert result.exit_code == 2 and "No such option" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def _verbs(table: dict = VERBS, prefix: str = "") -> list[tuple[str, Verb]]:
+    out = []
+    for name, entry in table.items():
+        out += _verbs(entry.verbs, f"{prefix}{name} ") if isinstance(entry, Group) else [(prefix + name, entry)]
+    return out
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = ("import sys; from typer.testing import CliRunner; from lmstack.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(r.stdout); print('torch' in sys.modules, 'lmstack.training' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    *text, flags = proc.stdout.strip().splitlines()
+    assert flags == "False False"
+    for name in ("pretrain", "finetune", "plan", "eval", "serve", "rag", "embed", "data", "tokenizer"):
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in text), (name, text)
+
+
+@pytest.mark.parametrize("name,verb", _verbs(), ids=[n for n, _ in _verbs()])
+def test_every_verb_resolves_and_has_help(name: str, verb: Verb) -> None:
+    fn = resolve(verb.target)
+    assert fn.__doc__ and "Args:" in fn.__doc__ or not [p for p in inspect.signature(fn).parameters
+                                                         if p not in verb.skip], name
+    result = run_cli(*name.split(), "--help")
+    assert result.exit_code == 0, result.output
+
+
+def test_option_groups_expand_into_options() -> None:
+    from lmstack.training.trainer import TrainConfig
+    for verb in ("pretrain", "finetune"):  # every trainer setting is an option of both, from one declaration
+        text = run_cli(verb, "--help").stdout
+        for f in dataclasses.fields(TrainConfig):
+            if f.name != "out_dir":
+                assert f"--{f.name.replace('_', '-')}" in text, (verb, f.name)
+    assert "AdamW beta2" in run_cli("finetune", "--help").stdout  # help from TrainConfig's Args: lines
+
+
+@dataclasses.dataclass
+class Sampling:
+    """An option group as GenerationConfig will be one (see the report on `sampling: GenerationConfig`).
+
+    Args:
+        max_new_tokens: The most tokens.
+        temperature: Sampling temperature.
+        stop: Stop strings.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    stop: list[str] = dataclasses.field(default_factory=list)
+
+
+def _say(*, prompt: str, sampling: Sampling | None = None) -> dict:
+    """Echo the options.
+
+    Args:
+        prompt: The prompt.
+        sampling: The sampling options.
+    """
+    return {"prompt": prompt, "sampling": dataclasses.asdict(sampling)}
+
+
+def test_a_plain_dataclass_is_an_option_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(VERBS, "say", Verb(f"{__name__}:_say"))
+    text = run_cli("say", "--help").stdout
+    assert "--max-new-tokens" in text and "Sampling temperature." in text and "--sampling" not in text
+    result = run_cli("say", "--prompt", "x", "--temperature", "0.5", "--stop", "a", "--stop", "b")
+    assert result.exit_code == 0, result.output
+    # Options not given keep the dataclass's defaults.
+    assert json.loads(result.stdout)["sampling"] == {"max_new_tokens": 128, "temperature": 0.5, "stop": ["a", "b"]}
+
+
+def test_no_library_module_imports_the_cli_layer() -> None:
+    src = Path(__file__).resolve().parents[1] / "src" / "lmstack"
+    for path in src.rglob("*.py"):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        for needle in ("lmstack.cli", "lmstack.commands", "from lmstack import commands", "from lmstack import cli"):
+            assert needle not in text, (path, needle)
+
+
+def test_finetune_reports_mistyped_config_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("model: tiny\nrnak: 4\n")
+    assert_one_line_error(run_cli("finetune", "--config", cfg, "--out", tmp_path / "o"),
+                          f"{cfg}: rnak: unknown key (did you mean rank?)")
+    cfg.write_text("model: tiny\ntrain: {lr: fast}\n")
+    assert_one_line_error(run_cli("finetune", "--config", cfg, "--out", tmp_path / "o"),
+                          f"{cfg}: train.lr: expected a number, got 'fast'")
 
 
 # ------------------------------------------------------------------------------------------ verbs

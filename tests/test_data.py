@@ -51,7 +51,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bpe(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer([str(corpus)], str(tmp_path_factory.mktemp("bpe")), kind="bpe", vocab_size=500,
+    return train_tokenizer([str(corpus)], out=str(tmp_path_factory.mktemp("bpe")), kind="bpe", vocab_size=500,
                            sentinels=8)
 
 
@@ -99,7 +99,7 @@ def test_bpe_tokenizer_round_trips_and_matches_transformers(bpe: Path) -> None:
 
 
 def test_char_tokenizer_is_one_token_per_character(corpus: Path, tmp_path: Path) -> None:
-    out = train_tokenizer([str(corpus)], str(tmp_path / "char"), kind="char", vocab_size=200, min_frequency=1)
+    out = train_tokenizer([str(corpus)], out=str(tmp_path / "char"), kind="char", vocab_size=200, min_frequency=1)
     tok = Tokenizer.from_dir(out)
     chars = set(clean_text(corpus.read_text(encoding="utf-8")))
     assert tok.vocab_size == len(chars) + 4  # every character seen, plus the four default special tokens
@@ -113,12 +113,12 @@ def test_char_tokenizer_is_one_token_per_character(corpus: Path, tmp_path: Path)
 def test_tokenizer_trains_on_jsonl_field(tmp_path: Path) -> None:
     rows = [{"id": i, "content": f"record {i} says hello to the world"} for i in range(200)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    out = train_tokenizer([str(tmp_path / "d.jsonl")], str(tmp_path / "tok"), vocab_size=300, field="content")
+    out = train_tokenizer([str(tmp_path / "d.jsonl")], out=str(tmp_path / "tok"), vocab_size=300, field="content")
     tok = Tokenizer.from_dir(out)
     assert tok.backend.token_to_id("Ġhello") is not None  # learned from the field's text
     assert tok.backend.token_to_id("content") is None  # the JSON keys were not trained on
     with pytest.raises(LmstackError, match=r"needs vocab_size >= 260 .*got 100"):
-        train_tokenizer([str(tmp_path / "d.jsonl")], str(tmp_path / "t2"), vocab_size=100, field="content")
+        train_tokenizer([str(tmp_path / "d.jsonl")], out=str(tmp_path / "t2"), vocab_size=100, field="content")
 
 
 # ------------------------------------------------------------------------------------------ cleaning
@@ -160,7 +160,7 @@ def _write_small_corpus(root: Path) -> tuple[list[str], list[str]]:
 def test_prepare_cleans_dedups_splits_and_packs(bpe: Path, tmp_path: Path) -> None:
     inputs, kept = _write_small_corpus(tmp_path)
     out = tmp_path / "out"
-    manifest = prepare_data(inputs, str(out), str(bpe), val_fraction=0.4, min_chars=5, seed=3, progress=False)
+    manifest = prepare_data(inputs, out=str(out), tokenizer=str(bpe), val_fraction=0.4, min_chars=5, seed=3, progress=False)
     tok = Tokenizer.from_dir(bpe)
 
     assert manifest["documents"] == {"read": 10, "kept": 5, "dropped": 5, "too_short": 3, "duplicates": 2,
@@ -181,7 +181,7 @@ def test_prepare_cleans_dedups_splits_and_packs(bpe: Path, tmp_path: Path) -> No
     assert sorted(decoded["train"] + decoded["val"]) == sorted(kept)  # EOS after each document, text intact
 
     # Same seed, same split; the assignment is a property of (seed, document), not of the order.
-    again = prepare_data(list(reversed(inputs)), str(tmp_path / "again"), str(bpe), val_fraction=0.4,
+    again = prepare_data(list(reversed(inputs)), out=str(tmp_path / "again"), tokenizer=str(bpe), val_fraction=0.4,
                          min_chars=5, seed=3, progress=False)
     assert sorted(_documents(_shard_tokens(tmp_path / "again", "val"), tok.eos_token_id, tok)) == \
         sorted(decoded["val"])
@@ -192,7 +192,7 @@ def test_val_split_fraction_and_seed(bpe: Path, tmp_path: Path) -> None:
     (tmp_path / "lines.txt").write_text("".join(f"document number {i}\n" for i in range(3000)))
     splits = {}
     for seed in (0, 1):
-        m = prepare_data([str(tmp_path / "lines.txt")], str(tmp_path / f"o{seed}"), str(bpe), val_fraction=0.1,
+        m = prepare_data([str(tmp_path / "lines.txt")], out=str(tmp_path / f"o{seed}"), tokenizer=str(bpe), val_fraction=0.1,
                          seed=seed, doc_split="line", progress=False)
         assert abs(m["documents"]["val"] / 3000 - 0.1) < 0.02
         splits[seed] = _shard_tokens(tmp_path / f"o{seed}", "val")
@@ -202,7 +202,7 @@ def test_val_split_fraction_and_seed(bpe: Path, tmp_path: Path) -> None:
 def test_shards_roll_over_at_shard_tokens(bpe: Path, tmp_path: Path) -> None:
     text = "\n\n".join(f"Paragraph {i} of a corpus long enough for several shards." for i in range(60))
     (tmp_path / "c.txt").write_text(text)
-    m = prepare_data([str(tmp_path / "c.txt")], str(tmp_path / "out"), str(bpe), val_fraction=0.0,
+    m = prepare_data([str(tmp_path / "c.txt")], out=str(tmp_path / "out"), tokenizer=str(bpe), val_fraction=0.0,
                      shard_tokens=100, progress=False)
     sizes = [s["tokens"] for s in m["shards"]["train"]]
     assert len(sizes) > 3 and all(n == 100 for n in sizes[:-1]) and 0 < sizes[-1] <= 100
@@ -212,7 +212,7 @@ def test_shards_roll_over_at_shard_tokens(bpe: Path, tmp_path: Path) -> None:
     assert docs == text.split("\n\n")  # documents cross shard boundaries intact, in order
 
     # A smaller rerun in the same folder leaves no stale shards behind.
-    m2 = prepare_data([str(tmp_path / "c.txt")], str(tmp_path / "out"), str(bpe), val_fraction=0.0,
+    m2 = prepare_data([str(tmp_path / "c.txt")], out=str(tmp_path / "out"), tokenizer=str(bpe), val_fraction=0.0,
                       shard_tokens=10**6, progress=False)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.bin")) == ["train_000.bin"]
     assert m2["tokens"]["train"] == m["tokens"]["train"]
@@ -223,7 +223,7 @@ def test_long_document_is_tokenized_in_pieces_with_the_same_ids(bpe: Path, corpu
     import lmstack.data.prepare as prepare_module
 
     monkeypatch.setattr(prepare_module, "_ENCODE_BATCH_CHARS", 3000)  # the 200 KB file becomes ~70 pieces
-    m = prepare_data([str(corpus)], str(tmp_path / "out"), str(bpe), doc_split="file", val_fraction=0.0,
+    m = prepare_data([str(corpus)], out=str(tmp_path / "out"), tokenizer=str(bpe), doc_split="file", val_fraction=0.0,
                      progress=False)
     tok = Tokenizer.from_dir(bpe)
     whole = tok.encode(clean_text(corpus.read_text(encoding="utf-8")))
@@ -239,7 +239,7 @@ def test_big_vocab_uses_uint32(tmp_path: Path) -> None:
     backend.decoder = decoders.WordPiece()  # joins words with spaces
     Tokenizer(backend, eos_token="<|endoftext|>").save(tmp_path / "tok")
     (tmp_path / "c.txt").write_text("w5 w69999 w65536\n\nw12 w69998\n")
-    m = prepare_data([str(tmp_path / "c.txt")], str(tmp_path / "out"), str(tmp_path / "tok"), val_fraction=0.0,
+    m = prepare_data([str(tmp_path / "c.txt")], out=str(tmp_path / "out"), tokenizer=str(tmp_path / "tok"), val_fraction=0.0,
                      progress=False)
     assert m["dtype"] == "uint32"
     tokens = _shard_tokens(tmp_path / "out", "train")
@@ -254,47 +254,47 @@ def test_parquet_input(bpe: Path, tmp_path: Path) -> None:
     docs = [f"Parquet row {i} holds a short document." for i in range(50)]
     table = pa.table({"id": list(range(50)), "body": docs})
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=16)
-    m = prepare_data([str(tmp_path / "d.parquet")], str(tmp_path / "out"), str(bpe), field="body",
+    m = prepare_data([str(tmp_path / "d.parquet")], out=str(tmp_path / "out"), tokenizer=str(bpe), field="body",
                      val_fraction=0.0, progress=False)
     tok = Tokenizer.from_dir(bpe)
     assert _documents(_shard_tokens(tmp_path / "out", "train"), tok.eos_token_id, tok) == docs
     assert m["documents"]["kept"] == 50
     with pytest.raises(LmstackError, match=r"d\.parquet: no column 'text' \(columns: id, body\)"):
-        prepare_data([str(tmp_path / "d.parquet")], str(tmp_path / "o2"), str(bpe), progress=False)
+        prepare_data([str(tmp_path / "d.parquet")], out=str(tmp_path / "o2"), tokenizer=str(bpe), progress=False)
 
 
 def test_bad_input_errors(bpe: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n\n{"text": "broken\n')
     with pytest.raises(LmstackError, match=r"bad\.jsonl:3: invalid JSON \("):
-        prepare_data([str(bad)], str(tmp_path / "o"), str(bpe), progress=False)
+        prepare_data([str(bad)], out=str(tmp_path / "o"), tokenizer=str(bpe), progress=False)
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(LmstackError, match=r"bad\.jsonl:2: no field 'text'"):
-        prepare_data([str(bad)], str(tmp_path / "o"), str(bpe), progress=False)
+        prepare_data([str(bad)], out=str(tmp_path / "o"), tokenizer=str(bpe), progress=False)
     (tmp_path / "empty.txt").write_text("  \n\n\t\n\nab\n")
     with pytest.raises(LmstackError, match=r"no documents left after cleaning in .*empty\.txt"):
-        prepare_data([str(tmp_path / "empty.txt")], str(tmp_path / "o"), str(bpe), min_chars=3, progress=False)
+        prepare_data([str(tmp_path / "empty.txt")], out=str(tmp_path / "o"), tokenizer=str(bpe), min_chars=3, progress=False)
     assert not (tmp_path / "o" / "manifest.json").exists()
     assert list((tmp_path / "o").glob("*.bin")) == [] and list((tmp_path / "o").glob(".*tmp")) == []
     with pytest.raises(LmstackError, match="input not found"):
-        prepare_data([str(tmp_path / "missing.txt")], str(tmp_path / "o"), str(bpe), progress=False)
+        prepare_data([str(tmp_path / "missing.txt")], out=str(tmp_path / "o"), tokenizer=str(bpe), progress=False)
     (tmp_path / "latin1.txt").write_bytes(b"ok\ncaf\xe9\n")
     with pytest.raises(LmstackError, match=r"latin1\.txt:2: not valid UTF-8"):
-        prepare_data([str(tmp_path / "latin1.txt")], str(tmp_path / "o"), str(bpe), progress=False)
+        prepare_data([str(tmp_path / "latin1.txt")], out=str(tmp_path / "o"), tokenizer=str(bpe), progress=False)
 
 
 @pytest.mark.slow
 def test_prepare_with_model_tokenizers(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("Hello there.\n\nGeneral Kenobi!\n")
     # A GGUF file's tokenizer (read from metadata only); its EOS separates documents.
-    m = prepare_data([str(tmp_path / "c.txt")], str(tmp_path / "smol"), "smollm2-135m-instruct",
+    m = prepare_data([str(tmp_path / "c.txt")], out=str(tmp_path / "smol"), tokenizer="smollm2-135m-instruct",
                      val_fraction=0.0, progress=False)
     tok = load_tokenizer("smollm2-135m-instruct")
     assert m["vocab_size"] == 49152 and m["dtype"] == "uint16" and m["eos_id"] == tok.eos_token_id
     assert _documents(_shard_tokens(tmp_path / "smol", "train"), tok.eos_token_id, tok) == \
         ["Hello there.", "General Kenobi!"]
     # A BERT folder has no EOS: [SEP] separates documents.
-    m = prepare_data([str(tmp_path / "c.txt")], str(tmp_path / "bert"), "minilm-l6", val_fraction=0.0,
+    m = prepare_data([str(tmp_path / "c.txt")], out=str(tmp_path / "bert"), tokenizer="minilm-l6", val_fraction=0.0,
                      progress=False)
     bert = load_tokenizer("minilm-l6")
     assert m["eos_id"] == bert.token_to_id("[SEP]")
@@ -348,7 +348,7 @@ def test_prepare_streams_in_constant_memory(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def shards(bpe: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    prepare_data([str(corpus)], str(out), str(bpe), val_fraction=0.1, progress=False)
+    prepare_data([str(corpus)], out=str(out), tokenizer=str(bpe), val_fraction=0.1, progress=False)
     return out
 
 
@@ -477,7 +477,7 @@ def pair_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     for lang in ("en", "de"):
         lines += (MULTI30K / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:200]
     (root / "text.txt").write_text("\n".join(lines), encoding="utf-8")
-    return Tokenizer.from_dir(train_tokenizer([str(root / "text.txt")], str(root / "tok"), vocab_size=600,
+    return Tokenizer.from_dir(train_tokenizer([str(root / "text.txt")], out=str(root / "tok"), vocab_size=600,
                                               doc_split="line"))
 
 
@@ -538,8 +538,8 @@ def test_tail_split_is_a_contiguous_cut_of_the_token_stream(tmp_path):
     text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(5000))
     corpus = tmp_path / "one.txt"
     corpus.write_text(text)
-    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok"), kind="char", doc_split="file")
-    manifest = prepare_data([str(corpus)], str(tmp_path / "out"), str(tok), doc_split="file", split="tail",
+    tok = train_tokenizer([str(corpus)], out=str(tmp_path / "tok"), kind="char", doc_split="file")
+    manifest = prepare_data([str(corpus)], out=str(tmp_path / "out"), tokenizer=str(tok), doc_split="file", split="tail",
                             val_fraction=0.1, shard_tokens=1000, progress=False)
     total = len(text) + 1  # + EOS
     assert manifest["tokens"]["train"] == int(total * 0.9)

@@ -18,7 +18,7 @@ from lmstack.errors import LmstackError
 from lmstack.evaluation import metrics as M
 from lmstack.evaluation.scoring import Scorer, perplexity_windows
 from lmstack.evaluation.tasks import build_prompt, fewshot_examples, known_tasks, load_task, read_rows
-from test_cli import assert_one_line_error, tiny  # noqa: F401  (tiny: the CLI tests' random-Llama fixture)
+from cli_helpers import assert_one_line_error
 
 torch.set_num_threads(2)
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -310,7 +310,7 @@ def test_translation_task_on_a_seq2seq_model_uses_the_bare_source(tiny_tasks: Pa
     from lmstack.checkpoints import save_native
     from lmstack.config import from_name
     from lmstack.models import build_model
-    from test_cli import tiny_tokenizer
+    from cli_helpers import tiny_tokenizer
     torch.manual_seed(0)
     tok = tiny_tokenizer()
     cfg = from_name("tiny-t5", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

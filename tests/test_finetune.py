@@ -7,6 +7,7 @@ method for a step on the real SmolLM2. Label positions are tested in tests/test_
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -14,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import assert_one_line_error, run_cli, tiny, tiny_tokenizer  # noqa: F401 (tiny: a fixture)
+from cli_helpers import assert_one_line_error, run_cli, tiny_tokenizer
 
-from lmstack import commands
 from lmstack.checkpoints import REGISTRY, load_model, read_safetensors, save_native
 from lmstack.config import from_name
 from lmstack.models import build_model
 from lmstack.peft.lora import LoRALinear, disable_adapter
+from lmstack.training.finetune import finetune
+from lmstack.training.trainer import TrainOptions
 
 torch.set_num_threads(2)
 
@@ -65,6 +67,7 @@ TOKENS = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(
 @pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "prefix", "adapter"])
 def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path, data: Path, tmp_path: Path,
                                                                        method: str, monkeypatch) -> None:
+    from lmstack.generation.chat import generate  # (GEN's move)
     from lmstack.training import finetune as ft
     trained = []
     fit = ft.Trainer.fit
@@ -103,7 +106,7 @@ def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path
     for key, value in tuned.model.state_dict().items():
         if key in adapter:
             assert torch.equal(value, adapter[key]), key
-    generated = commands.generate(prompt="hello", model=str(tiny), adapter=str(out), max_new_tokens=3)
+    generated = generate(prompt="hello", model=str(tiny), adapter=str(out), max_new_tokens=3)
     assert generated.new_tokens >= 1  # generation runs through every method's wrapper
     with disable_adapter(tuned.model):
         off = _logits(tuned.model, TOKENS)
@@ -172,7 +175,7 @@ def test_config_file_gives_tasks_and_flags_override_it(tiny: Path, data: Path, t
     assert out["steps"] == 2 and out["data"]["rep"]["template"] == "flan"
     assert json.loads((tmp_path / "run" / "adapter.json").read_text())["peft"]["rank"] == 2
     config.write_text(yaml.safe_dump({"model": str(tiny), "data": str(data), "rnak": 2}))
-    assert_one_line_error(run_cli("finetune", "--config", config, "--out", tmp_path / "bad"), "unknown key(s) rnak")
+    assert_one_line_error(run_cli("finetune", "--config", config, "--out", tmp_path / "bad"), "rnak: unknown key (did you mean rank?)")
 
 
 # ------------------------------------------------------------------------------------------ using adapters
@@ -219,10 +222,12 @@ def test_lora_run_folder_loads_in_peft_with_the_same_logits(tiny: Path, lora_dir
 
 
 def test_generate_and_chat_run_the_adapter_unmerged(tiny: Path, lora_dir: Path) -> None:
+    from lmstack.generation.chat import generate  # (GEN's move)
+
     flags = ["--prompt", "hello", "--max-new-tokens", "6", "--json"]
     with_adapter = run_cli("generate", "--model", tiny, "--adapter", lora_dir, *flags)
     assert with_adapter.exit_code == 0, with_adapter.stderr
-    api = commands.generate(prompt="hello", model=str(tiny), adapter=str(lora_dir), max_new_tokens=6)
+    api = generate(prompt="hello", model=str(tiny), adapter=str(lora_dir), max_new_tokens=6)
     assert json.loads(with_adapter.stdout)["text"] == api.text
     # --model defaults to the adapter's recorded base
     default_base = run_cli("generate", "--adapter", lora_dir, *flags)
@@ -291,10 +296,10 @@ def test_every_method_runs_on_smollm2(tmp_path: Path) -> None:
     gsm8k = DATA / "gsm8k" / "train.jsonl"
     sizes = {}
     for method in ["lora", "qlora", "prompt", "prefix", "adapter"]:  # full: tiny model above, and the benchmarks
-        result = commands.finetune(method=method, model="smollm2-135m-instruct", data=[str(gsm8k)],
-                                   out=str(tmp_path / method), fields="instruction=question,output=answer",
-                                   limit=8, max_seq_len=96, max_steps=1, batch_size=1, eval_batches=1,
-                                   val_fraction=0.25, progress=False)
+        result = dataclasses.asdict(finetune(
+            method=method, model="smollm2-135m-instruct", data=[str(gsm8k)], out=str(tmp_path / method),
+            fields="instruction=question,output=answer", limit=8, max_seq_len=96, val_fraction=0.25,
+            train=TrainOptions(max_steps=1, batch_size=1, eval_batches=1, progress=False)))
         assert result["steps"] == 1 and 0 < result["best_val_loss"] < 10, (method, result)
         assert result["data"]["train"]["truncated"] > 0  # GSM8K answers are longer than 96 tokens
         sizes[method] = (result["trainable_params"], result["adapter_bytes"])

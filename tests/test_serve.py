@@ -29,8 +29,9 @@ import torch  # noqa: E402
 
 from lmstack.checkpoints import load_model, resolve  # noqa: E402
 from lmstack.generation import GenerationConfig, Generator  # noqa: E402
-from lmstack.serving.app import ServerThread, Settings, create_app  # noqa: E402
+from lmstack.serving.app import Settings, create_app  # noqa: E402
 from lmstack.serving.engine import Engine  # noqa: E402
+from lmstack.serving.testing import ServerThread  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"

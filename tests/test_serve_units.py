@@ -80,10 +80,10 @@ def test_prometheus_text_format():
 
 def test_key_limits_bucket_and_in_flight(monkeypatch):
     pytest.importorskip("fastapi")
-    import lmstack.serving.app as app_module
+    import lmstack.serving.gate as gate
     now = [1000.0]
-    monkeypatch.setattr(app_module.time, "monotonic", lambda: now[0])
-    limits = app_module.KeyLimits(rate_per_min=6, max_concurrent=2)  # 1 request per 10 s, burst 6
+    monkeypatch.setattr(gate.time, "monotonic", lambda: now[0])
+    limits = gate.KeyLimits(rate_per_min=6, max_concurrent=2)  # 1 request per 10 s, burst 6
     assert [limits.acquire("a") for _ in range(2)] == [None, None]
     assert limits.acquire("a") == 1  # two in flight: the concurrency cap
     limits.release("a")

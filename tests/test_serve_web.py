@@ -16,8 +16,9 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
-from lmstack.serving.app import ServerThread, Settings, create_app  # noqa: E402
+from lmstack.serving.app import Settings, create_app  # noqa: E402
 from lmstack.serving.engine import Engine  # noqa: E402
+from lmstack.serving.testing import ServerThread  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"

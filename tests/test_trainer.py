@@ -24,8 +24,7 @@ from lmstack.training.objectives import causal_lm
 from lmstack.training.optim import lr_at, param_groups
 from lmstack.training.trainer import LossOutput, TrainConfig, Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import RandomTokens  # noqa: E402
+from train_helpers import RandomTokens
 
 torch.set_num_threads(1)
 

@@ -1,13 +1,21 @@
-"""`lmstack` command line: maps verbs onto the typed functions in `lmstack.commands` with Typer.
+"""`lmstack` command line: a table from verb names to the typed functions that do the work, imported lazily.
 
-A verb's options are read off its function: positional parameters become arguments, keyword-only ones become
+Each verb is a function in the module that does its work ("lmstack.training.pretrain:pretrain"); its signature
+and Google docstring ARE the command line: positional parameters become arguments, keyword-only ones become
 `--options` (required when they have no default), and the docstring's summary and `Args:` lines become the help.
-This module adds only what is about output (`--json`, streaming to stdout) and turns every user-facing error
-into one line on stderr with exit code 1; usage errors exit with 2 (Typer's default).
+A keyword parameter annotated with a dataclass is an option group (`train: TrainOptions`): each of its fields
+becomes one `--option` (help from the dataclass's `Args:` lines or field metadata), and the function receives
+the dataclass instance. A verb's module is imported only when that verb runs or shows its help, so
+`lmstack --help` reads the summaries straight from the source files and imports neither torch nor the models.
+
+This module adds only what is about output (`--json`, streaming to stdout, tables) and turns every user-facing
+error into one line on stderr with exit code 1; usage errors exit with 2 (Typer's default).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -16,23 +24,16 @@ import sys
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from lmstack import commands, rag
-from lmstack.checkpoints import inspect as model_verbs
 from lmstack.errors import LmstackError
-
-app = typer.Typer(name="lmstack", help="A hackable toolkit for the whole life of an LLM.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-models_app = typer.Typer(help="List and inspect models.", no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(models_app, name="models")
-tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(tokenizer_app, name="tokenizer")
-data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(data_app, name="data")
-
+from lmstack.runconfig import field_helps, parse_docstring
 
 # ------------------------------------------------------------------------------------- errors
 
@@ -66,60 +67,79 @@ def _fail(message: str) -> typing.NoReturn:
 # ------------------------------------------------------------------------ functions -> commands
 
 
-def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
-    """Split a Google-style docstring into the text before `Args:` and one help line per argument."""
-    summary, _, args = inspect.cleandoc(doc or "").partition("\nArgs:\n")
-    helps: dict[str, str] = {}
-    lines = [line for line in args.splitlines() if line.strip()]
-    indent = len(lines[0]) - len(lines[0].lstrip()) if lines else 0  # `name: help` lines; deeper = continued
-    name = None
-    for line in lines:
-        match = re.match(r"\s*(\w+):\s*(.*)$", line)
-        if match and len(line) - len(line.lstrip()) == indent:
-            name, helps[match.group(1)] = match.group(1), match.group(2)
-        elif name is not None:
-            helps[name] += " " + line.strip()
-    return summary.strip(), helps
+def _annotated(p: inspect.Parameter, help_text: str | None) -> inspect.Parameter:
+    """`p` as a keyword parameter whose annotation carries its Typer argument / option."""
+    if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty:
+        info: Any = typer.Argument(help=help_text, show_default=False)
+    else:
+        # A list option is repeated (--stop A --stop B): show the item type, not "list[str]".
+        lists = [a for a in (p.annotation, *typing.get_args(p.annotation)) if typing.get_origin(a) is list]
+        metavar = f"<{getattr(typing.get_args(lists[0])[0], '__name__', 'str')}>" if lists else None
+        info = typer.Option(help=help_text, show_default=p.default not in (None, p.empty), metavar=metavar)
+    return inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default,
+                             annotation=Annotated[p.annotation, info])
 
 
-def cli_parameters(fn: Callable[..., Any], skip: set[str]) -> list[inspect.Parameter]:
-    """The parameters of `fn` as Typer arguments/options, with help from its docstring."""
+def option_group_of(annotation: Any) -> type | None:
+    """The dataclass a parameter is annotated with (`G` or `G | None`): an option group."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def cli_parameters(fn: Callable[..., Any], skip: set[str]) -> tuple[list[inspect.Parameter], dict[str, type]]:
+    """The parameters of `fn` as Typer arguments/options, with help from its docstring, and the option groups
+    (parameter name -> dataclass) whose fields were expanded into options."""
     _, helps = parse_docstring(fn.__doc__)
-    params = []
-    for p in inspect.signature(fn).parameters.values():
+    params: list[inspect.Parameter] = []
+    groups: dict[str, type] = {}
+    for p in inspect.signature(fn, eval_str=True).parameters.values():
         if p.name in skip:
             continue
-        help_text = helps.get(p.name)
-        if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty:
-            info: Any = typer.Argument(help=help_text, show_default=False)
-        else:
-            # A list option is repeated (--stop A --stop B): show the item type, not "list[str]".
-            origins = {typing.get_origin(p.annotation), *(typing.get_origin(a) for a in typing.get_args(p.annotation))}
-            metavar = "<str>" if list in origins else None
-            info = typer.Option(help=help_text, show_default=p.default not in (None, p.empty), metavar=metavar)
-        params.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default,
-                                        annotation=Annotated[p.annotation, info]))
-    return params
+        group = option_group_of(p.annotation) if p.kind is p.KEYWORD_ONLY else None
+        if group is None:
+            params.append(_annotated(p, helps.get(p.name)))
+            continue
+        groups[p.name] = group
+        hints, group_helps = typing.get_type_hints(group), field_helps(group)
+        for f in dataclasses.fields(group):
+            # None = not given, so a YAML config (or the group's own default) can supply the value.
+            option = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                       annotation=hints[f.name] | None)
+            params.append(_annotated(option, group_helps.get(f.name)))
+    names = [p.name for p in params]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:  # a programming error in the verb's signature, not bad input
+        raise TypeError(f"{fn.__qualname__}: option(s) {', '.join(clash)} appear both as a parameter and in "
+                        "an option group")
+    return params, groups
 
 
-def verb(group: typer.Typer, fn: Callable[..., Any], name: str, *, skip: set[str] = frozenset(),
-         extra: list[inspect.Parameter] = (), run: Callable[..., None]) -> None:
-    """Register `fn` as command `name`: its signature (minus `skip`, plus `extra`) is the command line, and
-    `run(**parsed)` does the call and the printing."""
-    params = cli_parameters(fn, set(skip)) + list(extra)
+def build_command(name: str, fn: Callable[..., Any], run: Callable[..., None], *, skip: set[str] = frozenset(),
+                  extra: list[inspect.Parameter] = ()) -> click.Command:
+    """The click command for `fn`: its signature (minus `skip`, plus `extra`) is the command line, option groups
+    are rebuilt into their dataclasses, and `run(fn, **parsed)` does the call and the printing."""
+    params, groups = cli_parameters(fn, set(skip))
+    params += list(extra)
     # Arguments first (in their order), then options, so the signature is valid and positions are kept.
     params.sort(key=lambda p: not isinstance(typing.get_args(p.annotation)[1], typer.models.ArgumentInfo))
 
     def command(**kwargs: Any) -> None:
+        for param, group in groups.items():  # options not given keep the group's defaults (None: not given)
+            values = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)}
+            kwargs[param] = group(**{k: v for k, v in values.items() if v is not None})
         with user_errors():
-            run(**kwargs)
+            run(fn, **kwargs)
 
     summary, _ = parse_docstring(fn.__doc__)
-    command.__name__ = run.__name__
+    command.__name__ = name.replace("-", "_")
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {}  # Typer reads the types off the signature
     command.__doc__ = summary
-    group.command(name, help=summary)(command)
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    single.command(name, help=summary)(command)
+    return typer.main.get_command(single)
 
 
 def _flag(name: str, decl: str, help: str) -> inspect.Parameter:
@@ -130,31 +150,45 @@ def _flag(name: str, decl: str, help: str) -> inspect.Parameter:
 JSON_FLAG = _flag("as_json", "--json", "Print one JSON object instead of text.")
 
 
+# ------------------------------------------------------------------------------------- output
+
+
 def _write(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
 
 
-# ------------------------------------------------------------------------------------- verbs
+def _print_json(result: Any) -> None:
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        result = dataclasses.asdict(result)
+    print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
 
 
-def _generate(as_json: bool, **kwargs: Any) -> None:
+def _call(fn: Callable[..., Any], **kwargs: Any) -> None:
+    fn(**kwargs)
+
+
+def _call_print_json(fn: Callable[..., Any], **kwargs: Any) -> None:
+    _print_json(fn(**kwargs))
+
+
+def _generate(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
     stream = not as_json and kwargs["num_beams"] == 1
-    out = commands.generate(**kwargs, on_text=_write if stream else None)
+    out = fn(**kwargs, on_text=_write if stream else None)
     if as_json:
         print(json.dumps(out.to_dict(), ensure_ascii=False))
     else:
         print("" if stream else out.text, flush=True)
 
 
-def _chat(**kwargs: Any) -> None:
-    failures = commands.chat(**kwargs)
+def _chat(fn: Callable[..., Any], **kwargs: Any) -> None:
+    failures = fn(**kwargs)
     if failures:
         raise typer.Exit(1)
 
 
-def _models_list(as_json: bool) -> None:
-    entries = model_verbs.list_models()
+def _models_list(fn: Callable[..., Any], as_json: bool) -> None:
+    entries = fn()
     if as_json:
         print(json.dumps([e.__dict__ for e in entries], indent=2))
         return
@@ -167,8 +201,8 @@ def _models_list(as_json: bool) -> None:
             print(f"  {e.name:<{width}}  {status:<13}  {e.description}")
 
 
-def _models_show(name: str, as_json: bool) -> None:
-    summary = model_verbs.show_model(name)
+def _models_show(fn: Callable[..., Any], name: str, as_json: bool) -> None:
+    summary = fn(name)
     if as_json:
         print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
     else:
@@ -229,38 +263,23 @@ def _architecture(cfg: dict[str, Any]) -> str:
     return f"seq2seq ({cfg.get('positions')} positions, {'pre' if cfg.get('norm_first') else 'post'}-norm)"
 
 
-def _convert(**kwargs: Any) -> None:
-    out = model_verbs.convert(**kwargs)
+def _convert(fn: Callable[..., Any], **kwargs: Any) -> None:
+    out = fn(**kwargs)
     print(f"wrote {kwargs['to']} checkpoint to {out}", file=sys.stderr)
 
 
-verb(app, commands.generate, "generate", skip={"on_text"}, extra=[JSON_FLAG], run=_generate)
-verb(app, commands.chat, "chat", skip={"input", "output", "notices"}, run=_chat)
-verb(app, model_verbs.convert, "convert", run=_convert)
-verb(models_app, model_verbs.list_models, "list", extra=[JSON_FLAG], run=_models_list)
-verb(models_app, model_verbs.show_model, "show", extra=[JSON_FLAG], run=_models_show)
+def _tokenizer_train(fn: Callable[..., Any], **kwargs: Any) -> None:
+    print(f"wrote tokenizer to {fn(**kwargs)}", file=sys.stderr)
 
 
-def _print_json(result: Any) -> None:
-    print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
-
-
-def _tokenizer_train(**kwargs: Any) -> None:
-    print(f"wrote tokenizer to {commands.tokenizer_train(**kwargs)}", file=sys.stderr)
-
-
-def _data_prepare(**kwargs: Any) -> None:
-    manifest = commands.data_prepare(**kwargs)
+def _data_prepare(fn: Callable[..., Any], **kwargs: Any) -> None:
+    manifest = fn(**kwargs)
     print(json.dumps({"out": kwargs["out"], "documents": manifest["documents"], "tokens": manifest["tokens"],
                       "dtype": manifest["dtype"]}, indent=2))
 
 
-def _pretrain(**kwargs: Any) -> None:
-    _print_json(commands.pretrain(**kwargs))
-
-
-def _plan(as_json: bool, **kwargs: Any) -> None:
-    result = commands.plan(**kwargs)
+def _plan(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
+    result = fn(**kwargs)
     if as_json:
         _print_json(result)
         return
@@ -275,14 +294,8 @@ def _plan(as_json: bool, **kwargs: Any) -> None:
         print(f"{'time at peak x mfu':<24} {result['time_s'] / 3600:>12,.1f} h")
 
 
-verb(app, commands.plan, "plan", extra=[JSON_FLAG], run=_plan)
-verb(tokenizer_app, commands.tokenizer_train, "train", run=_tokenizer_train)
-verb(data_app, commands.data_prepare, "prepare", run=_data_prepare)
-verb(app, commands.pretrain, "pretrain", run=_pretrain)
-
-
-def _finetune(**kwargs: Any) -> None:
-    result = commands.finetune(**kwargs)
+def _finetune(fn: Callable[..., Any], **kwargs: Any) -> None:
+    result = dataclasses.asdict(fn(**kwargs))
     for name, counts in result["data"].items():  # the length policy's effect, per task, on stderr
         print(f"data {name}: {counts['kept']} of {counts['examples']} examples kept, {counts['truncated']} "
               f"truncated, {counts['dropped']} dropped (max_seq_len, overflow)", file=sys.stderr)
@@ -291,40 +304,18 @@ def _finetune(**kwargs: Any) -> None:
     _print_json(result)
 
 
-def _merge(**kwargs: Any) -> None:
-    print(f"wrote merged native checkpoint to {commands.merge(**kwargs)}", file=sys.stderr)
+def _merge(fn: Callable[..., Any], **kwargs: Any) -> None:
+    print(f"wrote merged native checkpoint to {fn(**kwargs)}", file=sys.stderr)
 
 
-verb(app, commands.finetune, "finetune", run=_finetune)
-verb(app, commands.merge, "merge", run=_merge)
-
-# ------------------------------------------------------------------------------------------ eval
-
-
-def _eval(as_json: bool, **kwargs: Any) -> None:
+def _eval(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
     from lmstack.evaluation.report import summary, table
-    results = commands.evaluate(**kwargs)
+    results = fn(**kwargs)
     print(json.dumps(summary(results), ensure_ascii=False) if as_json else table(results), flush=True)
 
 
-verb(app, commands.evaluate, "eval", extra=[JSON_FLAG], run=_eval)
-
-
-from lmstack.serving import serve  # noqa: E402 (light: FastAPI and torch load inside serve)
-
-verb(app, serve, "serve", run=serve)
-
-# ------------------------------------------------------------------ RAG, RAFT and embeddings (lmstack.rag)
-
-rag_app = typer.Typer(help="Retrieval-augmented generation: index, search, ask, eval.", no_args_is_help=True,
-                      rich_markup_mode=None)
-app.add_typer(rag_app, name="rag")
-raft_app = typer.Typer(help="RAFT fine-tuning data.", no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(raft_app, name="raft")
-
-
-def _rag_search(as_json: bool, **kwargs: Any) -> None:
-    hits = rag.rag_search(**kwargs)
+def _rag_search(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
+    hits = fn(**kwargs)
     if as_json:
         _print_json(hits)
     for h in [] if as_json else hits:
@@ -332,26 +323,138 @@ def _rag_search(as_json: bool, **kwargs: Any) -> None:
         print("    " + " ".join(h["text"].split())[:200])
 
 
-def _rag_ask(as_json: bool, **kwargs: Any) -> None:
+def _rag_ask(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
     if as_json:  # the contract: answer, citations [{n, source, location, score}], retrieved
-        result = rag.rag_ask(**{**kwargs, "stream": False})
+        result = fn(**{**kwargs, "stream": False})
         print(json.dumps({k: result[k] for k in ("answer", "citations", "retrieved", "refused", "reason")},
                          indent=2, ensure_ascii=False))
     else:
-        rag.rag_ask(**kwargs, output=sys.stdout)
+        fn(**kwargs, output=sys.stdout)
 
 
-def _rag_eval(**kwargs: Any) -> None:
-    report = rag.rag_eval(**kwargs)
+def _rag_eval(fn: Callable[..., Any], **kwargs: Any) -> None:
+    report = fn(**kwargs)
     _print_json({k: v for k, v in report.items() if k != "per_question"})
 
 
-verb(rag_app, rag.rag_index, "index", run=lambda **kw: _print_json(rag.rag_index(**kw)))
-verb(rag_app, rag.rag_search, "search", extra=[JSON_FLAG], run=_rag_search)
-verb(rag_app, rag.rag_ask, "ask", skip={"on_text", "output"}, extra=[JSON_FLAG], run=_rag_ask)
-verb(rag_app, rag.rag_eval, "eval", run=_rag_eval)
-verb(app, rag.embed, "embed", run=lambda **kw: _print_json(rag.embed(**kw)))
-verb(raft_app, rag.raft_build, "build", run=lambda **kw: _print_json(rag.raft_build(**kw)))
+# ------------------------------------------------------------------------------------- the verb table
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A command: the function that does the work ("module:function", imported when the verb runs) and how its
+    result is shown (`run(fn, **parsed)`); `skip` leaves out parameters the CLI cannot express (callbacks,
+    streams), `json` adds --json (passed to `run` as `as_json`)."""
+
+    target: str
+    run: Callable[..., None] = _call_print_json
+    skip: frozenset[str] = frozenset()
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class Group:
+    """A command with sub-commands (`lmstack rag index`)."""
+
+    help: str
+    verbs: dict[str, Verb | Group] = field(default_factory=dict)
+
+
+VERBS: dict[str, Verb | Group] = {
+    "generate": Verb("lmstack.generation.chat:generate", _generate, frozenset({"on_text"}), json=True),
+    "chat": Verb("lmstack.generation.chat:chat", _chat, frozenset({"input", "output", "notices"})),
+    "models": Group("List and inspect models.", {
+        "list": Verb("lmstack.checkpoints.inspect:list_models", _models_list, json=True),
+        "show": Verb("lmstack.checkpoints.inspect:show_model", _models_show, json=True),
+    }),
+    "convert": Verb("lmstack.checkpoints.inspect:convert", _convert),
+    "tokenizer": Group("Train tokenizers.", {
+        "train": Verb("lmstack.data.tokenizer_train:train_tokenizer", _tokenizer_train),
+    }),
+    "data": Group("Prepare training data.", {
+        "prepare": Verb("lmstack.data.prepare:prepare_data", _data_prepare),
+    }),
+    "plan": Verb("lmstack.plan:plan", _plan, json=True),
+    "pretrain": Verb("lmstack.training.pretrain:pretrain"),
+    "finetune": Verb("lmstack.training.finetune:finetune", _finetune),
+    "merge": Verb("lmstack.training.finetune:merge", _merge),
+    "eval": Verb("lmstack.evaluation.command:evaluate", _eval, json=True),
+    "serve": Verb("lmstack.serving:serve", _call),
+    "rag": Group("Retrieval-augmented generation: index, search, ask, eval.", {
+        "index": Verb("lmstack.rag:rag_index"),
+        "search": Verb("lmstack.rag:rag_search", _rag_search, json=True),
+        "ask": Verb("lmstack.rag:rag_ask", _rag_ask, frozenset({"on_text", "output"}), json=True),
+        "eval": Verb("lmstack.rag:rag_eval", _rag_eval),
+    }),
+    "embed": Verb("lmstack.rag:embed"),
+    "raft": Group("RAFT fine-tuning data.", {
+        "build": Verb("lmstack.rag:raft_build"),
+    }),
+}
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """The function named by "module:function" (this imports the module)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def verb_summary(target: str) -> str:
+    """The docstring summary of a verb's function, read from its source file without importing it, so
+    `lmstack --help` stays fast; empty when the source cannot be found."""
+    module, _, name = target.partition(":")
+    base = Path(__file__).parent.joinpath(*module.split(".")[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            # A top-level `def name(...) -> T:` and the docstring that opens its body (a regex: parsing whole
+            # modules with ast costs ~5 ms each).
+            found = re.search(rf'^def {name}\(.*?\)[^:\n]*:\s*\n\s+"""(.*?)"""', path.read_text(encoding="utf-8"),
+                              re.S | re.M)
+            return parse_docstring(found.group(1))[0] if found else ""
+    return ""
+
+
+class LazyGroup(TyperGroup):
+    """A click group over a verb table: sub-commands are built (and their modules imported) only when used."""
+
+    def __init__(self, *, table: dict[str, Verb | Group] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("rich_markup_mode", None)
+        super().__init__(**kwargs)
+        self.table = VERBS if table is None else table
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.table)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = self.table.get(cmd_name)
+        if isinstance(entry, Group):
+            return LazyGroup(name=cmd_name, table=entry.verbs, help=entry.help, no_args_is_help=True)
+        if entry is None:
+            return None
+        try:
+            fn = resolve(entry.target)
+        except ImportError as e:  # a verb whose module is missing in this install
+            raise click.ClickException(f"{cmd_name}: cannot import {entry.target} ({e})") from None
+        return build_command(cmd_name, fn, entry.run, skip=set(entry.skip), extra=[JSON_FLAG] if entry.json else [])
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(map(len, self.table), default=0)  # as click's own listing
+        rows = []
+        for name, entry in self.table.items():
+            text = entry.help if isinstance(entry, Group) else verb_summary(entry.target)
+            rows.append((name, click.utils.make_default_short_help(text, limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+app = typer.Typer(name="lmstack", cls=LazyGroup, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.callback()
+def _root() -> None:
+    """A hackable toolkit for the whole life of an LLM."""
 
 
 def main() -> None:

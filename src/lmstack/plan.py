@@ -97,16 +97,15 @@ def load_config(model: str) -> ModelConfig:
 
 def _config_file(path: Path) -> ModelConfig:
     """{"preset": name, **overrides}, a config dict with "family", or a native lmstack.json ({"config": ...})."""
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
+    if path.suffix != ".json":
+        from lmstack.runconfig import read_yaml
 
-            values = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as e:
-        raise LmstackError(f"{path}: not valid {path.suffix[1:].upper()} ({str(e).splitlines()[0]})") from None
+        values: Any = read_yaml(path)  # a syntax error is reported as file:line
+    else:
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, ValueError) as e:
+            raise LmstackError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise LmstackError(f"{path}: expected a mapping of config fields")
     if isinstance(values.get("config"), dict):
@@ -304,12 +303,35 @@ def optimizer_bytes(optimizer: str, shapes: list[tuple[int, ...]]) -> int:
 # --------------------------------------------------------------------------------------------- plan
 
 
-def plan(model: str, precision: Precision = "fp32", method: Method = "full", optimizer: Optimizer = "adamw",
+def plan(*, model: str, precision: Precision = "fp32", method: Method = "full", optimizer: Optimizer = "adamw",
          batch: int = 1, seq: int = 512, grad_checkpointing: bool = False, gpus: int = 1,
          sharding: Sharding = "none", lora_rank: int = 8, lora_targets: str = "all-linear",
          peak_flops: float | None = None, mfu: float = 0.4, tokens: int | None = None,
          framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES, device: Device = "cuda") -> dict[str, Any]:
-    """Memory per device and compute for training `model`; every byte count is per device (per GPU)."""
+    """Predict memory per device and compute for training a model, before running it.
+
+    Every byte count is per device (per GPU).
+
+    Args:
+        model: a preset, a model name or path (only its config is read), or a JSON/YAML config file.
+        precision: fp32, bf16 (mixed precision), or int8 / nf4 for a frozen base (lora / qlora).
+        method: full fine-tuning, lora or qlora.
+        optimizer: adamw, sgd, sgd-momentum or adafactor.
+        batch: sequences per device per step.
+        seq: tokens per sequence.
+        grad_checkpointing: keep only each layer's input for the backward.
+        gpus: number of devices.
+        sharding: none or fsdp (ZeRO-3: weights, grads and optimizer states split over the devices).
+        lora_rank: LoRA rank.
+        lora_targets: all-linear or a comma list of q,k,v,o,gate,up,down.
+        peak_flops: the device's peak FLOP/s, to estimate training time.
+        mfu: the model FLOP utilization to assume for that estimate.
+        tokens: training tokens (default: Chinchilla's 20 per parameter).
+        framework_overhead_bytes: memory the framework takes besides the tensors (default: an idle torch process
+            on CPU, measured by bench/plan_validate.py).
+        device: cuda or cpu (a half-precision CPU step with up to 256 keys attends with plain matmuls, which
+            keep the attention probabilities).
+    """
     return plan_config(load_config(model), precision=precision, method=method, optimizer=optimizer, batch=batch,
                        seq=seq, grad_checkpointing=grad_checkpointing, gpus=gpus, sharding=sharding,
                        lora_rank=lora_rank, lora_targets=lora_targets, peak_flops=peak_flops, mfu=mfu,

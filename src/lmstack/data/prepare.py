@@ -345,19 +345,35 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # ------------------------------------------------------------------------------------------ prepare
 
 
-def prepare_data(inputs: list[str], out: str, tokenizer: str, field: str = "text", val_fraction: float = 0.1,
+def prepare_data(inputs: list[str], *, out: str, tokenizer: str, field: str = "text", val_fraction: float = 0.1,
                  min_chars: int = 1, dedup: bool = True, normalize: Normalization = "NFC",
                  shard_tokens: int = 50_000_000, seed: int = 0, format: Format = "auto",
                  doc_split: DocSplit = "blank-line", split: Literal["hash", "tail"] = "hash",
                  progress: bool = True) -> dict[str, Any]:
-    """Clean, deduplicate, tokenize and pack `inputs` into train/val token shards in `out`; returns the manifest.
+    """Clean, deduplicate, tokenize and pack text / JSONL / Parquet into train and val token shards.
 
-    `tokenizer` is a tokenizer folder or anything `load_tokenizer` accepts. Plain-text files are split into
-    documents by `doc_split` (whole file, each line, or blank-line separated paragraphs); JSONL and Parquet take
-    `field` of each record. Each document is followed by EOS (and preceded by BOS when the tokenizer adds one).
-    With split="hash", documents go to val with probability `val_fraction`, decided by a hash of the document
-    keyed by `seed`. With split="tail", the last `val_fraction` of the token stream is val, cut mid-document if
-    need be (nanoGPT's split of a single-file corpus such as tinyshakespeare).
+    Returns the manifest. Plain-text files are split into documents by `doc_split` (whole file, each line, or
+    blank-line separated paragraphs); JSONL and Parquet take `field` of each record. Each document is followed
+    by EOS (and preceded by BOS when the tokenizer adds one). With split=hash, documents go to val with
+    probability `val_fraction`, decided by a hash of the document keyed by `seed`. With split=tail, the last
+    `val_fraction` of the token stream is val, cut mid-document if need be (nanoGPT's split of a single-file
+    corpus such as tinyshakespeare).
+
+    Args:
+        inputs: text, JSONL or Parquet files (or folders); read streaming, so larger than RAM is fine.
+        out: folder for the shards and manifest.json.
+        tokenizer: a tokenizer folder, or any model name or path (its tokenizer is used).
+        field: the JSONL / Parquet field holding the text.
+        val_fraction: share of documents (split hash) or of tokens (split tail) that go to val.
+        min_chars: drop documents shorter than this after cleaning.
+        dedup: drop exact duplicate documents.
+        normalize: unicode normalization: NFC, NFKC or none.
+        shard_tokens: tokens per shard file.
+        seed: seed of the hash split.
+        format: the input format (default: from each file's extension).
+        doc_split: how plain text splits into documents: file, line or blank-line.
+        split: hash (by document) or tail (the last val_fraction of the token stream, as nanoGPT).
+        progress: show a progress bar.
     """
     if split not in ("hash", "tail"):
         raise LmstackError(f"unknown split {split!r}; use hash or tail")

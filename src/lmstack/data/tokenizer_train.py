@@ -37,16 +37,29 @@ def _texts(inputs: list[str], field: str, format: Format, doc_split: DocSplit,
             yield text
 
 
-def train_tokenizer(inputs: list[str], out: str, kind: Literal["bpe", "char"] = "bpe", vocab_size: int = 8000,
+def train_tokenizer(inputs: list[str], *, out: str, kind: Literal["bpe", "char"] = "bpe", vocab_size: int = 8000,
                     field: str = "text", special_tokens: list[str] | None = None, min_frequency: int = 2,
                     sentinels: int = 0, format: Format = "auto", doc_split: DocSplit = "blank-line",
                     normalize: Normalization = "NFC") -> Path:
-    """Train a tokenizer on text / JSONL / Parquet files and save it to the folder `out`; returns the folder.
+    """Train a byte-level BPE or a char-level tokenizer on text / JSONL / Parquet files; returns the folder.
 
-    kind="bpe": byte-level BPE (ByteLevel pre-tokenizer and decoder, all 256 bytes in the initial alphabet, so
-    any text round-trips). kind="char": one token per character seen at least `min_frequency` times
-    (WordLevel over single characters; unseen characters become <unk>). `special_tokens` defaults to
-    <|endoftext|> (EOS), <pad>, [MASK], <unk>; `sentinels` > 0 appends T5's <extra_id_i> tokens.
+    bpe: byte-level BPE (ByteLevel pre-tokenizer and decoder, all 256 bytes in the initial alphabet, so any text
+    round-trips). char: one token per character seen at least `min_frequency` times (WordLevel over single
+    characters; unseen characters become <unk>).
+
+    Args:
+        inputs: text, JSONL or Parquet files (or folders).
+        out: folder to write tokenizer.json and tokenizer_config.json to.
+        kind: bpe (byte-level BPE) or char.
+        vocab_size: BPE vocabulary size, special tokens included.
+        field: the JSONL / Parquet field holding the text.
+        special_tokens: the special tokens (default <|endoftext|> (EOS), <pad>, [MASK], <unk>); repeat the
+            option for more.
+        min_frequency: BPE merges need at least this many occurrences.
+        sentinels: add this many T5 sentinels <extra_id_N> (for span corruption).
+        format: the input format (default: from each file's extension).
+        doc_split: how plain text splits into documents: file, line or blank-line.
+        normalize: unicode normalization: NFC, NFKC or none.
     """
     specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
     specials += [t for t in sentinel_tokens(sentinels) if t not in specials]

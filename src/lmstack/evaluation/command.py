@@ -10,7 +10,7 @@ from lmstack.errors import LmstackError
 
 def evaluate(*, model: list[str], tasks: str, adapter: list[str] | None = None, limit: int | None = None,
              num_fewshot: int | None = None, seed: int | None = None, out: str | None = None,
-             data: str | None = None, batch_size: int = 8, stride: int | None = None,
+             data_root: str | None = None, batch_size: int = 8, stride: int | None = None,
              dtype: Literal["float32", "bfloat16"] = "float32", progress: bool = True) -> dict[str, Any]:
     """Evaluate one or more models on evaluation tasks; print a table, write JSON / Markdown / PNG reports.
 
@@ -26,7 +26,8 @@ def evaluate(*, model: list[str], tasks: str, adapter: list[str] | None = None, 
         num_fewshot: Few-shot examples per prompt (default: the task's own setting).
         seed: Seed of the few-shot draw and of any sampling (default: each task's seed).
         out: Folder for results.json, report.md (every per-example prediction) and comparison.png.
-        data: The shared data folder that ${data} in task files refers to (default ../shared/data).
+        data_root: The shared data folder that ${data} in task files refers to (default $LMSTACK_DATA, else
+            ../shared/data).
         batch_size: Sequences per forward pass when scoring or generating.
         stride: Perplexity window stride in tokens (default: the task's stride).
         dtype: Compute dtype of the weights.
@@ -45,7 +46,7 @@ def evaluate(*, model: list[str], tasks: str, adapter: list[str] | None = None, 
             raise LmstackError(f"{flag} must be >= 1, not {value}")
     if num_fewshot is not None and num_fewshot < 0:
         raise LmstackError(f"--num-fewshot must be >= 0, not {num_fewshot}")
-    specs = [load_task(n, data) for n in names]  # every task file is checked before any model loads
+    specs = [load_task(n, data_root) for n in names]  # every task file is checked before any model loads
 
     from lmstack.evaluation.report import write_reports
     from lmstack.evaluation.runner import RunOptions, load_eval_model, run_task, set_seed

@@ -31,12 +31,12 @@ from typing import Any
 import jinja2
 import yaml
 
+from lmstack import runconfig
 from lmstack.errors import LmstackError
 from lmstack.evaluation.metrics import EXTRACTORS, METRICS, check_metric, extract_regex
 from lmstack.io import json_records
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
-REPO_ROOT = Path(__file__).resolve().parents[3]
 TASK_TYPES = ("generate", "multiple_choice", "loglikelihood", "perplexity")
 FORMATS = ("jsonl", "tsv", "pairs", "text")
 REQUIRED = {  # keys a task file must have, by type (beyond name, type, dataset.path and metrics)
@@ -53,11 +53,6 @@ TYPE_METRICS = {  # which metrics each task type computes
 }
 
 
-def default_data_root() -> Path:
-    """The shared data folder: $LMSTACK_DATA, else ../shared/data beside the repository."""
-    import os
-    env = os.environ.get("LMSTACK_DATA")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
 
 
 def known_tasks() -> list[str]:
@@ -169,7 +164,7 @@ def resolve_task_file(name: str) -> Path:
 def load_task(name: str, data_root: str | Path | None = None) -> EvalTask:
     """Read and validate a task file; every missing or bad key is an error naming the file and the key."""
     file = resolve_task_file(name)
-    root = Path(data_root) if data_root else default_data_root()
+    root = runconfig.data_root(data_root)
     try:
         cfg = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -133,11 +133,12 @@ def rag_ask(question: str, *, index: str, model: str = DEFAULT_ANSWER_MODEL, ada
         on_text: Called with each piece of the answer as it is generated (with stream).
         output: Where to print the answer and its cited sources (the CLI passes stdout; None prints nothing).
     """
-    from lmstack.commands import generation_config
+    from lmstack.generation import GenerationConfig
     from lmstack.rag.answer import answer, get_generator, print_result
     from lmstack.rag.retrieve import search
 
-    cfg = generation_config(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    cfg.validate()  # before any model loads
     filters = _filters(source, path_prefix, since, until, date_field)
     store, embedder = _open_for_query(index, embedding_model)
     with store:

@@ -1,67 +1,16 @@
-"""Sentence embeddings for RAG: an `Embedder` over lmstack's BERT encoder, and `embed_file` (the `embed` verb).
-
-Texts are embedded in batches of similar length (sorted by token count, as sentence-transformers does), so a
-batch pads to little more than its own texts; the result comes back in the input order.
-"""
+"""Sentence embeddings for RAG: `embed_file` (the `embed` verb) over the one embedder, `lmstack.embedding`."""
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
+from lmstack.embedding import Embedder, get_embedder  # noqa: F401  (rag's modules import them from here)
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write, require_path
-
-
-class Embedder:
-    """A sentence encoder by name (registry name or path): `encode(texts)` -> float32 [N, dim], L2-normalized."""
-
-    def __init__(self, name: str, batch_size: int = 32) -> None:
-        from lmstack.checkpoints import load_model
-
-        loaded = load_model(name, dtype="float32")
-        if getattr(loaded.config, "family", None) != "encoder" or loaded.tokenizer is None:
-            raise LmstackError(f"{name}: not a sentence encoder (need an encoder model with a tokenizer, "
-                               "e.g. minilm-l6)")
-        self.name, self.model, self.tokenizer = name, loaded.model, loaded.tokenizer
-        self.batch_size = batch_size
-        cfg = loaded.config
-        self.dim: int = cfg.d_model
-        self.max_length: int = cfg.embed_max_len or cfg.max_seq_len
-        # Room for the text itself: the encoder adds [CLS] ... [SEP].
-        self.max_text_tokens = self.max_length - len(self.tokenizer.encode(""))
-
-    @property
-    def backend(self) -> Any:
-        """The HF tokenizers.Tokenizer, for token counts and offsets while chunking."""
-        return self.tokenizer.backend
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """texts -> [N, dim] float32, unit length rows."""
-        import torch
-
-        from lmstack.models.encoder import encode_texts
-
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        lengths = [len(ids) for ids in self.tokenizer.encode_batch(texts)]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        with torch.inference_mode():
-            emb = encode_texts(self.model, self.tokenizer, [texts[i] for i in order], self.batch_size)  # [N, D]
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        out[order] = emb.numpy()
-        return out
-
-
-@functools.lru_cache(maxsize=2)
-def get_embedder(name: str, batch_size: int = 32) -> Embedder:
-    """One loaded encoder per (name, batch size) per process: asking and evaluating reuse it."""
-    return Embedder(name, batch_size)
 
 
 def read_texts(path: Path, field: str | None) -> list[str]:

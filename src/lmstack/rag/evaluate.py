@@ -177,9 +177,10 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
         embedder = get_embedder(store.embedding_model)
         generator = None
         if generate:
-            from lmstack.commands import generation_config
+            from lmstack.generation import GenerationConfig
 
-            cfg = generation_config(max_new_tokens=max_new_tokens)
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+            cfg.validate()
             generator = get_generator(model, adapter)
         for item in tqdm(items, desc="rag eval", unit="q", disable=not progress):
             row: dict[str, Any] = {"question": item["question"], "reference": item["answer"], "doc": item["doc"]}

@@ -262,13 +262,15 @@ def build(corpus: str, out: str, qa: str | None = None, model: str = DEFAULT_MOD
     if qa is not None:
         questions = questions_from_qa(qa, chunks, embedder)[:limit]
     else:
-        from lmstack.commands import generation_config
+        from lmstack.generation import GenerationConfig
         from lmstack.rag.answer import get_generator
 
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed)
+        cfg.validate()
         order = random.Random(seed).sample(range(len(chunks)), len(chunks))[:limit]  # a spread-out subset
         chosen = sorted(order)
         questions, failed = generate_questions([chunks[i] for i in chosen], get_generator(model),
-                                               generation_config(max_new_tokens=max_new_tokens, seed=seed),
+                                               cfg,
                                                questions_per_chunk, progress)
         for q in questions:
             q.oracle = chosen[q.oracle]

@@ -7,7 +7,6 @@ base model's name, `base:adapter` for an adapter, and the embedding model's name
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +52,7 @@ class Engine:
         self.created = 0
         self.scheduler = None  # lmstack.serving.scheduler.Scheduler once loaded
         self.tokenizer = None
-        self.encoder = None
-        self.encoder_tokenizer = None
-        self.encoder_lock = threading.Lock()  # one embedding batch at a time (the encoder is not reentrant)
+        self.embedder = None  # lmstack.embedding.Embedder once loaded: the one sentence embedder
         from lmstack.serving.metrics import Metrics
         self.metrics = Metrics()  # shared by the scheduler and the app's middleware
 
@@ -76,10 +73,11 @@ class Engine:
             self.scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch=self.max_batch,
                                        context=self.context, router=router, metrics=self.metrics)
             if self.embedding_model:
-                enc = load_model(self.embedding_model, dtype="float32")
-                if getattr(enc.config, "family", None) != "encoder" or enc.tokenizer is None:
-                    raise LmstackError(f"--embedding-model {self.embedding_model} is not an encoder with a tokenizer")
-                self.encoder, self.encoder_tokenizer = enc.model, enc.tokenizer
+                from lmstack.embedding import Embedder
+                try:
+                    self.embedder = Embedder(self.embedding_model)
+                except LmstackError as e:
+                    raise LmstackError(f"--embedding-model {e}") from None
             self.scheduler.prepare_json_mode()  # the token texts JSON mode checks, built once here
             self.scheduler.start()
             self.created = int(time.time())

@@ -9,36 +9,33 @@
 
 The data are one or more JSONL tasks (see lmstack.data.instruct): `--data FILE` repeated mixes them, with
 `--weight` per task (default proportional to size); a YAML `--config` may list `tasks:` with per-task settings.
-Every flag overrides the config's value; `train:` in the config holds TrainConfig fields.
+Every flag overrides the config's value; `train:` in the config holds the trainer options (TrainOptions).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lmstack.checkpoints import load_model, save_native
+from lmstack import runconfig
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_json
 from lmstack.peft.lora import TARGETS, resolve_targets
 from lmstack.peft.methods import ADAPTER_FORMAT, METHODS, PeftSpec, apply_method, read_adapter_spec, save_adapter
 from lmstack.training.objectives import causal_lm_targets
-from lmstack.training.pretrain import TRAIN_KEYS, load_run_config, resolve_path
-from lmstack.training.trainer import TrainConfig, Trainer
+from lmstack.runconfig import resolve_path
+from lmstack.training.trainer import TrainConfig, Trainer, TrainOptions
 
 # Learning rates that work for short runs of a ~100M-parameter model (override with --lr).
 DEFAULT_LR = {"full": 2e-5, "lora": 3e-4, "qlora": 3e-4, "prompt": 3e-2, "prefix": 5e-3, "adapter": 1e-3}
 PEFT_KEYS = {f.name for f in dataclasses.fields(PeftSpec)} - {"method"}
-DATA_KEYS = {"data", "val_data", "weights", "tasks", "template", "format", "fields", "limit", "max_seq_len",
-             "overflow", "pack", "val_fraction"}
-RUN_KEYS = {"method", "model", "out", "dtype", "train"} | PEFT_KEYS | DATA_KEYS
 
 
 @dataclass
@@ -125,10 +122,7 @@ def task_specs(run: dict[str, Any]) -> list[Any]:
 def train_config(method: str, run: dict[str, Any], out: str) -> TrainConfig:
     """Fine-tuning defaults (a short run, small batches, a per-method learning rate), then the config's and the
     command line's values."""
-    given = dict(run.get("train", {}))
-    unknown = sorted(set(given) - TRAIN_KEYS)
-    if unknown:
-        raise LmstackError(f"config train: unknown key(s) {', '.join(unknown)}")
+    given = dict(run.get("train", {}))  # checked against TrainOptions by runconfig
     max_steps = int(given.get("max_steps", 200))
     lr = float(given.get("lr", DEFAULT_LR[method]))
     defaults = {"max_steps": max_steps, "batch_size": 8, "lr": lr, "min_lr": lr / 10,
@@ -161,25 +155,102 @@ def per_task_losses(source: Any, batch_size: int, max_batches: int):
     return evaluate
 
 
-def finetune(method: str | None = None, model: str | None = None, data: Sequence[str] | None = None,
-             out: str | None = None, config: str | None = None, resume: bool = True,
-             **overrides: Any) -> FinetuneResult:
-    """Fine-tune `model` on instruction data with `method`; see the module notes for what OUT holds.
+@dataclass(kw_only=True)
+class FinetuneRun:
+    """A fine-tuning run: the keys of a finetune YAML config (the command line's flags lay over them). PEFT
+    settings left None take PeftSpec's defaults; `train:` holds the trainer options."""
 
-    `overrides` are the remaining run keys (RUN_KEYS: data and PEFT settings) and TrainConfig fields; None
-    values are ignored, so a command line's unset flags leave the config's values.
+    method: Literal["full", "lora", "qlora", "prompt", "prefix", "adapter"] = "lora"
+    model: str | None = None
+    out: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    data: list[str] | str | None = None
+    val_data: list[str] | None = None
+    weights: list[float] | None = None
+    tasks: list[dict[str, Any]] | None = None  # per-task settings, checked against TaskSpec in task_specs
+    template: Literal["chat", "alpaca", "flan", "plain"] = "chat"
+    format: Literal["auto", "alpaca", "chat", "prompt-completion", "self-instruct"] = "auto"
+    fields: str | dict[str, str] | None = None
+    limit: int | None = None
+    max_seq_len: int = 512
+    overflow: Literal["truncate", "drop"] = "truncate"
+    pack: bool = False
+    val_fraction: float = 0.05
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    targets: str | list[str] | None = None
+    n_virtual: int | None = None
+    prompt_init: str | None = None
+    prefix_len: int | None = None
+    prefix_hidden: int | None = None
+    bottleneck: int | None = None
+    train: TrainOptions = dataclasses.field(default_factory=TrainOptions)  # type: ignore[valid-type]
+
+
+def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "adapter"] | None = None,
+             model: str | None = None, data: list[str] | None = None, out: str | None = None,
+             config: str | None = None, weight: list[float] | None = None, val_data: list[str] | None = None,
+             template: Literal["chat", "alpaca", "flan", "plain"] | None = None,
+             format: Literal["auto", "alpaca", "chat", "prompt-completion", "self-instruct"] | None = None,
+             fields: str | None = None, limit: int | None = None, max_seq_len: int | None = None,
+             overflow: Literal["truncate", "drop"] | None = None, pack: bool | None = None,
+             val_fraction: float | None = None, rank: int | None = None, alpha: float | None = None,
+             dropout: float | None = None, targets: str | None = None, n_virtual: int | None = None,
+             prompt_init: str | None = None, prefix_len: int | None = None, prefix_hidden: int | None = None,
+             bottleneck: int | None = None, dtype: Literal["float32", "bfloat16"] | None = None,
+             train: TrainOptions | None = None,  # type: ignore[valid-type]
+             resume: bool = True) -> FinetuneResult:
+    """Fine-tune a model on instruction / chat JSONL with full, lora, qlora, prompt, prefix or adapter.
+
+    Writes the adapter (OUT/adapter.safetensors + adapter.json; a full native checkpoint for full) and
+    OUT/metrics.jsonl. Repeat --data to mix tasks (per-task val loss is logged). A YAML --config gives
+    defaults (the keys of FinetuneRun: `tasks:` for per-task settings, `train:` for the trainer options);
+    flags override it. --model, --data (or `tasks:`) and --out are required, from the flags or the config.
+
+    Args:
+        method: full, lora, qlora (NF4 base + LoRA), prompt (prompt tuning), prefix (prefix tuning) or adapter
+            (Houlsby bottleneck adapters) (default lora).
+        model: the base model: a registry name, GGUF file, HF or native folder.
+        data: a JSONL file (alpaca, chat messages, prompt/completion, self-instruct); repeat to mix tasks;
+            NAME=PATH names the task.
+        out: output folder.
+        config: a YAML file; flags override its values.
+        weight: sampling weight per --data file (default: proportional to size).
+        val_data: a validation JSONL per --data file (default: hold out val_fraction of each).
+        template: chat (the model's chat template), alpaca, flan or plain.
+        format: the JSONL format (default: detected from the first line).
+        fields: field mapping, e.g. instruction=question,output=answer for GSM8K.
+        limit: read at most this many records per file.
+        max_seq_len: the longest example, in model positions (default 512).
+        overflow: what to do with a longer example: truncate or drop (counts are reported).
+        pack: pack several examples per row (block-diagonal attention, positions restart).
+        val_fraction: share of each task held out for validation (default 0.05).
+        rank: LoRA rank.
+        alpha: LoRA alpha (scaling alpha / rank).
+        dropout: LoRA dropout.
+        targets: LoRA target modules: comma list of q,k,v,o,gate,up,down, or all-linear.
+        n_virtual: prompt tuning: number of virtual tokens.
+        prompt_init: prompt tuning: text whose token embeddings start the virtual tokens.
+        prefix_len: prefix tuning: prefix length.
+        prefix_hidden: prefix tuning: width of the reparameterization MLP (default: no MLP).
+        bottleneck: adapter: bottleneck width.
+        dtype: dtype of the loaded base weights.
+        train: the trainer's options (fine-tuning defaults: 200 steps, batch 8, a per-method learning rate).
+        resume: continue from the newest checkpoint in --out.
     """
     from lmstack.data.instruct import build_instruction_source
     from lmstack.data.prepare import load_tokenizer
 
-    unknown = sorted(set(overrides) - RUN_KEYS - TRAIN_KEYS)
-    if unknown:
-        raise LmstackError(f"unknown finetune setting(s): {', '.join(unknown)}")
-    run = load_run_config(config, {"method": method, "model": model, "data": list(data) if data else None,
-                                   "out": out, **overrides}, None)
-    unknown = sorted(set(run) - RUN_KEYS)
-    if unknown:
-        raise LmstackError(f"{config}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(RUN_KEYS))}")
+    given = dict(method=method, model=model, data=list(data) if data else None, out=out, weights=weight,
+                 val_data=val_data, template=template, format=format, fields=fields, limit=limit,
+                 max_seq_len=max_seq_len, overflow=overflow, pack=pack, val_fraction=val_fraction, rank=rank,
+                 alpha=alpha, dropout=dropout, targets=targets, n_virtual=n_virtual, prompt_init=prompt_init,
+                 prefix_len=prefix_len, prefix_hidden=prefix_hidden, bottleneck=bottleneck, dtype=dtype,
+                 train=runconfig.given(train) or None)
+    typed = runconfig.load(FinetuneRun, config, given)
+    run = {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed) if getattr(typed, f.name) is not None}
+    run["train"] = runconfig.given(typed.train)
     method = run.get("method") or "lora"
     if method not in METHODS:
         raise LmstackError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -255,11 +326,19 @@ def _jsonable(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------ merge
 
 
-def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float32") -> Path:
-    """Fold a LoRA / QLoRA adapter into its base and write a native checkpoint (plain Linears, no adapter).
+def merge(*, adapter: str, out: str, model: str | None = None,
+          dtype: Literal["float32", "bfloat16"] = "float32") -> Path:
+    """Merge a LoRA / QLoRA adapter into its base model and write a native checkpoint (export it to HF with
+    `lmstack convert --to hf`).
 
     Prompt, prefix and bottleneck adapters add computation that no base weight can hold, so they are refused.
     A QLoRA base is dequantized from NF4 first: the merged model computes what was trained.
+
+    Args:
+        adapter: an adapter folder from `lmstack finetune` (or a peft LoRA folder).
+        out: the output folder for the merged native checkpoint.
+        model: the base model (default: the one recorded in the adapter).
+        dtype: dtype of the merged weights.
     """
     from lmstack.peft.lora import merge_lora
 

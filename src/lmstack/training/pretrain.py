@@ -6,9 +6,9 @@ Objectives and what they train:
     span     seq2seq (T5 / Transformer presets) on token shards: T5 span corruption
     seq2seq  seq2seq on line-aligned pairs (e.g. Multi30k en->de)
 
-A YAML config holds the same keys as the function's arguments (`train:` holds TrainConfig fields); command-line
-values override it. Relative paths are tried against the working directory, then the repository root;
-`${data}` expands to the shared data folder (`../shared/data` beside the repository, or `--data DIR`).
+A YAML config holds the keys of `PretrainRun` (`train:` holds the trainer options), checked by lmstack.runconfig;
+command-line values override it. Relative paths are tried against the working directory, then the repository
+root; `${data}` expands to the data root (`--data-root`, else $LMSTACK_DATA, else ../shared/data).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -26,66 +27,104 @@ from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lmstack.checkpoints import save_native
-from lmstack.config import from_name
+from lmstack import runconfig
+from lmstack.config import PRESETS, from_name
 from lmstack.errors import LmstackError
 from lmstack.models import build_model
 from lmstack.tokenizer import Tokenizer
 from lmstack.training import distributed
 from lmstack.training.objectives import OBJECTIVES
-from lmstack.training.trainer import TrainConfig, Trainer, TrainResult
+from lmstack.runconfig import resolve_path
+from lmstack.training.trainer import TrainConfig, Trainer, TrainOptions, TrainResult
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 FAMILY_FOR = {"causal": "decoder", "mlm": "encoder", "span": "seq2seq", "seq2seq": "seq2seq"}
 
 
 # ------------------------------------------------------------------------------------------ config
 
 
-def load_run_config(path: str | None, overrides: dict[str, Any], data_root: str | None) -> dict[str, Any]:
-    """YAML file (optional) + overrides, with `${data}` expanded and relative paths resolved."""
-    cfg: dict[str, Any] = {}
-    if path:
-        file = Path(path)
-        if not file.exists():
-            raise LmstackError(f"config file not found: {path}")
-        try:
-            cfg = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else path
-            raise LmstackError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(cfg, dict):
-            raise LmstackError(f"{path}: expected a mapping at the top level")
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key in TRAIN_KEYS:
-            cfg.setdefault("train", {})[key] = value
-        else:
-            cfg[key] = value
-    root = Path(data_root) if data_root else REPO_ROOT.parent / "shared" / "data"
-    return _expand(cfg, str(root))
+@dataclass(kw_only=True)
+class PrepareConfig:
+    """A config's `prepare:` block: shards made from raw text the first time the config runs.
+
+    Args:
+        inputs: text, JSONL or Parquet files (or folders).
+        tokenizer: char or bpe (trained on the inputs), or a tokenizer folder or model name.
+        vocab_size: BPE vocabulary size.
+        val_fraction: share of documents (or tokens, split tail) that go to val.
+        doc_split: how plain text splits into documents: file, line or blank-line.
+        split: hash (by document) or tail (the last val_fraction of the token stream).
+        dedup: drop exact duplicate documents.
+        normalize: unicode normalization: NFC, NFKC or none.
+        min_chars: drop documents shorter than this after cleaning.
+        field: the JSONL / Parquet field holding the text.
+    """
+
+    inputs: list[str]
+    tokenizer: str = "char"
+    vocab_size: int = 8000
+    val_fraction: float | None = None  # None: prepare_data's default
+    doc_split: Literal["file", "line", "blank-line"] | None = None
+    split: Literal["hash", "tail"] | None = None
+    dedup: bool | None = None
+    normalize: Literal["NFC", "NFKC", "none"] | None = None
+    min_chars: int | None = None
+    field: str | None = None
 
 
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+@dataclass(kw_only=True)
+class TokenizerTrainConfig:
+    """A seq2seq config's `tokenizer_train:` block: the tokenizer to train when `tokenizer:` does not exist yet.
+
+    Args:
+        inputs: text, JSONL or Parquet files.
+        kind: bpe or char.
+        vocab_size: BPE vocabulary size.
+        min_frequency: BPE merges need at least this many occurrences.
+        sentinels: T5 sentinels to add.
+        doc_split: how plain text splits into documents.
+        field: the JSONL / Parquet field holding the text.
+    """
+
+    inputs: list[str]
+    kind: Literal["bpe", "char"] = "bpe"
+    vocab_size: int = 8000
+    min_frequency: int = 2
+    sentinels: int = 0
+    doc_split: Literal["file", "line", "blank-line"] = "blank-line"
+    field: str = "text"
 
 
-def _expand(value: Any, data_root: str) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand(v, data_root) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, data_root) for v in value]
-    if isinstance(value, str) and "${data}" in value:
-        return value.replace("${data}", data_root)
-    return value
+@dataclass(kw_only=True)
+class PairsConfig:
+    """A seq2seq config's `pairs:` block: line-aligned source and target files.
+
+    Args:
+        train: [source file, target file] for training.
+        val: [source file, target file] for validation.
+        limit: read at most this many training pairs.
+    """
+
+    train: list[str]
+    val: list[str]
+    limit: int | None = None
 
 
-def resolve_path(path: str) -> Path:
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
-        return p
-    candidate = REPO_ROOT / p
-    return candidate if candidate.exists() else p
+@dataclass(kw_only=True)
+class PretrainRun:
+    """A pretraining run: the keys of a pretrain YAML config (the command line's flags lay over them)."""
+
+    objective: Literal["causal", "mlm", "span", "seq2seq"] = "causal"
+    model: str | None = None
+    shards: str | None = None
+    out: str | None = None
+    tokenizer: str | None = None
+    seq_len: int = 128
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prepare: PrepareConfig | None = None
+    pairs: PairsConfig | None = None
+    tokenizer_train: TokenizerTrainConfig | None = None
+    train: TrainOptions = dataclasses.field(default_factory=TrainOptions)  # type: ignore[valid-type]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -187,101 +226,127 @@ class PairSource:
 # ------------------------------------------------------------------------------------------ command
 
 
-def pretrain(objective: str = "causal", model: str | None = None, shards: str | None = None, out: str | None = None,
-             config: str | None = None, seq_len: int | None = None, tokenizer: str | None = None,
-             strategy: str = "single", data: str | None = None, model_overrides: dict[str, Any] | None = None,
-             resume: bool = True, **train_overrides: Any) -> TrainResult:
-    """Pretrain a model from a preset with the causal, mlm, span or seq2seq objective.
+def pretrain(*, config: str | None = None, objective: Literal["causal", "mlm", "span", "seq2seq"] | None = None,
+             model: str | None = None, shards: str | None = None, out: str | None = None,
+             tokenizer: str | None = None, seq_len: int | None = None, data_root: str | None = None,
+             strategy: Literal["single", "ddp", "fsdp"] = "single",
+             train: TrainOptions | None = None,  # type: ignore[valid-type]
+             resume: bool = True, set: list[str] | None = None) -> TrainResult:
+    """Pretrain a model from a preset: causal LM, masked LM, T5 span corruption or seq2seq pairs.
 
-    `shards` is a prepared shard folder (`lmstack data prepare`) for causal/mlm/span; seq2seq reads `pairs`, a
-    mapping with `train: [src, tgt]` and `val: [src, tgt]` line-aligned files (config file only). `tokenizer` defaults to the one
-    saved with the shards. Writes OUT/metrics.jsonl, OUT/loss.png, OUT/checkpoints/ and the final model in
-    OUT/final (native format).
+    Run under torchrun with --strategy ddp or fsdp for several processes or GPUs. A YAML --config holds the same
+    keys (`train:` holds the trainer options; seq2seq reads `pairs: {train: [src, tgt], val: [src, tgt]}`);
+    every flag given on the command line overrides it. Writes OUT/metrics.jsonl, OUT/loss.png,
+    OUT/checkpoints/ and the final model in OUT/final (native format).
+
+    Args:
+        config: a YAML file (see configs/); flags override its values.
+        objective: causal (decoder), mlm (encoder), span (seq2seq, T5 span corruption) or seq2seq (pairs)
+            (default causal).
+        model: a preset name (lmstack models list), e.g. tiny-gpt2, gpt2-124m, tiny-bert, tiny-t5.
+        shards: a folder from `lmstack data prepare` (causal, mlm, span).
+        out: run folder: metrics.jsonl, loss.png, tensorboard/, checkpoints/, final/.
+        tokenizer: tokenizer folder (default: the one saved with the shards).
+        seq_len: tokens per training sequence (default 128).
+        data_root: the shared data folder that ${data} in a config refers to (default $LMSTACK_DATA, else
+            ../shared/data).
+        strategy: single, ddp or fsdp (FSDP2 fully_shard; needs torchrun).
+        train: the trainer's options.
+        resume: continue from the newest intact checkpoint in --out.
+        set: model config overrides as key=value (e.g. --set n_layer=4 --set dropout=0.1).
     """
-    run = load_run_config(config, {"objective": objective if config is None else None, "model": model,
-                                   "shards": shards, "out": out, "seq_len": seq_len, "tokenizer": tokenizer,
-                                   **train_overrides}, data)
-    if model_overrides:
-        run["model_overrides"] = {**run.get("model_overrides", {}), **model_overrides}
-    objective = run.get("objective", objective)
-    if objective not in OBJECTIVES:
-        raise LmstackError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    for key in ("model", "pairs" if objective == "seq2seq" else "shards", "out"):
-        if not run.get(key):
+    given = {"objective": objective, "model": model, "shards": shards, "out": out, "tokenizer": tokenizer,
+             "seq_len": seq_len, "train": runconfig.given(train) or None}
+    run = runconfig.load(PretrainRun, config, given, data_root)
+    from_set = parse_overrides(set or [])
+    for key in ("model", "pairs" if run.objective == "seq2seq" else "shards", "out"):
+        if not getattr(run, key):
             raise LmstackError(f"pretrain needs --{key} (or `{key}:` in the config file)")
-    train_cfg = TrainConfig(**{**run.get("train", {}), "out_dir": str(run["out"])})
-    seq_len = int(run.get("seq_len") or 128)
+    # Known keys get their types checked (`n_layer=abc` is an error), each against where it was written.
+    for overrides, where in ((run.model_overrides, config or "config"), (from_set, "--set")):
+        _check_overrides(str(run.model), overrides, where)
+    run.model_overrides = {**run.model_overrides, **from_set}
+    train_cfg = TrainConfig(**runconfig.given(run.train), out_dir=str(run.out))
+    train_cfg.validate()
 
     device = distributed.init(strategy)
     torch.manual_seed(train_cfg.seed)
-    if objective == "seq2seq":
-        source, tok = _pair_source(run["pairs"], run, train_cfg, seq_len)
+    if run.pairs is not None and run.objective == "seq2seq":
+        source, tok = _pair_source(run.pairs, run, train_cfg)
     else:
-        data_dir = resolve_path(str(run["shards"]))
-        if run.get("prepare") and not (data_dir / "manifest.json").exists():
-            prepare_from_config(run["prepare"], data_dir)
-        tok = Tokenizer.from_dir(resolve_path(run["tokenizer"])) if run.get("tokenizer") else None
+        data_dir = resolve_path(str(run.shards))
+        if run.prepare is not None and not (data_dir / "manifest.json").exists():
+            prepare_from_config(run.prepare, data_dir)
+        tok = Tokenizer.from_dir(resolve_path(run.tokenizer)) if run.tokenizer else None
         if tok is None:
             from lmstack.data.batching import TokenShards
             tok = TokenShards(data_dir, "train").tokenizer()
-    model_cfg = _model_config(run["model"], objective, tok, seq_len, run.get("model_overrides", {}))
-    if objective != "seq2seq":
+    model_cfg = _model_config(str(run.model), run.objective, tok, run.seq_len, run.model_overrides)
+    if run.objective != "seq2seq":
         start = getattr(model_cfg, "bos_token_id", None)
-        source = shard_source(objective, data_dir, seq_len, train_cfg.seed, train_cfg.eval_batches, tok,
+        source = shard_source(run.objective, data_dir, run.seq_len, train_cfg.seed, train_cfg.eval_batches, tok,
                               start if start is not None else (tok.eos_token_id or 0))
     with torch.device(device):
         net = build_model(model_cfg)
     wrapped = distributed.wrap(net, strategy)
-    run_record = {**run, "model_config": dataclasses.asdict(model_cfg), "strategy": strategy}
-    run_record.pop("train", None)
-    trainer = Trainer(wrapped, OBJECTIVES[objective], source, train_cfg, run_config=_jsonable(run_record),
+    run_record = {k: v for k, v in dataclasses.asdict(run).items() if k != "train" and v is not None}
+    run_record.update(model_config=dataclasses.asdict(model_cfg), strategy=strategy)
+    trainer = Trainer(wrapped, OBJECTIVES[run.objective], source, train_cfg, run_config=_jsonable(run_record),
                       state_model=net)
     result = trainer.fit(resume=resume)
     full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.rank == 0:
         save_native(net, tok, Path(train_cfg.out_dir) / "final", state=full,
-                    metadata={"objective": objective, "steps": result.step, "val_loss": result.best_val_loss})
+                    metadata={"objective": run.objective, "steps": result.step, "val_loss": result.best_val_loss})
     distributed.shutdown()
     return result
 
 
-def prepare_from_config(prep: dict[str, Any], data_dir: Path) -> None:
+def prepare_from_config(prep: PrepareConfig, data_dir: Path) -> None:
     """The config's `prepare:` block: train a tokenizer if asked (`tokenizer: char|bpe`), then pack shards."""
     from lmstack.data.prepare import prepare_data
     from lmstack.data.tokenizer_train import train_tokenizer
 
-    inputs = [str(resolve_path(p)) for p in prep.get("inputs", [])]
+    inputs = [str(resolve_path(p)) for p in prep.inputs]
     if not inputs:
         raise LmstackError("the config's prepare block needs `inputs:`")
-    tokenizer = str(prep.get("tokenizer", "char"))
+    tokenizer = prep.tokenizer
     if tokenizer in ("char", "bpe"):
-        tokenizer = str(train_tokenizer(inputs, str(data_dir / "tokenizer-trained"), kind=tokenizer,
-                                        vocab_size=int(prep.get("vocab_size", 8000)),
-                                        **({"doc_split": prep["doc_split"]} if "doc_split" in prep else {})))
-    options = {k: prep[k] for k in ("val_fraction", "doc_split", "split", "dedup", "normalize", "min_chars",
-                                    "field") if k in prep}
-    prepare_data(inputs, str(data_dir), tokenizer, **options)
+        tokenizer = str(train_tokenizer(inputs, out=str(data_dir / "tokenizer-trained"), kind=tokenizer,
+                                        vocab_size=prep.vocab_size,
+                                        **({"doc_split": prep.doc_split} if prep.doc_split else {})))
+    options = {k: getattr(prep, k) for k in ("val_fraction", "doc_split", "split", "dedup", "normalize",
+                                             "min_chars", "field") if getattr(prep, k) is not None}
+    prepare_data(inputs, out=str(data_dir), tokenizer=tokenizer, **options)
 
 
-def _pair_source(spec: Any, run: dict[str, Any], cfg: TrainConfig, seq_len: int) -> tuple[PairSource, Tokenizer]:
+def _pair_source(pairs: PairsConfig, run: PretrainRun, cfg: TrainConfig) -> tuple[PairSource, Tokenizer]:
     from lmstack.data.batching import PairDataset
 
-    if not isinstance(spec, dict) or "train" not in spec or "val" not in spec:
+    if len(pairs.train) != 2 or len(pairs.val) != 2:
         raise LmstackError("seq2seq `pairs:` must be a mapping: {train: [src, tgt], val: [src, tgt]}")
-    if not run.get("tokenizer"):
+    if not run.tokenizer:
         raise LmstackError("seq2seq pretraining needs `tokenizer:` (a folder from `lmstack tokenizer train`)")
-    tok_dir = resolve_path(run["tokenizer"])
-    if not (tok_dir / "tokenizer.json").exists() and run.get("tokenizer_train"):
+    tok_dir = resolve_path(run.tokenizer)
+    if not (tok_dir / "tokenizer.json").exists() and run.tokenizer_train is not None:
         from lmstack.data.tokenizer_train import train_tokenizer
-        tok_spec = dict(run["tokenizer_train"])
-        inputs = [str(resolve_path(p)) for p in tok_spec.pop("inputs", [])]
-        train_tokenizer(inputs, str(tok_dir), **tok_spec)
+        spec = dataclasses.asdict(run.tokenizer_train)
+        inputs = [str(resolve_path(p)) for p in spec.pop("inputs")]
+        train_tokenizer(inputs, out=str(tok_dir), **spec)
     tok = Tokenizer.from_dir(tok_dir)
-    limit = spec.get("limit")
-    train = PairDataset(*(resolve_path(p) for p in spec["train"]), tok, seq_len, limit=limit)
-    val = PairDataset(*(resolve_path(p) for p in spec["val"]), tok, seq_len)
+    train = PairDataset(*(resolve_path(p) for p in pairs.train), tok, run.seq_len, limit=pairs.limit)
+    val = PairDataset(*(resolve_path(p) for p in pairs.val), tok, run.seq_len)
     micro = cfg.micro_batch_size or cfg.batch_size
-    return PairSource(train, val, cfg.batch_size // micro, cfg.seed, cfg.eval_batches, seq_len), tok
+    return PairSource(train, val, cfg.batch_size // micro, cfg.seed, cfg.eval_batches, run.seq_len), tok
+
+
+def _check_overrides(name: str, overrides: dict[str, Any], where: str) -> None:
+    """Model config overrides of preset `name`, type-checked per known key; unknown keys are from_name's to name."""
+    if name not in PRESETS:
+        return  # from_name reports the unknown preset
+    cls = PRESETS[name][0]
+    known = {f.name for f in dataclasses.fields(cls)}
+    runconfig.check(cls, {k: v for k, v in overrides.items() if k in known}, where, prefix="model_overrides.")
 
 
 def _model_config(name: str, objective: str, tok: Tokenizer, seq_len: int, overrides: dict[str, Any]):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_text
+from lmstack.runconfig import option_group
 from lmstack.training import state as ckpt
 from lmstack.training.flops import measure_peak_flops, model_train_flops_per_token
 from lmstack.training.optim import lr_at, make_optimizer
@@ -59,6 +60,37 @@ class BatchSource(Protocol):
 
 @dataclass
 class TrainConfig:
+    """The trainer's settings; `TrainOptions` below turns them into the CLI options and YAML `train:` keys that
+    pretrain, finetune and align share, so a new setting here is a new option everywhere.
+
+    Args:
+        out_dir: run folder (the verbs set it from --out).
+        max_steps: optimizer steps.
+        max_tokens: stop after this many tokens.
+        max_time: stop after this many seconds, with a checkpoint.
+        batch_size: sequences per optimizer step, over all ranks.
+        micro_batch_size: sequences per forward pass (gradient accumulation makes up the rest).
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: linear warmup steps.
+        decay_steps: steps of the cosine decay (default max_steps).
+        weight_decay: AdamW weight decay (matrices only).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        grad_clip: gradient norm clipping (0 = off).
+        precision: fp32 or bf16 (autocast).
+        compile: torch.compile the training step.
+        eval_every: steps between evaluations on val.
+        eval_batches: batches per evaluation.
+        early_stopping_patience: stop after this many evaluations without a better val loss.
+        save_every: steps between checkpoints (default eval_every).
+        keep_last: checkpoints to keep.
+        log_every: steps between logged training losses.
+        seed: random seed (data order, init).
+        peak_flops: the device's peak FLOP/s for MFU (default: measured at start).
+        progress: show a progress bar.
+    """
+
     out_dir: str = "runs/default"
     max_steps: int = 1000
     max_tokens: int | None = None
@@ -73,7 +105,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float | None = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype
     compile: bool = False
     eval_every: int = 250
     eval_batches: int = 20
@@ -98,6 +130,10 @@ class TrainConfig:
     RESUMABLE_CHANGES = frozenset({"max_steps", "max_tokens", "max_time", "progress", "eval_every", "save_every",
                                    "keep_last", "log_every", "peak_flops", "compile", "out_dir",
                                    "early_stopping_patience", "eval_batches"})
+
+
+# The trainer's settings as an option group (each field `T | None`, None = not given; --out gives out_dir).
+TrainOptions = option_group(TrainConfig, exclude={"out_dir"}, name="TrainOptions")
 
 
 def world() -> tuple[int, int]:
