@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmstack.errors import LmstackError
-from lmstack.io import atomic_write_json, json_records
+from lmstack.io import atomic_write_json, json_records, remove_stale_temps, temp_path
 from lmstack.tokenizer import Tokenizer
 
 SHARDS_FORMAT = "lmstack-shards-v1"
@@ -250,11 +250,12 @@ class _ShardWriter:
     _count: int = 0
 
     def _tmp(self, index: int) -> Path:
-        return self.out / f".{self.split}_{index:03d}.bin.tmp"
+        return temp_path(self.out / f"{self.split}_{index:03d}.bin")
 
     def write(self, tokens: np.ndarray) -> None:
         while tokens.size:
             if self._file is None:
+                remove_stale_temps(self.out / f"{self.split}_{len(self.shards):03d}.bin")  # of a killed run
                 self._file = open(self._tmp(len(self.shards)), "wb")
                 self._count = 0
             take = min(tokens.size, self.shard_tokens - self._count)

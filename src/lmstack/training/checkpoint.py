@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmstack.errors import LmstackError
+from lmstack.io import atomic_write_dir, remove_stale_temps
 
 
 def _sha256(path: Path) -> str:
@@ -68,10 +68,10 @@ class Checkpoint:
 def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
                     state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint `step` under `root` atomically, then prune to the newest `keep_last`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
-    try:
+    remove_stale_temps(root / "step_*")  # folders of earlier runs killed mid-save, at any step
+
+    def build(tmp: Path) -> None:
         files = {
             "model.safetensors": lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in
                                                       model_state.items()}, str(p)),
@@ -86,13 +86,8 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
         full_state = {**state, "step": step, "files": hashes, "python_random": list(random.getstate()[1])}
         (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
         _fsync(tmp / "state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(final, build)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
