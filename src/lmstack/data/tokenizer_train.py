@@ -48,6 +48,8 @@ def train_tokenizer(inputs: list[str], out: str, kind: Literal["bpe", "char"] = 
     (WordLevel over single characters; unseen characters become <unk>). `special_tokens` defaults to
     <|endoftext|> (EOS), <pad>, [MASK], <unk>; `sentinels` > 0 appends T5's <extra_id_i> tokens.
     """
+    if sentinels < 0:
+        raise LmstackError(f"sentinels must be >= 0, got {sentinels}")
     specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
     specials += [t for t in sentinel_tokens(sentinels) if t not in specials]
     if len(set(specials)) != len(specials):
