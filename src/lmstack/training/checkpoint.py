@@ -138,15 +138,30 @@ def load_checkpoint_tensors(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], 
     return model_state, optimizer_state, rng
 
 
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}, so a difference is named down to the one key that differs."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: set[str]) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and the current one."""
-    keys = (set(saved) | set(current)) - ignore
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    """Keys (dotted for nested configs) whose values differ between a checkpoint's config and the current one;
+    `ignore` holds top-level keys, which ignore everything under them."""
+    saved = _flatten({k: v for k, v in saved.items() if k not in ignore})
+    current = _flatten({k: v for k, v in current.items() if k not in ignore})
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
 def require_no_diff(saved: dict[str, Any], current: dict[str, Any], ignore: set[str], where: Path) -> None:
     diff = config_diff(saved, current, ignore)
     if diff:
+        saved, current = _flatten(saved), _flatten(current)
         details = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in diff[:6])
+        details += f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise LmstackError(f"cannot resume from {where}: the config differs in {details}; "
                            "use a new --out or the original settings")

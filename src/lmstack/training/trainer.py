@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,6 +245,8 @@ class Trainer:
         cfg = self.config
         if resume:
             self.resume()
+        else:
+            self.start_over()
         if self.peak_flops is None:
             dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
             self.peak_flops = measure_peak_flops(dtype, seconds=0.5, device=self.device.type)
@@ -340,9 +344,16 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Continue from the newest intact checkpoint in out_dir, if any."""
+        """Continue from the newest intact checkpoint in out_dir, if any; when checkpoints exist but none is
+        intact, stop (fit(resume=False) starts over)."""
         last = ckpt.latest_checkpoint(self.ckpt_dir)
         if last is None:
+            found = ckpt.list_checkpoints(self.ckpt_dir)
+            if found:
+                raise LmstackError(f"no intact checkpoint to resume from in {self.ckpt_dir}: "
+                                   f"{', '.join(p.name for p in found)} are all incomplete or corrupt; "
+                                   "pass --no-resume (resume=False) to start over from step 0")
+            self._drop_metrics_after(0)  # a run killed before its first save logged evals it will replay
             return False
         ckpt.require_no_diff(last.state["config"], dataclasses.asdict(self.config),
                              set(TrainConfig.RESUMABLE_CHANGES), last.path)
@@ -363,11 +374,29 @@ class Trainer:
         self.best_val = last.state.get("best_val")
         self.evals_since_best = int(last.state.get("evals_since_best", 0))
         # Evals logged after this checkpoint (by a run killed before its next save) are replayed, so drop them.
+        self._drop_metrics_after(self.step)
+        if self.rank == 0:
+            print(f"resuming from step {self.step} (checkpoint {last.path})", file=sys.stderr)
+        return True
+
+    def start_over(self) -> None:
+        """Train from step 0 in an out_dir that may hold an earlier run: its checkpoints and metrics go, so a
+        later resume cannot pick up the old run's steps and metrics.jsonl holds each step once."""
+        old = ckpt.list_checkpoints(self.ckpt_dir)
+        if self.rank != 0:
+            return
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        self._drop_metrics_after(0)
+        if old:
+            print(f"starting over: removed {len(old)} checkpoint(s) of the earlier run in {self.ckpt_dir}",
+                  file=sys.stderr)
+
+    def _drop_metrics_after(self, step: int) -> None:
         metrics = self.out / "metrics.jsonl"
         if self.rank == 0 and metrics.exists():
-            kept = [r for r in read_metrics(metrics) if r["step"] <= self.step]
+            kept = [r for r in read_metrics(metrics) if r["step"] <= step]
             atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
-        return True
 
     # ------------------------------------------------------------------------------------ logging
 
