@@ -238,3 +238,37 @@ def test_resume_mismatch_names_only_the_nested_keys_that_differ(tmp_path):
                 run_config=changed).fit()
     assert "train.lr (0.001 -> 0.002)" in str(e.value)
     assert "batch_size" not in str(e.value) and "warmup_steps" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ MFU and the peak (issue 13)
+
+
+def test_peak_flops_is_measured_once_per_machine_and_dtype_then_read_back(tmp_path, monkeypatch):
+    from lmstack.training import flops
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(flops.PEAK_FLOPS_ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype, device="cpu": calls.append(dtype) or 5e10)
+    first = flops.peak_flops(torch.float32, "cpu")
+    assert (first.flops, first.source) == (5e10, "measured") and calls == [torch.float32]
+    cached = json.loads((tmp_path / "cache" / "lmstack" / "peak_flops.json").read_text())
+    assert list(cached.values()) == [5e10] and "float32" in next(iter(cached))
+    again = flops.peak_flops(torch.float32, "cpu")
+    assert again.flops == 5e10 and "peak_flops.json" in again.source and calls == [torch.float32]
+    flops.peak_flops(torch.bfloat16, "cpu")  # another dtype is another entry
+    assert calls == [torch.float32, torch.bfloat16]
+    monkeypatch.setenv(flops.PEAK_FLOPS_ENV, "2.5e11")
+    assert flops.peak_flops(torch.float32, "cpu").flops == 2.5e11
+    monkeypatch.setenv(flops.PEAK_FLOPS_ENV, "fast")
+    with pytest.raises(LmstackError, match=flops.PEAK_FLOPS_ENV):
+        flops.peak_flops(torch.float32, "cpu")
+
+
+def test_mfu_above_one_is_never_shown_without_a_warning(tmp_path, capsys):
+    cfg = config(tmp_path, max_steps=8, peak_flops=1.0)  # a peak far below what any step achieves
+    Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), cfg).fit()
+    err = capsys.readouterr().err
+    assert err.count("warning: MFU") == 1 and "peak" in err and "too low" in err
+    records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] > 1 and "too low" in r["mfu_warning"] for r in records)

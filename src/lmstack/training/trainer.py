@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_text
 from lmstack.training import checkpoint as ckpt
-from lmstack.training.flops import measure_peak_flops, model_train_flops_per_token
+from lmstack.training import flops
 from lmstack.training.optim import lr_at, make_optimizer
 
 
@@ -164,8 +164,10 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if config.precision == "bf16"
                          else contextlib.nullcontext())
         self.forward = torch.compile(self.objective) if config.compile else self.objective
-        self.flops_per_token = model_train_flops_per_token(self.state_model, getattr(data, "seq_len", 0))
+        self.flops_per_token = flops.model_train_flops_per_token(self.state_model, getattr(data, "seq_len", 0))
         self.peak_flops = config.peak_flops
+        self.peak_source = "TrainConfig.peak_flops"
+        self._mfu_warned = False
         self.history: list[dict[str, Any]] = []
         self._tb = None
 
@@ -247,9 +249,9 @@ class Trainer:
             self.resume()
         else:
             self.start_over()
-        if self.peak_flops is None:
-            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-            self.peak_flops = measure_peak_flops(dtype, seconds=0.5, device=self.device.type)
+        if self.peak_flops is None:  # the peak of the dtype the matmuls run in
+            peak = flops.peak_flops(self._matmul_dtype(), self.device.type)
+            self.peak_flops, self.peak_source = peak.flops, peak.source
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         window_tokens, window_start, window_losses = 0, time.perf_counter(), []
@@ -271,10 +273,10 @@ class Trainer:
             elapsed = time.perf_counter() - start
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
-                mfu = rate * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0
+                mfu = self._mfu(rate)
                 self._tensorboard({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": rate, "train/mfu": mfu})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}" if mfu <= 1 else "?")
             if bar is not None:
                 bar.update(1)
             done = self._stop_reason(elapsed)
@@ -284,7 +286,9 @@ class Trainer:
                 record = {"step": self.step, "train_loss": sum(window_losses) / len(window_losses),
                           "val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "tokens_per_s": rate,
                           "elapsed_s": elapsed, "lr": lr, "tokens": self.tokens,
-                          "mfu": rate * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0}
+                          "mfu": self._mfu(rate)}
+                if record["mfu"] > 1:
+                    record["mfu_warning"] = f"above 1: the peak FLOP/s ({self.peak_source}) is too low"
                 if self.extra_eval is not None:
                     record.update(self.extra_eval(self))
                 self._log_eval(record)
@@ -306,6 +310,25 @@ class Trainer:
         self._finish()
         return TrainResult(step=self.step, train_loss=last_loss, best_val_loss=self.best_val,
                            stop_reason=stop_reason, elapsed_s=time.perf_counter() - start, tokens=self.tokens)
+
+    def _matmul_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOP utilization; above 1 the peak is wrong, which is said once on stderr (and a cached peak is
+        dropped, so the next run measures it again)."""
+        if not self.peak_flops:
+            return 0.0
+        mfu = tokens_per_s * self.flops_per_token / self.peak_flops
+        if mfu > 1 and not self._mfu_warned:
+            self._mfu_warned = True
+            if self.peak_source.startswith(("cached", "measured")):
+                flops.forget_peak_flops(self._matmul_dtype(), self.device.type)
+            if self.rank == 0:
+                print(f"warning: MFU {mfu:.0%} is above 100%, so the peak of {self.peak_flops / 1e9:,.1f} GFLOP/s "
+                      f"({self.peak_source}) is too low; set peak_flops or {flops.PEAK_FLOPS_ENV}, or run "
+                      "bench/peak_flops.py --save", file=sys.stderr)
+        return mfu
 
     def _stop_reason(self, elapsed: float) -> str | None:
         cfg = self.config
