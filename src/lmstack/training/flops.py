@@ -18,7 +18,8 @@ from lmstack.io import atomic_write_json
 
 def matmul_params(model: nn.Module) -> int:
     """Parameters that take part in matmuls: everything but embedding lookups and 1-D tensors (norms, biases)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    from lmstack.models.seq2seq import RelativePositionBias  # a lookup table too (T5's relative positions)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, RelativePositionBias))}
     n = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings)
     from lmstack.models.blocks import TiedHead
     if isinstance(getattr(model, "lm_head", None), TiedHead):  # a tied head reuses the embedding matrix as a matmul
