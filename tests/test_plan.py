@@ -280,8 +280,6 @@ def saved_bytes_of(model: torch.nn.Module, objective, batch: dict, bf16: bool) -
 def test_encoder_and_seq2seq_activations_match_autograd_saved_tensors(preset, overrides, precision):
     from lmstack.training.objectives import masked_lm, seq2seq
 
-    if precision == "bf16" and overrides.get("dropout"):
-        pytest.skip("dropout under bf16 autocast is not modelled separately")
     torch.manual_seed(0)
     cfg = from_name(preset, **overrides)
     model = build_model(cfg).train()
@@ -354,10 +352,9 @@ def test_config_file_errors_are_one_line_naming_the_file(tmp_path):
         assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("preset,rel", [("tiny-bert", 0.01), ("tiny-transformer", 0.01),
-                                        ("tiny-t5", 0.05)])  # T5 with a frozen relative bias: within 5%
+@pytest.mark.parametrize("preset", ["tiny-bert", "tiny-transformer", "tiny-t5"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_encoder_and_seq2seq_lora_activations_match_autograd(preset, rel, precision):
+def test_encoder_and_seq2seq_lora_activations_match_autograd(preset, precision):
     from lmstack.peft.lora import apply_lora
     from lmstack.training.objectives import masked_lm, seq2seq
 
@@ -385,5 +382,5 @@ def test_encoder_and_seq2seq_lora_activations_match_autograd(preset, rel, precis
                         device="cpu")
         loss_rows = B * T
     predicted = p["activations_bytes"] - 2 * 4 * V * loss_rows
-    assert predicted == pytest.approx(measured - copies, rel=rel)
+    assert predicted == pytest.approx(measured - copies, rel=0.01)
     assert p["autocast_weight_copies_bytes"] == copies

@@ -329,7 +329,7 @@ MLM_MASK_FRACTION = 0.15  # BERT's masking rate (data/batching.py): the MLM head
 
 @dataclass
 class _Saved:
-    """The rules both the Decoder count above and the stacks below follow, for one training configuration."""
+    """What autograd keeps in one training configuration: the Decoder count's rules, for the stacks below."""
 
     autocast: bool
     trainable_base: bool
@@ -373,6 +373,9 @@ class _Saved:
             return 0
         return elements * (1 if self.device == "cuda" else nbytes)
 
+    def matmul_attention(self, kv_len: int) -> bool:  # as models.attention.attend chooses
+        return self.device == "cpu" and self.autocast and kv_len <= MATMUL_ATTENTION_MAX_KEYS and not self.dropout
+
     def attention(self, batch: int, q_len: int, kv_len: int, n_head: int, dq: int, dkv: int, *, mask: str) -> int:
         """One attention call without its input reads: the kernel's saved tensors and o_proj's input.
 
@@ -381,16 +384,17 @@ class _Saved:
         """
         q_tok, kv_tok = batch * q_len, batch * kv_len
         probs = batch * n_head * q_len * kv_len
-        if self.device == "cpu" and self.autocast and kv_len <= MATMUL_ATTENTION_MAX_KEYS and not self.dropout:
+        if self.matmul_attention(kv_len):
             # matmul_attention: q, k^T, v and the probabilities in bf16; o_proj reads a reshaped copy
             saved = 2 * (q_tok * dq + 2 * kv_tok * dkv) + 2 * probs
             saved += q_len * kv_len if mask == "causal" else 0  # the [T, S] mask masked_fill keeps
             return saved + (2 * q_tok * dq if self.saves_input("o_proj") else 0)
         if self.device == "cpu" and ((mask == "bias" and self.trainable_base) or self.dropout):
-            # SDPA's math path (a bias that needs a grad, or dropout): q, k^T, v, probabilities (+ the dropout
-            # mask and the dropped probabilities); o_proj reads a reshaped copy
-            saved = self.a * (q_tok * dq + 2 * kv_tok * dkv) + self.a * probs
-            saved += self.drop(probs, self.a) + self.a * probs if self.dropout else 0
+            # SDPA's math path (a bias that needs a grad, or dropout), in fp32 (CPU autocast runs SDPA in fp32):
+            # q, k^T, v, probabilities (+ the dropout mask and the dropped probabilities); o_proj reads a
+            # reshaped copy (cast to bf16 under autocast)
+            saved = 4 * (q_tok * dq + 2 * kv_tok * dkv) + 4 * probs
+            saved += self.drop(probs, 4) + 4 * probs if self.dropout else 0
             return saved + (self.a * q_tok * dq if self.saves_input("o_proj") else 0)
         # flash / memory-efficient SDPA: q, k, v, the output (o_proj's input is a view of it), logsumexp
         saved = self.a * (2 * q_tok * dq + 2 * kv_tok * dkv) + 4 * batch * n_head * q_len
@@ -501,10 +505,16 @@ def seq2seq_activation_bytes(cfg: Seq2SeqConfig, batch: int, seq: int, target_le
     else:
         layers = cfg.n_encoder_layer * enc_layer + cfg.n_decoder_layer * dec_layer
     layers += _memory_reads(rules, C, src)
+    if cfg.norm_first and not rules.trainable_base:  # each stack's first norm reads frozen embeddings: no grad
+        layers -= rules.norm(cfg.norm, C, src) + rules.norm(cfg.norm, C, tgt)
     masks = 0
-    if relative:  # the bool masks torch.where keeps (combine_mask), once per stack, and the bucket ids [T, S]
-        masks += batch * seq + target_len * target_len  # (int64) the bias grads need
-        masks += 8 * (seq * seq + target_len * target_len) if rules.trainable_base else 0
+    if relative and rules.trainable_base:  # for the bias grads: the bool masks torch.where keeps
+        masks += batch * seq + target_len * target_len  # (combine_mask) and the bucket ids [T, S] (int64)
+        masks += 8 * (seq * seq + target_len * target_len)
+    elif relative:  # a frozen bias goes to SDPA as a float mask it keeps, once per stack ([B|1, H, T, S])
+        for rows, length in ((batch, seq), (1, target_len)):
+            if not rules.matmul_attention(length):
+                masks += 4 * rows * cfg.n_head * length * length
     elif rules.device == "cpu" and rules.autocast and not rules.dropout and seq <= MATMUL_ATTENTION_MAX_KEYS:
         masks += batch * seq  # the padding mask masked_fill keeps in cross-attention, once
     embeddings = masks + rules.drop((src + tgt) * C, rules.r)
