@@ -468,7 +468,8 @@ def encoder_activation_bytes(cfg: EncoderConfig, batch: int, seq: int, rules: _S
     padding mask, the MLM head at the masked positions only, training/objectives.masked_lm)."""
     C, tokens = cfg.d_model, batch * seq
     per_layer = _block_bytes(rules, norm="layernorm", d_model=C, d_ff=cfg.d_ff, gated=False,
-                             activation=cfg.activation, n_head=cfg.n_head, head_dim=cfg.head_dim, batch=batch, q_len=seq, self_mask="padding")
+                             activation=cfg.activation, n_head=cfg.n_head, head_dim=cfg.head_dim, batch=batch,
+                             q_len=seq, self_mask="padding")
     if grad_checkpointing:
         layers = cfg.n_layer * rules.r * C * tokens + per_layer
     else:
