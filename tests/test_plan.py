@@ -258,3 +258,138 @@ def test_a_yaml_config_with_a_syntax_error_names_the_line(tmp_path) -> None:
         plan(model=str(bad))
     bad.write_text("preset: tiny-gpt2\nn_layer: 2\n")
     assert plan(model=str(bad), seq=64)["parameters"] > 0
+
+
+# ------------------------------------------------------------------------- encoders and encoder-decoders
+
+
+def saved_bytes_of(model: torch.nn.Module, objective, batch: dict, bf16: bool) -> tuple[int, int]:
+    """saved_bytes for any objective: (bytes of distinct non-parameter tensors autograd saves, bf16 weight copies)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape[::-1]) for p in model.parameters()}
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            is_copy = t.dtype == torch.bfloat16 and tuple(t.shape) in shapes and t.dim() == 2
+            seen[storage.data_ptr()] = (storage.nbytes(), is_copy)
+        return t
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        objective(model, batch)
+    return sum(n for n, _ in seen.values()), sum(n for n, c in seen.values() if c)
+
+
+@pytest.mark.parametrize("preset,overrides", [("tiny-bert", {}), ("tiny-bert", {"n_layer": 3, "dropout": 0.1}),
+                                              ("tiny-t5", {}), ("tiny-t5", {"n_encoder_layer": 3, "dropout": 0.1}),
+                                              ("tiny-transformer", {"n_decoder_layer": 3})])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoder_and_seq2seq_activations_match_autograd_saved_tensors(preset, overrides, precision):
+    from lmstack.training.objectives import masked_lm, seq2seq
+
+    torch.manual_seed(0)
+    cfg = from_name(preset, **overrides)
+    model = build_model(cfg).train()
+    B, T, S, V = 2, 24, 20, cfg.vocab_size
+    if cfg.family == "encoder":  # every 4th position masked: the MLM head runs on a quarter of the tokens
+        ids = torch.randint(5, V, (B, T))
+        labels = torch.full((B, T), -100)
+        labels[:, ::4] = ids[:, ::4]
+        batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": labels}
+        measured, copies = saved_bytes_of(model, masked_lm, batch, precision == "bf16")
+        p = plan_config(cfg, precision=precision, batch=B, seq=T, device="cpu", mask_fraction=0.25)
+        loss_rows = B * T // 4
+    else:
+        batch = {"src": torch.randint(3, V, (B, S)), "src_mask": torch.ones(B, S, dtype=torch.bool),
+                 "tgt_in": torch.randint(3, V, (B, T)), "labels": torch.randint(3, V, (B, T))}
+        measured, copies = saved_bytes_of(model, seq2seq, batch, precision == "bf16")
+        p = plan_config(cfg, precision=precision, batch=B, seq=S, target_len=T, device="cpu")
+        loss_rows = B * T
+    # the planner adds two transient [rows, V] fp32 buffers of the loss backward, which autograd does not save
+    predicted = p["activations_bytes"] - 2 * 4 * V * loss_rows
+    assert predicted == pytest.approx(measured - copies, rel=0.01)
+    assert p["autocast_weight_copies_bytes"] == copies
+    assert p["parameters"] == sum(t.numel() for t in model.parameters())
+    assert p["grads_bytes"] == 4 * p["parameters"] and p["optimizer_bytes"] == 8 * p["parameters"]
+
+
+@pytest.mark.parametrize("preset", ["tiny-bert", "tiny-t5", "tiny-transformer"])
+def test_encoder_and_seq2seq_lora_trains_the_adapters_of_every_stack(preset):
+    from lmstack.peft.lora import apply_lora
+
+    cfg = from_name(preset)
+    model = apply_lora(build_model(cfg), rank=4, targets="all-linear")
+    p = plan_config(cfg, method="lora", lora_rank=4, seq=32, device="cpu")
+    trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    assert p["trainable_parameters"] == trainable
+    assert (p["grads_bytes"], p["optimizer_bytes"]) == (4 * trainable, 8 * trainable)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "minilm-l6", "t5-small"])
+def test_plan_cli_models_encoders_and_seq2seq(name):
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "lmstack", "plan", "--model", name, "--seq", "128", "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    result = json.loads(run.stdout)
+    with torch.device("meta"):
+        assert result["parameters"] == sum(t.numel() for t in build_model(from_name(name)).parameters())
+    assert result["activations_bytes"] > 0 and result["total_bytes_per_device"] > result["weights_bytes"]
+
+
+@pytest.mark.slow  # imports transformers
+def test_t5_small_parameter_count_is_the_real_models():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    with torch.device("meta"):
+        hf = T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+                                                 num_heads=8))
+    assert plan(model="t5-small", seq=128)["parameters"] == sum(t.numel() for t in hf.parameters()) == 60_506_624
+
+
+def test_config_file_errors_are_one_line_naming_the_file(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"preset": "tiny-llama", "n_layer": 0}))
+    (tmp_path / "heads.json").write_text(json.dumps({"preset": "tiny-llama", "n_head": 0}))
+    (tmp_path / "bad.yaml").write_text("preset: tiny-llama\nn_layer: [3\n")
+    for name, match in (("c.json", "n_layer must be >= 1"), ("heads.json", "n_head must be >= 1"),
+                        ("bad.yaml", "invalid YAML")):
+        with pytest.raises(LmstackError, match=match) as e:
+            plan(model=str(tmp_path / name), seq=64)
+        assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("preset", ["tiny-bert", "tiny-transformer", "tiny-t5"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoder_and_seq2seq_lora_activations_match_autograd(preset, precision):
+    from lmstack.peft.lora import apply_lora
+    from lmstack.training.objectives import masked_lm, seq2seq
+
+    torch.manual_seed(0)
+    cfg = from_name(preset)
+    model = build_model(cfg)
+    if precision == "bf16":  # the planner's convention: frozen base in bf16, fp32 adapters, bf16 autocast
+        model = model.to(torch.bfloat16)
+    model = apply_lora(model, rank=4, targets="all-linear").train()
+    B, T, S, V = 2, 24, 20, cfg.vocab_size
+    if cfg.family == "encoder":
+        ids = torch.randint(5, V, (B, T))
+        labels = torch.full((B, T), -100)
+        labels[:, ::4] = ids[:, ::4]
+        batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": labels}
+        measured, copies = saved_bytes_of(model, masked_lm, batch, precision == "bf16")
+        p = plan_config(cfg, precision=precision, method="lora", lora_rank=4, batch=B, seq=T, device="cpu",
+                        mask_fraction=0.25)
+        loss_rows = B * T // 4
+    else:
+        batch = {"src": torch.randint(3, V, (B, S)), "src_mask": torch.ones(B, S, dtype=torch.bool),
+                 "tgt_in": torch.randint(3, V, (B, T)), "labels": torch.randint(3, V, (B, T))}
+        measured, copies = saved_bytes_of(model, seq2seq, batch, precision == "bf16")
+        p = plan_config(cfg, precision=precision, method="lora", lora_rank=4, batch=B, seq=S, target_len=T,
+                        device="cpu")
+        loss_rows = B * T
+    predicted = p["activations_bytes"] - 2 * 4 * V * loss_rows
+    assert predicted == pytest.approx(measured - copies, rel=0.01)
+    assert p["autocast_weight_copies_bytes"] == copies

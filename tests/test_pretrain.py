@@ -153,3 +153,18 @@ def test_torchrun_fsdp_through_the_cli(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4]
     assert load_model(str(tmp_path / "final"), dtype="float32").model(torch.tensor([[1, 2, 3]])).shape[-1] > 0
+
+
+def test_pretrain_resume_is_announced_and_all_corrupt_checkpoints_stop_it(shards, tmp_path, capsys):
+    pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), seq_len=32, train=FAST)
+    pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), seq_len=32,
+             train=dataclasses.replace(FAST, max_steps=6))
+    assert "resuming from step 4 (checkpoint " in capsys.readouterr().err
+    for weights in (tmp_path / "checkpoints").glob("step_*/model.safetensors"):
+        weights.write_bytes(b"corrupt")
+    with pytest.raises(LmstackError, match=r"step_000004, step_000006 are all incomplete or corrupt.*--no-resume"):
+        pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), seq_len=32,
+                 train=dataclasses.replace(FAST, max_steps=6))
+    pretrain(model="tiny-gpt2", shards=str(shards), out=str(tmp_path), seq_len=32, resume=False,
+             train=dataclasses.replace(FAST, max_steps=6))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4, 6]  # started over, each step once

@@ -197,3 +197,77 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     for ra, rb in zip(a, b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6, abs=1e-7)
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-6, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------- resume (issue 13)
+
+
+def test_resume_says_where_it_resumes_from(tmp_path, capsys):
+    Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), config(tmp_path, max_steps=8)).fit()
+    capsys.readouterr()
+    Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), config(tmp_path, max_steps=12)).fit()
+    path = Path(tmp_path / "run" / "checkpoints" / "step_000008")
+    assert f"resuming from step 8 (checkpoint {path})" in capsys.readouterr().err
+
+
+def test_every_checkpoint_corrupt_stops_unless_asked_to_start_over(tmp_path):
+    cfg = config(tmp_path, max_steps=8)
+    Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), cfg).fit()
+    out = Path(cfg.out_dir)
+    for weights in (out / "checkpoints").glob("step_*/model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(LmstackError, match=r"step_000004.*step_000008.*resume") as e:
+        Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), config(tmp_path, max_steps=8)).fit()
+    assert "\n" not in str(e.value)
+    assert (out / "metrics.jsonl").read_text() == metrics  # nothing was touched
+    Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), config(tmp_path, max_steps=8)).fit(resume=False)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8]  # started over: the old steps are not there twice
+    assert ckpt.latest_checkpoint(out / "checkpoints").step == 8
+
+
+def test_resume_mismatch_names_only_the_nested_keys_that_differ(tmp_path):
+    run = {"train": {"lr": 1e-3, "batch_size": 8, "warmup_steps": 2, "seed": 1}, "model": "tiny-llama"}
+    cfg = config(tmp_path, max_steps=4)
+    Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), cfg, run_config=run).fit()
+    changed = {**run, "train": {**run["train"], "lr": 2e-3}}
+    with pytest.raises(LmstackError) as e:
+        Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), config(tmp_path, max_steps=8),
+                run_config=changed).fit()
+    assert "train.lr (0.001 -> 0.002)" in str(e.value)
+    assert "batch_size" not in str(e.value) and "warmup_steps" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ MFU and the peak (issue 13)
+
+
+def test_peak_flops_is_measured_once_per_machine_and_dtype_then_read_back(tmp_path, monkeypatch):
+    from lmstack.training import flops
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(flops.PEAK_FLOPS_ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype, device="cpu": calls.append(dtype) or 5e10)
+    first = flops.peak_flops(torch.float32, "cpu")
+    assert (first.flops, first.source) == (5e10, "measured") and calls == [torch.float32]
+    cached = json.loads((tmp_path / "cache" / "lmstack" / "peak_flops.json").read_text())
+    assert list(cached.values()) == [5e10] and "float32" in next(iter(cached))
+    again = flops.peak_flops(torch.float32, "cpu")
+    assert again.flops == 5e10 and "peak_flops.json" in again.source and calls == [torch.float32]
+    flops.peak_flops(torch.bfloat16, "cpu")  # another dtype is another entry
+    assert calls == [torch.float32, torch.bfloat16]
+    monkeypatch.setenv(flops.PEAK_FLOPS_ENV, "2.5e11")
+    assert flops.peak_flops(torch.float32, "cpu").flops == 2.5e11
+    monkeypatch.setenv(flops.PEAK_FLOPS_ENV, "fast")
+    with pytest.raises(LmstackError, match=flops.PEAK_FLOPS_ENV):
+        flops.peak_flops(torch.float32, "cpu")
+
+
+def test_mfu_above_one_is_never_shown_without_a_warning(tmp_path, capsys):
+    cfg = config(tmp_path, max_steps=8, peak_flops=1.0)  # a peak far below what any step achieves
+    Trainer(tiny_model(), causal_lm, RandomTokens(seq_len=16), cfg).fit()
+    err = capsys.readouterr().err
+    assert err.count("warning: MFU") == 1 and "peak" in err and "too low" in err
+    records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] > 1 and "too low" in r["mfu_warning"] for r in records)

@@ -2,9 +2,11 @@
 
 The course rule of thumb (4 bytes to store a parameter, +20 to train it in fp32 with Adam) is reproduced in
 `rule_of_thumb`; `plan` then replaces its "8 bytes/param of activations" guess with a count of the tensors
-autograd really saves in lmstack's blocks (models/blocks.py, models/decoder.py). That count was derived with
-`torch.autograd.graph.saved_tensors_hooks` and is checked against it in tests/test_plan.py; the whole peak is
-checked against measured RSS by bench/plan_validate.py.
+autograd really saves in lmstack's blocks (models/blocks.py, models/decoder.py, encoder.py, seq2seq.py). That
+count was derived with `torch.autograd.graph.saved_tensors_hooks` and is checked against it in
+tests/test_plan.py for decoders (causal LM), encoders (masked LM, the head at `mask_fraction` of the positions)
+and encoder-decoders (teacher forcing on `seq` source and `target_len` target tokens); the whole peak is
+checked against measured RSS by bench/plan_validate.py (decoders).
 
 Conventions (also returned in the plan's `conventions` entry):
 - fp32: weights, grads, optimizer states and activations in float32.
@@ -36,7 +38,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmstack.config import PRESETS, DecoderConfig, ModelConfig, config_from_dict, from_name
+from lmstack.config import (PRESETS, DecoderConfig, EncoderConfig, ModelConfig, Seq2SeqConfig,
+                             config_from_dict, from_name)
 from lmstack.errors import LmstackError
 from lmstack.models.attention import MATMUL_ATTENTION_MAX_KEYS
 from lmstack.training.flops import matmul_params, train_flops_per_token
@@ -104,16 +107,28 @@ def _config_file(path: Path) -> ModelConfig:
     else:
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, ValueError) as e:
-            raise LmstackError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        except json.JSONDecodeError as e:
+            raise LmstackError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(values, dict):
         raise LmstackError(f"{path}: expected a mapping of config fields")
     if isinstance(values.get("config"), dict):
         values = values["config"]
-    if "preset" in values:
-        rest = {k: v for k, v in values.items() if k != "preset"}
-        return from_name(str(values["preset"]), **rest)
-    return config_from_dict(values)
+    for key in _SIZE_FIELDS & set(values):  # before building: a 0 would divide by zero or give an empty model
+        value = values[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise LmstackError(f"{path}: {key} must be >= 1, got {value!r}")
+    try:
+        if "preset" in values:
+            rest = {k: v for k, v in values.items() if k != "preset"}
+            return from_name(str(values["preset"]), **rest)
+        return config_from_dict(values)
+    except LmstackError as e:
+        raise LmstackError(f"{path}: {e}") from None
+
+
+# config fields that count something (layers, heads, widths, tokens): each must be a positive integer
+_SIZE_FIELDS = {"n_layer", "n_encoder_layer", "n_decoder_layer", "n_head", "n_kv_head", "d_model", "d_ff",
+                "head_dim", "vocab_size", "max_seq_len"}
 
 
 def _hf_config(path: Path) -> ModelConfig:
@@ -162,9 +177,17 @@ class Shape:
 
     parameters: int
     matmul_parameters: int  # weights that take part in matmuls, incl. a tied head (training/flops.py)
-    block_linears: dict[str, tuple[int, int]]  # per layer: name -> (in_features, out_features)
-    layer_parameters: int  # one block's parameters
+    block_linears: dict[str, tuple[int, int]]  # one block's Linears: name -> (in_features, out_features)
+    linears: list[tuple[str, int, int]]  # every block's Linears, all stacks: (name, in, out)
+    layer_parameters: int  # parameters per block (the mean over the stacks' blocks)
     param_shapes: list[tuple[int, ...]]
+
+
+def _stacks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of every stack: a decoder's or encoder's layers, a seq2seq's encoder + decoder."""
+    blocks = [*getattr(model, "layers", []), *getattr(model, "encoder_layers", []),
+              *getattr(model, "decoder_layers", [])]
+    return blocks
 
 
 def model_shape(config: ModelConfig) -> Shape:
@@ -172,14 +195,17 @@ def model_shape(config: ModelConfig) -> Shape:
 
     with torch.device("meta"):
         model = build_model(config)
-    layers = getattr(model, "layers", None)
-    if layers is None or len(layers) == 0:
-        raise NotImplementedError(f"the planner models decoder blocks only; {config.family!r} is not supported yet")
-    first = layers[0]
-    linears = {name.rsplit(".", 1)[-1]: m for name, m in first.named_modules() if isinstance(m, nn.Linear)}
+    blocks = _stacks(model)
+    if not blocks:
+        raise LmstackError(f"{config.name}: the model has no layers (n_layer must be >= 1)")
+    linears = [(name.rsplit(".", 1)[-1], m.in_features, m.out_features)
+               for block in blocks for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+    last = blocks[-1]  # a seq2seq decoder block has every Linear name (cross-attention reuses q/k/v/o)
     return Shape(parameters=sum(p.numel() for p in model.parameters()), matmul_parameters=matmul_params(model),
-                 block_linears={k: (m.in_features, m.out_features) for k, m in linears.items()},
-                 layer_parameters=sum(p.numel() for p in first.parameters()),
+                 block_linears={name.rsplit(".", 1)[-1]: (m.in_features, m.out_features)
+                                for name, m in last.named_modules() if isinstance(m, nn.Linear)},
+                 linears=linears,
+                 layer_parameters=sum(p.numel() for b in blocks for p in b.parameters()) // len(blocks),
                  param_shapes=[tuple(p.shape) for p in model.parameters()])
 
 
@@ -282,6 +308,213 @@ def activation_bytes(cfg: DecoderConfig, batch: int, seq: int, *, autocast: bool
     return {"layers": layers, "embeddings": embeddings, "final_norm_and_head": head, "logits_and_loss": loss}
 
 
+# ------------------------------------------------------------------ activations: encoders and seq2seq
+
+MLM_MASK_FRACTION = 0.15  # BERT's masking rate (data/batching.py): the MLM head runs at these positions only
+
+
+@dataclass
+class _Saved:
+    """What autograd keeps in one training configuration: the Decoder count's rules, for the stacks below."""
+
+    autocast: bool
+    trainable_base: bool
+    lora_targets: list[str]
+    lora_rank: int
+    device: str
+    dropout: float
+
+    @property
+    def a(self) -> int:  # matmul inputs/outputs: bf16 under autocast
+        return 2 if self.autocast else 4
+
+    @property
+    def r(self) -> int:  # the residual stream: bf16 only when a frozen base is stored in bf16
+        return 2 if self.autocast and not self.trainable_base else 4
+
+    def saves_input(self, name: str) -> bool:  # a Linear saves its input when its weight or LoRA A needs a grad
+        return self.trainable_base or name in self.lora_targets
+
+    def reads(self, names: tuple[str, ...], width: int, tokens: int) -> int:
+        """Bytes Linears `names` save of an input they share that nothing else saves (the stream or a norm
+        output): one fp32 tensor, or under autocast one bf16 cast per reader of an fp32 input."""
+        readers = sum(self.saves_input(n) for n in names)
+        if not readers:
+            return 0
+        if not self.autocast:
+            return 4 * width * tokens
+        return 2 * width * tokens * (readers if self.r == 4 else 1)
+
+    def norm(self, kind: str, width: int, tokens: int) -> int:
+        """LayerNorm: its input (stream dtype), mean and rstd (fp32). RMSNorm: its fp32 input, rstd, and x*rstd
+        when the gain trains."""
+        if kind == "layernorm":
+            return (self.r * width + 8) * tokens
+        return (4 * (width + 1) + (4 * width if self.trainable_base else 0)) * tokens
+
+    def drop(self, elements: int, nbytes: int) -> int:
+        """nn.Dropout in training keeps its mask: bool from CUDA's fused kernel, in the input's dtype on CPU
+        (input * mask / (1 - p)); p = 0 keeps nothing."""
+        if not self.dropout:
+            return 0
+        return elements * (1 if self.device == "cuda" else nbytes)
+
+    def matmul_attention(self, kv_len: int) -> bool:  # as models.attention.attend chooses
+        return self.device == "cpu" and self.autocast and kv_len <= MATMUL_ATTENTION_MAX_KEYS and not self.dropout
+
+    def attention(self, batch: int, q_len: int, kv_len: int, n_head: int, dq: int, dkv: int, *, mask: str) -> int:
+        """One attention call without its input reads: the kernel's saved tensors and o_proj's input.
+
+        mask: "none" | "causal" (SDPA's is_causal) | "padding" (bool [B,1,1,S], one tensor for the stack) |
+        "bias" (an additive float bias, T5's relative positions; it needs a grad when the base trains).
+        """
+        q_tok, kv_tok = batch * q_len, batch * kv_len
+        probs = batch * n_head * q_len * kv_len
+        if self.matmul_attention(kv_len):
+            # matmul_attention: q, k^T, v and the probabilities in bf16; o_proj reads a reshaped copy
+            saved = 2 * (q_tok * dq + 2 * kv_tok * dkv) + 2 * probs
+            saved += q_len * kv_len if mask == "causal" else 0  # the [T, S] mask masked_fill keeps
+            return saved + (2 * q_tok * dq if self.saves_input("o_proj") else 0)
+        if self.device == "cpu" and ((mask == "bias" and self.trainable_base) or self.dropout):
+            # SDPA's math path (a bias that needs a grad, or dropout), in fp32 (CPU autocast runs SDPA in fp32):
+            # q, k^T, v, probabilities (+ the dropout mask and the dropped probabilities); o_proj reads a
+            # reshaped copy (cast to bf16 under autocast)
+            saved = 4 * (q_tok * dq + 2 * kv_tok * dkv) + 4 * probs
+            saved += self.drop(probs, 4) + 4 * probs if self.dropout else 0
+            return saved + (self.a * q_tok * dq if self.saves_input("o_proj") else 0)
+        # flash / memory-efficient SDPA: q, k, v, the output (o_proj's input is a view of it), logsumexp
+        saved = self.a * (2 * q_tok * dq + 2 * kv_tok * dkv) + 4 * batch * n_head * q_len
+        if mask == "padding":  # converted to an additive float mask [B, 1, 1, S] on every call
+            saved += 4 * kv_tok
+        return saved
+
+    def mlp(self, tokens: int, d_model: int, d_ff: int, gated: bool, activation: str) -> int:
+        """MLP without its input read: the activation's saved tensors and down_proj's input."""
+        down = self.a * d_ff if self.saves_input("down_proj") else 0  # the product / activation output
+        if gated:  # act(gate) keeps the gate, act * up keeps both factors
+            kept = 3 * self.a * d_ff + down
+        elif activation == "relu":  # relu keeps its output, which is down_proj's input
+            kept = self.a * d_ff
+        else:  # gelu/silu keep their input; down_proj keeps their output
+            kept = self.a * d_ff + down
+        return kept * tokens
+
+    def lora(self, tokens: int, names: tuple[str, ...]) -> int:  # each adapter's B keeps A's output [.., r]
+        return self.a * self.lora_rank * sum(n in self.lora_targets for n in names) * tokens
+
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _block_bytes(rules: _Saved, *, norm: str, d_model: int, d_ff: int, gated: bool,
+                 activation: str, n_head: int, head_dim: int, batch: int, q_len: int, self_mask: str,
+                 cross_len: int | None = None, cross_mask: str = "none", mlp_dropout: bool = False) -> int:
+    """One transformer block (models/blocks.py Block) in training: self-attention, optional cross-attention,
+    MLP. Pre-norm and post-norm keep the same bytes: pre-norm's norm keeps the stream and the sub-layer reads
+    the norm's output; post-norm's sub-layer reads the stream and its norm keeps the residual sum."""
+    C, D = d_model, n_head * head_dim
+    tokens = batch * q_len
+    out = 0
+    # self-attention
+    out += rules.norm(norm, C, tokens) + rules.reads(("q_proj", "k_proj", "v_proj"), C, tokens)
+    out += rules.attention(batch, q_len, q_len, n_head, D, D, mask=self_mask)
+    out += rules.drop(tokens * C, rules.a) + rules.lora(tokens, _ATTN)
+    if cross_len is not None:  # cross-attention: q reads the stream / norm, k and v the encoder memory
+        out += rules.norm(norm, C, tokens) + rules.reads(("q_proj",), C, tokens)
+        out += rules.attention(batch, q_len, cross_len, n_head, D, D, mask=cross_mask)
+        out += rules.drop(tokens * C, rules.a) + rules.lora(tokens, ("q_proj", "o_proj"))
+        out += rules.lora(batch * cross_len, ("k_proj", "v_proj"))
+        if rules.autocast and rules.r == 4:  # each cross k/v casts the fp32 memory to bf16 for itself
+            out += 2 * C * batch * cross_len * sum(rules.saves_input(n) for n in ("k_proj", "v_proj"))
+    # MLP
+    up = ("gate_proj", "up_proj") if gated else ("up_proj",)
+    out += rules.norm(norm, C, tokens) + rules.reads(up, C, tokens) + rules.mlp(tokens, C, d_ff, gated, activation)
+    out += rules.drop(tokens * C, rules.a) * (2 if mlp_dropout else 1)  # the block's (and the MLP's own)
+    out += rules.lora(tokens, (*up, "down_proj"))
+    return out
+
+
+def _memory_reads(rules: _Saved, C: int, src_tokens: int) -> int:
+    """The encoder output that every decoder layer's cross k/v read: one tensor kept for all of them, unless
+    autocast casts it to bf16 for each reader (counted per layer in _block_bytes)."""
+    if (rules.autocast and rules.r == 4) or not any(rules.saves_input(n) for n in ("k_proj", "v_proj")):
+        return 0
+    return rules.r * C * src_tokens
+
+
+def _loss_bytes(vocab: int, rows: int) -> int:
+    # cross_entropy on fp32 logits [rows, V]: log_softmax output and target ids saved; in backward the grads
+    # of the log-probs and of the logits are both alive (the decoder count's convention)
+    return (4 * vocab + 8) * rows + 2 * 4 * vocab * rows + 4
+
+
+def encoder_activation_bytes(cfg: EncoderConfig, batch: int, seq: int, rules: _Saved, grad_checkpointing: bool,
+                             mask_fraction: float = MLM_MASK_FRACTION) -> dict[str, int]:
+    """Bytes autograd keeps for one masked-LM micro-batch of the Encoder (BERT: post-norm LayerNorm blocks, a
+    padding mask, the MLM head at the masked positions only, training/objectives.masked_lm)."""
+    C, tokens = cfg.d_model, batch * seq
+    per_layer = _block_bytes(rules, norm="layernorm", d_model=C, d_ff=cfg.d_ff, gated=False,
+                             activation=cfg.activation, n_head=cfg.n_head, head_dim=cfg.head_dim, batch=batch,
+                             q_len=seq, self_mask="padding")
+    if grad_checkpointing:
+        layers = cfg.n_layer * rules.r * C * tokens + per_layer
+    else:
+        layers = cfg.n_layer * per_layer
+    mask = batch * seq if rules.device == "cpu" and rules.autocast and seq <= MATMUL_ATTENTION_MAX_KEYS else 0
+    embeddings = 0
+    if rules.trainable_base:  # ids for the embedding grads (tokens, types, positions) and the embedding norm
+        embeddings = 8 * tokens * (2 if cfg.type_vocab_size else 1) + 8 * seq + rules.norm("layernorm", C, tokens)
+    embeddings += rules.drop(tokens * C, rules.r) + mask  # the padding mask masked_fill keeps, once for the stack
+    picked = max(1, round(tokens * mask_fraction))
+    head = tokens  # hidden[picked] keeps the bool mask
+    head += (2 * rules.a * C + 8) * picked  # the activation's and the norm's inputs (+ norm statistics)
+    if rules.trainable_base:  # mlm_dense's input and the tied projection's input
+        head += 2 * rules.a * C * picked
+    return {"layers": layers, "embeddings": embeddings, "final_norm_and_head": head,
+            "logits_and_loss": _loss_bytes(cfg.vocab_size, picked)}
+
+
+def seq2seq_activation_bytes(cfg: Seq2SeqConfig, batch: int, seq: int, target_len: int, rules: _Saved,
+                             grad_checkpointing: bool) -> dict[str, int]:
+    """Bytes autograd keeps for one teacher-forced micro-batch of Seq2Seq (training/objectives.seq2seq): an
+    encoder over `seq` source tokens with a padding mask, a causal decoder over `target_len` tokens with
+    cross-attention, a tied or separate head on every target position."""
+    C, src, tgt = cfg.d_model, batch * seq, batch * target_len
+    relative = cfg.positions == "relative"
+    common = dict(norm=cfg.norm, d_model=C, d_ff=cfg.d_ff, gated=cfg.gated_mlp,
+                  activation=cfg.activation, n_head=cfg.n_head, head_dim=cfg.head_dim, batch=batch, mlp_dropout=True)
+    enc_layer = _block_bytes(rules, q_len=seq, self_mask="bias" if relative else "padding", **common)
+    dec_layer = _block_bytes(rules, q_len=target_len, self_mask="bias" if relative else "causal",
+                             cross_len=seq, cross_mask="padding", **common)
+    if grad_checkpointing:
+        layers = (cfg.n_encoder_layer * rules.r * C * src + enc_layer
+                  + cfg.n_decoder_layer * rules.r * C * tgt + dec_layer)
+    else:
+        layers = cfg.n_encoder_layer * enc_layer + cfg.n_decoder_layer * dec_layer
+    layers += _memory_reads(rules, C, src)
+    if cfg.norm_first and not rules.trainable_base:  # each stack's first norm reads frozen embeddings: no grad
+        layers -= rules.norm(cfg.norm, C, src) + rules.norm(cfg.norm, C, tgt)
+    masks = 0
+    if relative and rules.trainable_base:  # for the bias grads: the bool masks torch.where keeps
+        masks += batch * seq + target_len * target_len  # (combine_mask) and the bucket ids [T, S] (int64)
+        masks += 8 * (seq * seq + target_len * target_len)
+    elif relative:  # a frozen bias goes to SDPA as a float mask it keeps, once per stack ([B|1, H, T, S])
+        for rows, length in ((batch, seq), (1, target_len)):
+            if not rules.matmul_attention(length):
+                masks += 4 * rows * cfg.n_head * length * length
+    elif rules.device == "cpu" and rules.autocast and not rules.dropout and seq <= MATMUL_ATTENTION_MAX_KEYS:
+        masks += batch * seq  # the padding mask masked_fill keeps in cross-attention, once
+    embeddings = masks + rules.drop((src + tgt) * C, rules.r)
+    if rules.trainable_base:
+        embeddings += 8 * (src + tgt)  # token ids for the embedding grad
+        if cfg.positions == "learned":
+            embeddings += 8 * (seq + target_len)
+    final = rules.norm(cfg.norm, C, src) + rules.norm(cfg.norm, C, tgt) if cfg.final_norm else 0
+    head = (rules.a * C * tgt if rules.trainable_base else 0) + final  # the head's input, for its weight grad
+    return {"layers": layers, "embeddings": embeddings, "final_norm_and_head": head,
+            "logits_and_loss": _loss_bytes(cfg.vocab_size, tgt)}
+
+
 # ---------------------------------------------------------------------------------------- optimizer
 
 
@@ -342,23 +575,28 @@ def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method 
                 optimizer: Optimizer = "adamw", batch: int = 1, seq: int = 512, grad_checkpointing: bool = False,
                 gpus: int = 1, sharding: Sharding = "none", lora_rank: int = 8, lora_targets: str = "all-linear",
                 peak_flops: float | None = None, mfu: float = 0.4, tokens: int | None = None,
-                framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES, device: Device = "cuda") -> dict[str, Any]:
-    """`plan` for a config object (what tests and the validation script use)."""
+                framework_overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES, device: Device = "cuda",
+                target_len: int | None = None, mask_fraction: float = MLM_MASK_FRACTION) -> dict[str, Any]:
+    """`plan` for a config object (what tests and the validation script use).
+
+    Decoders train on `seq` tokens per sequence (causal LM); encoders on `seq` tokens with the MLM head at
+    `mask_fraction` of them; encoder-decoders on `seq` source and `target_len` (default `seq`) target tokens."""
     _check_options(precision, method, optimizer, batch, seq, gpus, sharding, lora_rank, mfu, peak_flops, tokens,
                    device)
-    if cfg.family != "decoder":
-        raise NotImplementedError(f"the planner models decoder blocks only; {cfg.family!r} is not supported yet")
-    if seq > cfg.max_seq_len:
-        raise LmstackError(f"seq {seq} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    target_len = seq if target_len is None else target_len
+    if target_len < 1 or not 0 < mask_fraction <= 1:
+        raise LmstackError(f"target_len must be >= 1 and mask_fraction in (0, 1], got {target_len}, {mask_fraction}")
+    limited = getattr(cfg, "positions", None) != "relative"  # T5's relative positions have no length limit
+    if limited and max(seq, target_len) > cfg.max_seq_len:
+        raise LmstackError(f"seq {max(seq, target_len)} exceeds the model's max_seq_len {cfg.max_seq_len}")
     shape = model_shape(cfg)
     n = shape.parameters
-    n_layer = cfg.n_layer
+    n_layer = cfg.n_layer if cfg.family != "seq2seq" else cfg.n_encoder_layer + cfg.n_decoder_layer
     full = method == "full"
 
     # ---- trainable parameters
     targets = [] if full else lora_targets_of(lora_targets, shape.block_linears)
-    lora_shapes = [s for t in targets for s in ((lora_rank, shape.block_linears[t][0]),
-                                                (shape.block_linears[t][1], lora_rank))] * n_layer
+    lora_shapes = [s for name, i, o in shape.linears if name in targets for s in ((lora_rank, i), (o, lora_rank))]
     trainable_shapes = shape.param_shapes if full else lora_shapes
     trainable = sum(math.prod(s) for s in trainable_shapes)
 
@@ -366,7 +604,7 @@ def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method 
     if full:
         weights = 4 * n
     else:
-        weights = _frozen_base_bytes(shape, n_layer, precision) + 4 * trainable
+        weights = _frozen_base_bytes(shape, precision) + 4 * trainable
     grads = 4 * trainable
     opt = optimizer_bytes(optimizer, trainable_shapes)
     shard = gpus if sharding == "fsdp" else 1
@@ -374,21 +612,31 @@ def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method 
 
     # ---- activations and compute-dtype copies
     autocast = precision != "fp32"
-    act = activation_bytes(cfg, batch, seq, autocast=autocast, trainable_base=full, lora_targets=targets,
-                           lora_rank=lora_rank, grad_checkpointing=grad_checkpointing, device=device)
+    if cfg.family == "decoder":
+        act = activation_bytes(cfg, batch, seq, autocast=autocast, trainable_base=full, lora_targets=targets,
+                               lora_rank=lora_rank, grad_checkpointing=grad_checkpointing, device=device)
+    else:
+        rules = _Saved(autocast=autocast, trainable_base=full, lora_targets=targets, lora_rank=lora_rank,
+                       device=device, dropout=cfg.dropout)
+        act = (encoder_activation_bytes(cfg, batch, seq, rules, grad_checkpointing, mask_fraction)
+               if cfg.family == "encoder" else
+               seq2seq_activation_bytes(cfg, batch, seq, target_len, rules, grad_checkpointing))
     activations = sum(act.values())
     # Autocast's bf16 copies of fp32 matmul weights live until backward: all of them for full bf16 training,
     # only the adapters' when the frozen base is already stored in bf16/int8/nf4.
     if autocast and full:
         cast_copies = 2 * shape.matmul_parameters
+        if cfg.family == "encoder":  # the MLM head's tied projection is a matmul too; the [CLS] pooler is unused
+            cast_copies += 2 * cfg.vocab_size * cfg.d_model * cfg.mlm_head - 2 * cfg.d_model ** 2 * cfg.cls_pooler
     elif autocast:
-        # the first layer's q/k/v adapters read the frozen embeddings' stream: no grad flows to their input, so
+        # each stack's first q/k/v adapters read the frozen embeddings' stream: no grad flows to their input, so
         # autograd does not keep their lora_a copy
-        first = sum(t in ("q_proj", "k_proj", "v_proj") for t in targets) * lora_rank * cfg.d_model
+        stacks = 2 if cfg.family == "seq2seq" else 1
+        first = stacks * sum(t in ("q_proj", "k_proj", "v_proj") for t in targets) * lora_rank * cfg.d_model
         cast_copies = 2 * (trainable - first)
     else:
         cast_copies = 0
-    largest_linear = max(i * o for i, o in shape.block_linears.values())
+    largest_linear = max(i * o for _, i, o in shape.linears)
     dequant = 2 * largest_linear if precision in ("int8", "nf4") else 0  # one dequantized bf16 weight at a time
     gather = 0
     if sharding == "fsdp" and gpus > 1:  # ZeRO-3 all-gathers the current and the prefetched layer
@@ -430,15 +678,15 @@ def plan_config(cfg: ModelConfig, precision: Precision = "fp32", method: Method 
     }
 
 
-def _frozen_base_bytes(shape: Shape, n_layer: int, precision: str) -> int:
+def _frozen_base_bytes(shape: Shape, precision: str) -> int:
     """Storage of the frozen base for LoRA/QLoRA: int8/nf4 quantize the blocks' Linear weights only."""
     if precision == "fp32":
         return 4 * shape.parameters
     if precision == "bf16":
         return 2 * shape.parameters
-    linear_weights = n_layer * sum(i * o for i, o in shape.block_linears.values())
+    linear_weights = sum(i * o for _, i, o in shape.linears)
     if precision == "int8":  # 1 byte per weight + an fp32 scale per output row
-        quantized = n_layer * sum(i * o + 4 * o for i, o in shape.block_linears.values())
+        quantized = sum(i * o + 4 * o for _, i, o in shape.linears)
     else:
         quantized = math.ceil(linear_weights * NF4_BITS_PER_PARAM / 8)
     return quantized + 2 * (shape.parameters - linear_weights)  # the rest (embeddings, norms, biases) in bf16
@@ -455,8 +703,11 @@ def _conventions(precision: str, method: str, optimizer: str) -> dict[str, str]:
     if method != "full":
         weights += "; base frozen, LoRA adapters trainable in fp32 (grads and optimizer states only for them)"
     return {"precision": weights, "optimizer": f"{optimizer}, states in fp32",
-            "activations": ("tensors saved by autograd in lmstack's Decoder blocks: SDPA without a TxT matrix, "
-                            "except half-precision CPU steps up to 256 keys (matmul attention)"),
+            "activations": ("tensors saved by autograd in lmstack's blocks: SDPA without a TxT matrix, "
+                            "except half-precision CPU steps up to 256 keys (matmul attention) and, on CPU, "
+                            "attention with dropout or a trainable relative-position bias (SDPA's math path); "
+                            "encoders: masked LM with the head at 15% of the positions; encoder-decoders: "
+                            "seq source and seq target tokens"),
             "fsdp": "ZeRO-3: weights, grads and optimizer states divided by the GPU count; activations are not"}
 
 

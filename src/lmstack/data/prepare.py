@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmstack.errors import LmstackError
-from lmstack.io import atomic_write_json, json_records
+from lmstack.io import atomic_write_json, json_records, remove_stale_temps, temp_path
 from lmstack.tokenizer import Tokenizer
 
 SHARDS_FORMAT = "lmstack-shards-v1"
@@ -250,11 +251,12 @@ class _ShardWriter:
     _count: int = 0
 
     def _tmp(self, index: int) -> Path:
-        return self.out / f".{self.split}_{index:03d}.bin.tmp"
+        return temp_path(self.out / f"{self.split}_{index:03d}.bin")
 
     def write(self, tokens: np.ndarray) -> None:
         while tokens.size:
             if self._file is None:
+                remove_stale_temps(self.out / f"{self.split}_{len(self.shards):03d}.bin")  # of a killed run
                 self._file = open(self._tmp(len(self.shards)), "wb")
                 self._count = 0
             take = min(tokens.size, self.shard_tokens - self._count)
@@ -345,6 +347,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # ------------------------------------------------------------------------------------------ prepare
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what mkdir(parents=True) will create), or None."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
 def prepare_data(inputs: list[str], *, out: str, tokenizer: str, field: str = "text", val_fraction: float = 0.1,
                  min_chars: int = 1, dedup: bool = True, normalize: Normalization = "NFC",
                  shard_tokens: int = 50_000_000, seed: int = 0, format: Format = "auto",
@@ -381,6 +393,8 @@ def prepare_data(inputs: list[str], *, out: str, tokenizer: str, field: str = "t
         raise LmstackError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise LmstackError(f"shard_tokens must be positive, got {shard_tokens}")
+    if min_chars < 0:
+        raise LmstackError(f"min_chars must be >= 0, got {min_chars}")
     if normalize not in ("NFC", "NFKC", "none"):
         raise LmstackError(f"unknown normalization {normalize!r}; use NFC, NFKC or none")
     if doc_split not in ("file", "line", "blank-line"):
@@ -394,8 +408,8 @@ def prepare_data(inputs: list[str], *, out: str, tokenizer: str, field: str = "t
     dtype = token_dtype(tok.vocab_size)
 
     out_dir = Path(out)
+    created = _first_missing(out_dir)  # removed again if this run fails: it holds nothing of anyone else's
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest may point at half-replaced shards
     writers = {s: _ShardWriter(out_dir, s, dtype, shard_tokens) for s in ("train", "val")}
     counts = {"read": 0, "kept": 0, "too_short": 0, "duplicates": 0, "train": 0, "val": 0}
     seen: set[bytes] = set()
@@ -452,12 +466,15 @@ def prepare_data(inputs: list[str], *, out: str, tokenizer: str, field: str = "t
             flush()
         if counts["kept"] == 0:
             raise LmstackError(f"no documents left after cleaning in {', '.join(inputs)}")
+        (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest may point at half-replaced shards
         shards = {s: w.finish() for s, w in writers.items()}
         if split == "tail":
             shards = _move_tail_to_val(out_dir, shards["train"], dtype, val_fraction)
     except BaseException:
         for w in writers.values():
             w.abort()
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
         bar.close()

@@ -61,6 +61,8 @@ def train_tokenizer(inputs: list[str], *, out: str, kind: Literal["bpe", "char"]
         doc_split: how plain text splits into documents: file, line or blank-line.
         normalize: unicode normalization: NFC, NFKC or none.
     """
+    if sentinels < 0:
+        raise LmstackError(f"sentinels must be >= 0, got {sentinels}")
     specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
     specials += [t for t in sentinel_tokens(sentinels) if t not in specials]
     if len(set(specials)) != len(specials):

@@ -92,7 +92,16 @@ def markdown(results: Results, command: str) -> str:
 
 
 def bar_chart(results: Results, path: Path) -> None:
-    """One panel per task and metric, one bar per model."""
+    """One panel per task and metric, one bar per model, written to `path` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = chart_figure(results)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def chart_figure(results: Results):
+    """The comparison chart as a matplotlib Figure (the caller closes it)."""
     try:
         import matplotlib
     except ImportError:
@@ -110,14 +119,15 @@ def bar_chart(results: Results, path: Path) -> None:
         heights = [0.0 if (isinstance(v, float) and math.isnan(v)) else v for v in vals]
         bars = ax.bar(range(len(models)), heights, color=colors)
         ax.bar_label(bars, labels=[_fmt(v) for v in vals], fontsize=8)
+        if min(heights, default=0.0) >= 0:  # scores are non-negative: the axis starts at 0, even when all are 0
+            ax.set_ylim(0, max(max(heights, default=0.0) * 1.15, 1e-9) if any(heights) else 1.0)
         ax.set_title(f"{task}\n{metric}", fontsize=9)
         ax.set_xticks(range(len(models)), [m if len(m) <= 18 else m[:16] + "…" for m in models], fontsize=7,
                       rotation=15)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    return fig
 
 
 def write_reports(results: Results, out: str | Path, command: str) -> list[Path]:

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmstack.errors import LmstackError
+from lmstack.io import atomic_write_dir, remove_stale_temps
 
 
 def _sha256(path: Path) -> str:
@@ -69,10 +69,10 @@ class Checkpoint:
 def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
                     state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint `step` under `root` atomically, then prune to the newest `keep_last`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
-    try:
+    remove_stale_temps(root / "step_*")  # folders of earlier runs killed mid-save, at any step
+
+    def build(tmp: Path) -> None:
         files = {
             "model.safetensors": lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in
                                                       model_state.items()}, str(p)),
@@ -87,13 +87,8 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
         full_state = {**state, "step": step, "files": hashes, "python_random": list(random.getstate()[1])}
         (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
         _fsync(tmp / "state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(final, build)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -144,15 +139,30 @@ def load_checkpoint_tensors(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], 
     return model_state, optimizer_state, rng
 
 
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}, so a difference is named down to the one key that differs."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: set[str]) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and the current one."""
-    keys = (set(saved) | set(current)) - ignore
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    """Keys (dotted for nested configs) whose values differ between a checkpoint's config and the current one;
+    `ignore` holds top-level keys, which ignore everything under them."""
+    saved = _flatten({k: v for k, v in saved.items() if k not in ignore})
+    current = _flatten({k: v for k, v in current.items() if k not in ignore})
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
 def require_no_diff(saved: dict[str, Any], current: dict[str, Any], ignore: set[str], where: Path) -> None:
     diff = config_diff(saved, current, ignore)
     if diff:
+        saved, current = _flatten(saved), _flatten(current)
         details = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in diff[:6])
+        details += f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise LmstackError(f"cannot resume from {where}: the config differs in {details}; "
                            "use a new --out or the original settings")

@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +35,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_text
 from lmstack.runconfig import option_group
+from lmstack.training import flops
 from lmstack.training import state as ckpt
-from lmstack.training.flops import measure_peak_flops, model_train_flops_per_token
 from lmstack.training.optim import lr_at, make_optimizer
 
 
@@ -198,8 +200,10 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if config.precision == "bf16"
                          else contextlib.nullcontext())
         self.forward = torch.compile(self.objective) if config.compile else self.objective
-        self.flops_per_token = model_train_flops_per_token(self.state_model, getattr(data, "seq_len", 0))
+        self.flops_per_token = flops.model_train_flops_per_token(self.state_model, getattr(data, "seq_len", 0))
         self.peak_flops = config.peak_flops
+        self.peak_source = "TrainConfig.peak_flops"
+        self._mfu_warned = False
         self.history: list[dict[str, Any]] = []
         self._tb = None
 
@@ -279,9 +283,11 @@ class Trainer:
         cfg = self.config
         if resume:
             self.resume()
-        if self.peak_flops is None:
-            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-            self.peak_flops = measure_peak_flops(dtype, seconds=0.5, device=self.device.type)
+        else:
+            self.start_over()
+        if self.peak_flops is None:  # the peak of the dtype the matmuls run in
+            peak = flops.peak_flops(self._matmul_dtype(), self.device.type)
+            self.peak_flops, self.peak_source = peak.flops, peak.source
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         window_tokens, window_start, window_losses = 0, time.perf_counter(), []
@@ -303,10 +309,10 @@ class Trainer:
             elapsed = time.perf_counter() - start
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
-                mfu = rate * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0
+                mfu = self._mfu(rate)
                 self._tensorboard({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": rate, "train/mfu": mfu})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}" if mfu <= 1 else "?")
             if bar is not None:
                 bar.update(1)
             done = self._stop_reason(elapsed)
@@ -316,7 +322,9 @@ class Trainer:
                 record = {"step": self.step, "train_loss": sum(window_losses) / len(window_losses),
                           "val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "tokens_per_s": rate,
                           "elapsed_s": elapsed, "lr": lr, "tokens": self.tokens,
-                          "mfu": rate * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0}
+                          "mfu": self._mfu(rate)}
+                if record["mfu"] > 1:
+                    record["mfu_warning"] = f"above 1: the peak FLOP/s ({self.peak_source}) is too low"
                 if self.extra_eval is not None:
                     record.update(self.extra_eval(self))
                 self._log_eval(record)
@@ -338,6 +346,25 @@ class Trainer:
         self._finish()
         return TrainResult(step=self.step, train_loss=last_loss, best_val_loss=self.best_val,
                            stop_reason=stop_reason, elapsed_s=time.perf_counter() - start, tokens=self.tokens)
+
+    def _matmul_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOP utilization; above 1 the peak is wrong, which is said once on stderr (and a cached peak is
+        dropped, so the next run measures it again)."""
+        if not self.peak_flops:
+            return 0.0
+        mfu = tokens_per_s * self.flops_per_token / self.peak_flops
+        if mfu > 1 and not self._mfu_warned:
+            self._mfu_warned = True
+            if self.peak_source.startswith(("cached", "measured")):
+                flops.forget_peak_flops(self._matmul_dtype(), self.device.type)
+            if self.rank == 0:
+                print(f"warning: MFU {mfu:.0%} is above 100%, so the peak of {self.peak_flops / 1e9:,.1f} GFLOP/s "
+                      f"({self.peak_source}) is too low; set peak_flops or {flops.PEAK_FLOPS_ENV}, or run "
+                      "bench/peak_flops.py --save", file=sys.stderr)
+        return mfu
 
     def _stop_reason(self, elapsed: float) -> str | None:
         cfg = self.config
@@ -376,9 +403,16 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Continue from the newest intact checkpoint in out_dir, if any."""
+        """Continue from the newest intact checkpoint in out_dir, if any; when checkpoints exist but none is
+        intact, stop (fit(resume=False) starts over)."""
         last = ckpt.latest_checkpoint(self.ckpt_dir)
         if last is None:
+            found = ckpt.list_checkpoints(self.ckpt_dir)
+            if found:
+                raise LmstackError(f"no intact checkpoint to resume from in {self.ckpt_dir}: "
+                                   f"{', '.join(p.name for p in found)} are all incomplete or corrupt; "
+                                   "pass --no-resume (resume=False) to start over from step 0")
+            self._drop_metrics_after(0)  # a run killed before its first save logged evals it will replay
             return False
         ckpt.require_no_diff(last.state["config"], dataclasses.asdict(self.config),
                              set(TrainConfig.RESUMABLE_CHANGES), last.path)
@@ -399,11 +433,29 @@ class Trainer:
         self.best_val = last.state.get("best_val")
         self.evals_since_best = int(last.state.get("evals_since_best", 0))
         # Evals logged after this checkpoint (by a run killed before its next save) are replayed, so drop them.
+        self._drop_metrics_after(self.step)
+        if self.rank == 0:
+            print(f"resuming from step {self.step} (checkpoint {last.path})", file=sys.stderr)
+        return True
+
+    def start_over(self) -> None:
+        """Train from step 0 in an out_dir that may hold an earlier run: its checkpoints and metrics go, so a
+        later resume cannot pick up the old run's steps and metrics.jsonl holds each step once."""
+        old = ckpt.list_checkpoints(self.ckpt_dir)
+        if self.rank != 0:
+            return
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        self._drop_metrics_after(0)
+        if old:
+            print(f"starting over: removed {len(old)} checkpoint(s) of the earlier run in {self.ckpt_dir}",
+                  file=sys.stderr)
+
+    def _drop_metrics_after(self, step: int) -> None:
         metrics = self.out / "metrics.jsonl"
         if self.rank == 0 and metrics.exists():
-            kept = [r for r in read_metrics(metrics) if r["step"] <= self.step]
+            kept = [r for r in read_metrics(metrics) if r["step"] <= step]
             atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
-        return True
 
     # ------------------------------------------------------------------------------------ logging
 
