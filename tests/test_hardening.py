@@ -106,7 +106,7 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
     import torch
 
     from lmstack.io import atomic_write, atomic_write_dir
-    from lmstack.training.checkpoint import save_checkpoint
+    from lmstack.training.state import save_checkpoint
 
     old = os.umask(0o022)
     try:
