@@ -13,10 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.errors import LmstackError
 from lmstack.peft.nf4 import BLOCK, NF4_LEVELS, NF4Weight, blockwise_dequantize, unpack_nibbles
 
-_STATE = ("codes", "absmax_codes", "absmax_scales", "absmax_offset")  # NF4Weight's buffers, saved by this layer
+_STATE = ("codes", "absmax_codes", "absmax_scales", "absmax_offset")  # NF4Weight's buffers
+
+
+def _persistent(weight: NF4Weight) -> NF4Weight:
+    """NF4Weight keeps its buffers out of the state dict (QLoRA saves only adapters); an inference layer's
+    checkpoint needs them."""
+    for name in _STATE:
+        weight.register_buffer(name, getattr(weight, name), persistent=True)
+    return weight
 
 
 class NF4Linear(nn.Module):
@@ -27,40 +34,17 @@ class NF4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         # A placeholder of the right shape; from_float or a state dict fills it.
-        self.weight = NF4Weight(torch.zeros(out_features, in_features, device=device))
+        self.weight = _persistent(NF4Weight(torch.zeros(out_features, in_features, device=device)))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> NF4Linear:
         N, K = linear.weight.shape
         layer = cls(K, N, bias=linear.bias is not None, device=linear.weight.device)
-        layer.weight = NF4Weight(linear.weight.detach().float())
+        layer.weight = _persistent(NF4Weight(linear.weight.detach().float()))
         if linear.bias is not None:
             layer.bias.data = linear.bias.detach().float().clone()
         return layer
-
-    # NF4Weight's buffers are non-persistent (QLoRA saves only adapters); a quantized checkpoint needs them.
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in _STATE:
-            destination[f"{prefix}weight.{name}"] = getattr(self.weight, name)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # type: ignore[override]
-        for name in _STATE:
-            key = f"{prefix}weight.{name}"
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            have, got = getattr(self.weight, name), state_dict[key]
-            if got.dtype != have.dtype or got.shape != have.shape:
-                raise LmstackError(f"{key}: expected {have.dtype} {list(have.shape)}, got {got.dtype} "
-                                   f"{list(got.shape)} (corrupt or mismatched NF4 tensor)")
-            setattr(self.weight, name, got.to(have.device).clone())
-        rest = {k: v for k, v in state_dict.items() if not k.startswith(prefix + "weight.")}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def dequantize(self, rows: Tensor | None = None, dtype: torch.dtype = torch.bfloat16) -> Tensor:
         """W (or some of its rows) [R, K]. Rows are read block by block when K is a multiple of the block."""
