@@ -49,11 +49,10 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     N, K = weight.shape
     w = weight.detach().float().reshape(N, K // group_size, group_size)  # [N, K/G, G]
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, K/G]
-    scales = ((hi - lo) / 15).clamp(min=1e-8)
-    # Round the scale to bf16 first so the codes are chosen against the scale the kernel will use.
-    scales = scales.to(torch.bfloat16).float()
-    zeros = lo + 8 * scales
-    codes = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15)  # [N, K/G, G]
+    # Round scale and zero to bf16 first, so the codes are chosen against the values the kernel will use.
+    scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+    zeros = (lo + 8 * scales).to(torch.bfloat16).float()
+    codes = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)  # [N, K/G, G]
     return codes.to(torch.uint8).reshape(N, K), scales, zeros
 
 

@@ -105,7 +105,7 @@ def rebuild_quantized_(model: nn.Module, state: dict[str, Tensor], metadata: dic
 
 def _check_tensors(model: nn.Module, state: dict[str, Tensor]) -> None:
     """One line for the first missing, unexpected, mistyped or misshapen tensor."""
-    expected = model.state_dict()
+    expected = _expected_tensors(model)
     for key, want in expected.items():
         if key not in state:
             raise LmstackError(f"quantized checkpoint is missing tensor {key!r}")
@@ -120,3 +120,19 @@ def _check_tensors(model: nn.Module, state: dict[str, Tensor]) -> None:
     extra = sorted(set(state) - set(expected))
     if extra:
         raise LmstackError(f"quantized checkpoint has unexpected tensor {extra[0]!r}")
+
+
+def _expected_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """What model.state_dict() would hold, by dtype and shape, without packing any int4 weight to get it."""
+    expected: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        for key, param in module.named_parameters(prefix=name, recurse=False):
+            expected[key] = param
+        for key, buffer in module.named_buffers(prefix=name, recurse=False):
+            if key.rpartition(".")[2] not in module._non_persistent_buffers_set:
+                expected[key] = buffer
+        if isinstance(module, Int4Linear):
+            expected[prefix + "qweight"] = torch.empty(module.out_features, module.in_features // 2,
+                                                       dtype=torch.uint8, device="meta")
+    return expected
