@@ -63,6 +63,10 @@ class Int8Linear(nn.Module):
             raise LmstackError(f"{key}: expected int8, got {state_dict[key].dtype} (corrupt or mismatched tensor)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # `_weight_int8pack_mm` crashes (SIGSEGV) on a weight that is not 64-byte aligned, which a tensor adopted
+        # from a safetensors file (aligned to 8) usually is: copy it then.
+        if self.qweight.device.type == "cpu" and self.qweight.data_ptr() % 64:
+            self.qweight = self.qweight.clone()
 
     def dequantize(self, rows: Tensor | None = None, dtype: torch.dtype = torch.bfloat16) -> Tensor:
         """W (or some of its rows) [R, K] in `dtype`."""
