@@ -87,7 +87,8 @@ def decode_speed(model: nn.Module, tokenizer: Tokenizer, tokens: int, prompt: st
     return result.decode_tokens_per_s
 
 
-def quantize(*, model: str, scheme: str, out: str, fuse: bool = True, eval_text: str | None = None,
+def quantize(*, model: str, scheme: str, out: str, embedding_scheme: str | None = None, fuse: bool = True,
+             eval_text: str | None = None,
              eval_chars: int = HELD_OUT_CHARS, window: int = 512, decode_tokens: int = 64,
              compare: bool = True) -> dict[str, Any]:
     """Quantize a model without calibration data and write a packed native checkpoint.
@@ -96,6 +97,8 @@ def quantize(*, model: str, scheme: str, out: str, fuse: bool = True, eval_text:
         model: a model name or path (anything `lmstack generate` loads).
         scheme: int4-g32, int4-g64, int4-g128, int8 (weight-only), w8a8 or nf4.
         out: the output folder.
+        embedding_scheme: the token embedding's (and tied head's) scheme; default: scheme. int8 keeps SmolLM2's
+            greedy answers where an int4 head changes some.
         fuse: fuse q|k|v and gate|up into one matmul each before quantizing (inference only).
         eval_text: a text file for held-out perplexity (default: the last eval_chars of tinyshakespeare).
         eval_chars: how many characters from the end of the text to score (0 skips the perplexity).
@@ -108,6 +111,7 @@ def quantize(*, model: str, scheme: str, out: str, fuse: bool = True, eval_text:
     """
     from lmstack.checkpoints import load_model
     check_scheme(scheme)
+    check_scheme(embedding_scheme or scheme)
     loaded = load_model(model, dtype=torch.bfloat16)
     source, tokenizer = loaded.model, loaded.tokenizer
     text = _held_out(eval_text, eval_chars) if eval_chars and tokenizer is not None else None
@@ -118,9 +122,10 @@ def quantize(*, model: str, scheme: str, out: str, fuse: bool = True, eval_text:
     qmodel = source  # measured above; quantized in place from here on (no second copy in memory)
     if fuse:
         fuse_projections_(qmodel)
-    choices: list[LayerChoice] = quantize_(qmodel, scheme)
+    choices: list[LayerChoice] = quantize_(qmodel, scheme, embedding_scheme=embedding_scheme)
     t0 = time.perf_counter()
-    path = save_quantized(qmodel, tokenizer, out, {"source": loaded.source, "scheme": scheme})
+    path = save_quantized(qmodel, tokenizer, out, {"source": loaded.source, "scheme": scheme,
+                                                          "embedding_scheme": embedding_scheme or scheme})
     report["save_s"] = round(time.perf_counter() - t0, 3)
     del qmodel, source, loaded
     t0 = time.perf_counter()

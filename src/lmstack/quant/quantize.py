@@ -105,18 +105,23 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def quantize_(model: nn.Module, scheme: str, *, skip: tuple[str, ...] = ()) -> list[LayerChoice]:
+def quantize_(model: nn.Module, scheme: str, *, embedding_scheme: str | None = None,
+              skip: tuple[str, ...] = ()) -> list[LayerChoice]:
     """Quantize `model` in place: every nn.Linear (blocks, head) and the token embedding (tied or not).
 
     Args:
         model: a decoder (anything with `tok_emb` and `lm_head`) or any module of Linears.
         scheme: one of SCHEMES.
+        embedding_scheme: the token embedding's scheme (with a tied head, the head's too); default `scheme`.
+            On SmolLM2 an int4 head costs most of int4's perplexity and greedy agreement; int8 keeps it (as
+            llama.cpp's Q8_0 token_embd does).
         skip: module names to leave unquantized.
 
     Returns:
         One LayerChoice per module considered, fallbacks included (they are also logged).
     """
     check_scheme(scheme)
+    embedding_scheme = check_scheme(embedding_scheme or scheme)
     report: list[LayerChoice] = []
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name not in skip]
     for name, linear in targets:
@@ -126,10 +131,11 @@ def quantize_(model: nn.Module, scheme: str, *, skip: tuple[str, ...] = ()) -> l
         report.append(LayerChoice(name, scheme, fmt, why))
     emb = getattr(model, "tok_emb", None)
     if type(emb) is nn.Embedding and "tok_emb" not in skip:
-        fmt, why = choose_format(scheme, *emb.weight.shape)
+        fmt, why = choose_format(embedding_scheme, *emb.weight.shape)
         model.tok_emb = QuantEmbedding(quantized_linear(emb.weight, None, fmt), emb.weight.dtype)
         tied = isinstance(getattr(model, "lm_head", None), TiedHead)
-        report.append(LayerChoice("tok_emb" + (" (and the tied lm_head)" if tied else ""), scheme, fmt, why))
+        report.append(LayerChoice("tok_emb" + (" (and the tied lm_head)" if tied else ""), embedding_scheme, fmt,
+                                  why))
     for choice in report:
         if choice.used != choice.scheme:
             log.warning("quantize: %s gets %s instead of %s: %s", choice.name, choice.used, choice.scheme,
