@@ -144,6 +144,9 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.scale = scale
         self.dropout = dropout
+        # Inference only (lmstack.quant.quantize.fuse_projections_): one module computing [q | k | v], which
+        # replaces q_proj, k_proj and v_proj (set to None); checkpoints and LoRA keep them separate.
+        self.qkv_proj: nn.Module | None = None
         self.memory_kv: tuple[Tensor, Tensor] | None = None  # cached cross-attention keys/values
         # Prefix tuning (lmstack.peft.prompt): batch size -> learned keys, values [B, Hkv, P, D] put before the
         # self-attention keys and visible to every query. None = plain attention.
@@ -163,7 +166,12 @@ class Attention(nn.Module):
         cross-attention (`cross=True`), `memory` [B, S, C] is projected once and reused while it is None.
         """
         B, T, _ = x.shape
-        q = self._heads(self.q_proj(x), self.n_head)  # [B, H, T, D]
+        if self.qkv_proj is not None and not cross:
+            q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                              self.n_kv_head * self.head_dim], dim=-1)  # [B, T, H*D | Hkv*D]
+            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+        else:
+            q = self._heads(self.q_proj(x), self.n_head)  # [B, H, T, D]
         if cross:
             if memory is not None:
                 self.memory_kv = (self._heads(self.k_proj(memory), self.n_kv_head),
@@ -172,8 +180,9 @@ class Attention(nn.Module):
                 raise RuntimeError("cross-attention called without encoder memory")
             k, v = self.memory_kv  # [B, Hkv, S, D]
         else:
-            k = self._heads(self.k_proj(x), self.n_kv_head)  # [B, Hkv, T, D]
-            v = self._heads(self.v_proj(x), self.n_kv_head)
+            if self.qkv_proj is None:
+                k = self._heads(self.k_proj(x), self.n_kv_head)  # [B, Hkv, T, D]
+                v = self._heads(self.v_proj(x), self.n_kv_head)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cache is not None and input_pos is not None:

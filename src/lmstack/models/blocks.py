@@ -76,10 +76,16 @@ class MLP(nn.Module):
                  gate_proj: nn.Module | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        # Inference only (lmstack.quant.quantize.fuse_projections_): one module computing [gate | up], which
+        # replaces gate_proj and up_proj (set to None).
+        self.gate_up_proj: nn.Module | None = None
         self.act = ACTIVATIONS[activation]
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
+        if self.gate_up_proj is not None:
+            gate, h = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, F] each
+            return self.dropout(self.down_proj(self.act(gate) * h))
         h = self.up_proj(x)
         h = self.act(self.gate_proj(x)) * h if self.gate_proj is not None else self.act(h)
         return self.dropout(self.down_proj(h))

@@ -1,0 +1,1 @@
+"""Compression verbs over quant/ (and, later, pruning and distillation over the Trainer)."""

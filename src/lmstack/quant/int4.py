@@ -1,0 +1,222 @@
+"""Int4 weight-only linear layers on PyTorch's CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`).
+
+A weight [N, K] is cut along K into groups of G values (32, 64 or 128). Each group has a bf16 scale s and zero z,
+and each value is a 4-bit code q in 0..15 with
+
+    w = (q - 8) * s + z                   (the kernel's convention, checked in tests/test_quant.py)
+
+Asymmetric round-to-nearest PTQ sets s = (max - min) / 15 and z = min + 8 s per group. GGUF's Q4_1 blocks
+(w = q d + m) map onto this with s = d, z = m + 8 d, and Q4_0 (w = (q - 8) d) with z = 0 (quant/gguf_pack.py).
+
+The kernel wants its own packed layout, which depends on the CPU's vector width, so the state dict holds a
+portable one instead: `qweight` [N, K/2] uint8 with column 2j in the low nibble and 2j + 1 in the high one, plus
+`scales_and_zeros` [K/G, N, 2] bf16. Loading repacks (a permutation of nibbles, never a requantization).
+
+Speed (SmolLM2 shapes, 1 thread, contended machine): one row through the kernel is 2-4x faster than bf16
+F.linear; many rows are about 2x slower (64 rows of 1536x576: 2.7 ms against 1.3 ms), but dequantizing the
+weight to bf16 first costs more than that (about 10 ms), so prefill stays on the kernel too. The kernel is fast
+with bf16 activations only: other dtypes are cast to bf16 and back (its float32 path is about 30x slower).
+
+Shapes: N out_features, K in_features, G group size, M rows of activations.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from lmstack.errors import LmstackError
+
+GROUP_SIZES = (32, 64, 128)
+_BLOCK_N = 64  # the AVX512 kernel packs rows in blocks of 64 (tails of 16, 32 or 48 rows pack in pairs)
+
+
+def int4_fits(out_features: int, in_features: int, group_size: int) -> str | None:
+    """None if the kernel takes this shape, else why not (the kernel needs N % 16 == 0 and K % G == 0)."""
+    if group_size not in GROUP_SIZES:
+        return f"int4 group size must be one of {GROUP_SIZES}, not {group_size}"
+    if in_features % group_size:
+        return f"in_features {in_features} is not a multiple of the group size {group_size}"
+    if out_features % 16:
+        return f"out_features {out_features} is not a multiple of 16"
+    return None
+
+
+def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric round-to-nearest: weight [N, K] -> (codes [N, K] uint8 in 0..15, scales, zeros [N, K/G] f32)."""
+    N, K = weight.shape
+    w = weight.detach().float().reshape(N, K // group_size, group_size)  # [N, K/G, G]
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, K/G]
+    # Round scale and zero to bf16 first, so the codes are chosen against the values the kernel will use.
+    scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+    zeros = (lo + 8 * scales).to(torch.bfloat16).float()
+    codes = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)  # [N, K/G, G]
+    return codes.to(torch.uint8).reshape(N, K), scales, zeros
+
+
+def pack_nibbles_rowwise(codes: Tensor) -> Tensor:
+    """[N, K] codes 0..15 -> [N, K/2] uint8, column 2j in the low nibble (the portable `qweight` layout)."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles_rowwise(qweight: Tensor) -> Tensor:
+    """Inverse of pack_nibbles_rowwise: [N, K/2] uint8 -> [N, K] uint8."""
+    return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+
+
+def kernel_pack(codes: Tensor) -> Tensor:
+    """[N, K] codes -> the kernel's packed [N, K/2] uint8 (its layout depends on the CPU)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def kernel_rows(packed: Tensor, rows: Tensor, K: int) -> Tensor:
+    """Codes of some rows of a kernel-packed weight: packed [N, K/2], rows [R] -> [R, K] uint8.
+
+    The AVX512 layout: rows come in blocks of 64 stored as [K, 32] bytes whose low nibbles are rows 0..31 and
+    high nibbles rows 32..63; a tail block of n < 64 rows is [K, n/2] bytes holding rows 2j (low) and 2j + 1
+    (high). `_check_layout` verifies this once against the kernel before anything relies on it.
+    """
+    _check_layout()
+    N = packed.shape[0]
+    flat = packed.reshape(-1)
+    block, r = rows // _BLOCK_N, rows % _BLOCK_N  # [R]
+    size = torch.clamp(N - block * _BLOCK_N, max=_BLOCK_N)  # [R] rows in that block
+    k = torch.arange(K, device=packed.device)  # [K]
+    base = (block * _BLOCK_N * K // 2)[:, None]  # [R, 1] byte offset of the block
+    full = size == _BLOCK_N
+    col = torch.where(full, r % 32, r // 2)[:, None]  # [R, 1] byte column within a K-row of the block
+    width = torch.where(full, torch.full_like(size, 32), size // 2)[:, None]  # [R, 1] bytes per K-row
+    high = torch.where(full, r >= 32, r % 2 == 1)[:, None]  # [R, 1] high nibble?
+    byte = flat[base + k[None, :] * width + col]  # [R, K]
+    return torch.where(high, byte >> 4, byte & 0xF)
+
+
+def kernel_unpack(packed: Tensor, K: int) -> Tensor:
+    """All codes of a kernel-packed weight: packed [N, K/2] -> [N, K] uint8 (views and two shifts; no gather)."""
+    _check_layout()
+    N = packed.shape[0]
+    n_full = N // _BLOCK_N * _BLOCK_N
+    flat = packed.reshape(-1)
+    full = flat[:n_full * K // 2].view(-1, K, 32)  # [NB, K, 32]
+    parts = [torch.cat([full & 0xF, full >> 4], dim=-1).transpose(1, 2).reshape(n_full, K)]  # rows 0..31, 32..63
+    if N > n_full:
+        tail = flat[n_full * K // 2:].view(K, (N - n_full) // 2)  # [K, n/2]: rows 2j low, 2j + 1 high
+        parts.append(torch.stack([tail & 0xF, tail >> 4], dim=-1).reshape(K, N - n_full).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+@lru_cache(maxsize=1)
+def _check_layout() -> None:
+    probe = torch.randint(0, 16, (64 + 48, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = kernel_pack(probe)
+    flat = packed.reshape(-1)
+    got = []
+    for n in range(probe.shape[0]):  # the plain loop of the layout description, on a tiny probe
+        block, r = divmod(n, _BLOCK_N)
+        size = min(_BLOCK_N, probe.shape[0] - block * _BLOCK_N)
+        width, col, high = (32, r % 32, r >= 32) if size == _BLOCK_N else (size // 2, r // 2, r % 2 == 1)
+        byte = flat[block * _BLOCK_N * 32 + torch.arange(64) * width + col]
+        got.append(byte >> 4 if high else byte & 0xF)
+    if not torch.equal(torch.stack(got), probe):
+        raise NotImplementedError("this CPU's int4 kernel packs weights in a layout lmstack cannot read back "
+                                  "(only the AVX512 layout is known); int4 save and embedding lookups need it")
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W stored as grouped asymmetric int4 codes, through the CPU int4 kernel."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        why = int4_fits(out_features, in_features, group_size)
+        if why is not None:
+            raise LmstackError(f"Int4Linear {out_features}x{in_features}: {why}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        N, K = out_features, in_features
+        # Kernel layout, rebuilt from the portable state on load; the state dict never holds it.
+        self.register_buffer("packed", torch.zeros(N, K // 2, dtype=torch.uint8, device=device), persistent=False)
+        self.register_buffer("scales_and_zeros", torch.zeros(K // group_size, N, 2, dtype=torch.bfloat16,
+                                                             device=device))  # [K/G, N, 2]
+        self.bias = nn.Parameter(torch.zeros(N, device=device), requires_grad=False) if bias else None
+
+    # ------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                   bias: Tensor | None = None) -> Int4Linear:
+        """codes [N, K] 0..15, scales / zeros [N, K/G] (w = (q - 8) s + z) -> a layer (no requantization)."""
+        N, K = codes.shape
+        layer = cls(K, N, group_size, bias=bias is not None, device=codes.device)
+        layer.packed = kernel_pack(codes)
+        layer.scales_and_zeros.copy_(torch.stack([scales, zeros], dim=-1).transpose(0, 1))
+        if bias is not None:
+            layer.bias.data = bias.detach().float().clone()
+        return layer
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        codes, scales, zeros = quantize_int4(linear.weight, group_size)
+        return cls.from_codes(codes, scales, zeros, group_size, linear.bias)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # model.to(float32) must not widen the bf16 scales: the kernel reads them as bf16.
+        super()._apply(fn, recurse)
+        self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+        return self
+
+    # ------------------------------------------------------------------------- the portable state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = pack_nibbles_rowwise(self.codes())  # [N, K/2] uint8
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[override]
+        key = prefix + "qweight"
+        if key in state_dict:
+            qweight = state_dict[key]
+            expect = (self.out_features, self.in_features // 2)
+            if qweight.dtype != torch.uint8 or tuple(qweight.shape) != expect:
+                raise LmstackError(f"{key}: expected uint8 {list(expect)}, got {qweight.dtype} "
+                                   f"{list(qweight.shape)} (corrupt or mismatched int4 tensor)")
+            self.packed = kernel_pack(unpack_nibbles_rowwise(qweight.to(self.packed.device)))
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ------------------------------------------------------------------------------------ reading
+
+    def codes(self, rows: Tensor | None = None) -> Tensor:
+        """The 4-bit codes of `rows` (default all): [R, K] uint8."""
+        if rows is None:
+            return kernel_unpack(self.packed, self.in_features)
+        return kernel_rows(self.packed, rows, self.in_features)
+
+    def dequantize(self, rows: Tensor | None = None, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """W (or some of its rows) in `dtype`: [R, K], computed in float32 from the bf16 scales and zeros."""
+        sz = self.scales_and_zeros if rows is None else self.scales_and_zeros[:, rows]  # [K/G, R, 2]
+        codes = self.codes(rows)
+        R = codes.shape[0]
+        s, z = sz[..., 0].t().float()[..., None], sz[..., 1].t().float()[..., None]  # [R, K/G, 1]
+        w = (codes.view(R, -1, self.group_size).float() - 8) * s + z  # [R, K/G, G]
+        return w.reshape(R, self.in_features).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:  # [.., K] -> [.., N]
+        if x.device.type != "cpu":
+            raise NotImplementedError("Int4Linear runs on the CPU int4 kernel only")
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # [M, K]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales_and_zeros.numel() * 2
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
