@@ -141,8 +141,8 @@ def quantize(*, model: str, scheme: str, out: str, embedding_scheme: str | None 
 
 def _held_out(path: str | None, chars: int) -> str:
     if path is None:
-        from lmstack.evaluation.tasks import default_data_root
-        file = default_data_root() / "tinyshakespeare" / "input.txt"
+        from lmstack.runconfig import data_root
+        file = data_root() / "tinyshakespeare" / "input.txt"
     else:
         file = Path(path)
     if not file.exists():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.peft.nf4 import BLOCK, NF4_LEVELS, NF4Weight, blockwise_dequantize, unpack_nibbles
+from lmstack.quant.nf4 import BLOCK, NF4_LEVELS, NF4Weight, blockwise_dequantize, unpack_nibbles
 
 _STATE = ("codes", "absmax_codes", "absmax_scales", "absmax_offset")  # NF4Weight's buffers
 
