@@ -32,9 +32,9 @@ from lmstack.io import atomic_write_json, require_path
 from lmstack.rag.answer import IDK, cited_numbers, strip_citations
 from lmstack.rag.extract import extract, json_lines
 from lmstack.rag.retrieve import MODES, Hit
-from lmstack.rag.store import STOPWORDS
+from lmstack.rag.grounding import SUPPORT_MIN, content_words
 
-FAITHFUL_MIN_OVERLAP = 0.7
+FAITHFUL_MIN_OVERLAP = SUPPORT_MIN  # 0.7, as the answer pipeline's check
 
 
 # ---------------------------------------------------------------------------------------- QA file
@@ -121,11 +121,6 @@ def token_f1(prediction: str, reference: str) -> float:
     return token_f1_score(prediction, reference)
 
 
-def content_words(text: str) -> set[str]:
-    words = re.findall(r"\w+", text.lower())
-    return {re.sub(r"(ing|ed|es|s)$", "", w) if len(w) > 4 else w for w in words if w not in STOPWORDS}
-
-
 def faithfulness(answer: str, hits: list[Hit]) -> float | None:
     """Share of the answer's sentences supported by a cited chunk; None for "I don't know" (nothing claimed)."""
     from lmstack.rag.answer import answer_sentences
@@ -154,11 +149,11 @@ def faithfulness(answer: str, hits: list[Hit]) -> float | None:
 
 def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, generate: bool = True,
              limit: int | None = None, model: str = "smollm2-135m-instruct", adapter: str | None = None,
-             max_new_tokens: int = 64, min_score: float = 0.3, out: str | None = None,
+             max_new_tokens: int = 64, min_score: float = 0.45, out: str | None = None,
              progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from lmstack.rag.answer import answer, get_generator
+    from lmstack.rag.answer import AnswerOptions, answer, answer_config, get_generator
     from lmstack.rag.embedding import get_embedder
     from lmstack.rag.retrieve import search
     from lmstack.rag.store import open_index
@@ -176,10 +171,8 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
         embedder = get_embedder(store.embedding_model)
         generator = None
         if generate:
-            from lmstack.commands import generation_config
-
-            cfg = generation_config(max_new_tokens=max_new_tokens)
-            generator = get_generator(model, adapter)
+            cfg = answer_config(max_new_tokens)
+            generator = get_generator(model, adapter, "bfloat16")
         for item in tqdm(items, desc="rag eval", unit="q", disable=not progress):
             row: dict[str, Any] = {"question": item["question"], "reference": item["answer"], "doc": item["doc"]}
             qvec = embedder.encode([item["question"]])[0]  # [D], shared by the modes
@@ -191,7 +184,8 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
             if generator is not None:
                 hits = hits_by_mode.get("hybrid") or search(store, embedder, item["question"], k, "hybrid",
                                                             query_vector=qvec)
-                result = answer(item["question"], hits, generator, cfg, embedder, min_score)
+                result = answer(item["question"], hits, lambda: generator, cfg, embedder,
+                                AnswerOptions(min_score=min_score))
                 row.update(answer=result["answer"], refused=result["refused"],
                            exact_match=exact_match(result["answer"], item["answer"]),
                            f1=token_f1(result["answer"], item["answer"]),
