@@ -523,8 +523,8 @@ def open_index(uri: str, *, create: bool = False, embedding_model: str | None = 
     backend = "milvus" if milvus else "exact"
     exists = sqlite_path.exists() and sqlite_path.stat().st_size > 0
     lite = Path(uri + ".sqlite")
-    if not exists and milvus is None and lite.exists() and "://" not in uri:
-        raise LmstackError(f"{uri}: no SQLite index here, but {lite} belongs to a Milvus Lite index: open it as "
+    if milvus is None and lite.exists() and "://" not in uri:
+        raise LmstackError(f"{uri}: {lite} beside it holds a Milvus Lite index: open it as "
                            f"milvus-lite:///{uri} or with --backend milvus")
     if milvus is not None and not exists and uri.startswith("milvus-lite://") and Path(milvus["uri"]).exists():
         raise LmstackError(f"{milvus['uri']} exists but is not a Milvus Lite index of lmstack (no {sqlite_path} "
