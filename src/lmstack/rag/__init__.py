@@ -109,7 +109,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid", stream: bool = True,
             evidence: int = 3, quote: bool = True, max_sentences: int = 2, max_new_tokens: int = 64,
             temperature: float = 0.0, repetition_penalty: float = 1.1, seed: int | None = None,
-            min_score: float = 0.45, bm25_weight: float = 1.0, vector_weight: float = 1.0,
+            min_score: float = 0.48, bm25_weight: float = 1.0, vector_weight: float = 1.0,
             source: str | None = None, path_prefix: str | None = None, since: str | None = None,
             until: str | None = None, date_field: Literal["ingested", "mtime"] = "ingested",
             embedding_model: str | None = None, dtype: Literal["float32", "bfloat16"] = "bfloat16",
@@ -186,7 +186,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
 def rag_eval(qa: str, *, index: str, backend: Literal["sqlite", "milvus"] | None = None, k: int = 5,
              modes: list[str] | None = None, generate: bool = True,
              limit: int | None = None, model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
-             max_new_tokens: int = 64, min_score: float = 0.45, out: str | None = None,
+             max_new_tokens: int = 64, min_score: float = 0.48, out: str | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate retrieval (recall@k, MRR per mode) and answers (exact match, token F1, faithfulness).
 

@@ -45,7 +45,7 @@ _BULLET = re.compile(r"^[\s\-*\u2022\u25ba\u25b6\u2756\u27a2\u2713\u25cf#>]+")
 
 @dataclass
 class AnswerOptions:
-    min_score: float = 0.45  # "I don't know" under this best cosine (evidence sentence, or chunk with evidence=0)
+    min_score: float = 0.48  # "I don't know" under this best cosine (evidence sentence, or chunk with evidence=0)
     evidence: int = 3  # evidence sentences shown to the model; 0 = the whole chunks
     quote: bool = True  # drop unsupported sentences; quote the best evidence when none is left
     max_sentences: int = 2  # stop after this many sentences
@@ -82,8 +82,10 @@ def answer_sentences(text: str) -> list[str]:
 
 def select_evidence(question: str, hits: list[Hit], embedder: Embedder, top: int) -> list[Evidence]:
     """The `top` sentences of the hits' chunks most similar to the question (MiniLM cosine), best first."""
-    candidates = [(n, _BULLET.sub("", s).strip()) for n, h in enumerate(hits, start=1) for s in sentences(h.chunk.text)]
-    candidates = [(n, s) for n, s in dict.fromkeys(candidates) if len(content_words(s)) >= 2]
+    candidates = [(n, _BULLET.sub("", line).strip()) for n, h in enumerate(hits, start=1)
+                  for s in sentences(h.chunk.text) for line in s.splitlines()]  # a line of notes is a unit too
+    # three content words at least: a bare heading ("Country-Capital") matches questions it cannot answer
+    candidates = [(n, s) for n, s in dict.fromkeys(candidates) if len(content_words(s)) >= 3]
     if not candidates:
         return []
     emb = embedder.encode([question] + [s for _, s in candidates])  # [1 + M, D]

@@ -149,7 +149,7 @@ def faithfulness(answer: str, hits: list[Hit]) -> float | None:
 
 def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, generate: bool = True,
              limit: int | None = None, model: str = "smollm2-135m-instruct", adapter: str | None = None,
-             max_new_tokens: int = 64, min_score: float = 0.45, out: str | None = None,
+             max_new_tokens: int = 64, min_score: float = 0.48, out: str | None = None,
              progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 

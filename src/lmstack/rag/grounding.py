@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from lmstack.rag.chunk import sentence_spans
 
 SUPPORT_MIN = 0.7  # share of a claim's content words that must occur in one passage
-REPEAT_NGRAM = 8  # an answer "repeats" when some n-gram of this many tokens occurs twice
+REPEAT_NGRAM = 8  # an answer "repeats" when some n-gram of this many words occurs twice
 
 STOPWORDS = frozenset("""a an and are as at be been being but by can could do does did for from had has have how
 i if in into is it its itself of on or our so such than that the their them then there these they this those to
@@ -78,8 +78,9 @@ def faithfulness(answer: str, passages: Sequence[str], min_overlap: float = SUPP
 
 
 def repeated_ngram(text: str, n: int = REPEAT_NGRAM) -> bool:
-    """Whether some run of n whitespace tokens (lowercased) occurs twice in `text` (a looping answer)."""
-    tokens = _CITATION.sub("", text).lower().split()
+    """Whether some run of n words (lowercased \\w+ tokens, punctuation ignored) occurs twice in `text` (a
+    looping answer)."""
+    tokens = re.findall(r"\w+", _CITATION.sub("", text).lower())
     seen: set[tuple[str, ...]] = set()
     for i in range(len(tokens) - n + 1):
         gram = tuple(tokens[i:i + n])
