@@ -15,9 +15,9 @@ Answers (hybrid retrieval, then `rag_ask`'s answering): exact match and token F1
 Faithfulness, for each answered question: the share of answer sentences supported by a chunk they cite. A
 sentence cites the chunks of its own [n] markers, or, with none, every chunk the answer cites; an answer
 citing nothing supports nothing. A sentence is supported when at least FAITHFUL_MIN_OVERLAP (70%) of its
-content words (lowercased, stopwords removed, crude suffix stemming) occur in one cited chunk. Word overlap
-was chosen over embedding similarity because `rag_ask` attributes uncited answers by embedding similarity,
-and the check should not be the same signal as the attribution.
+content words (lowercased, stopwords removed, crude suffix stemming) occur in one cited chunk
+(lmstack.rag.grounding, the check `rag_ask` itself applies before citing; bench/rag_answers.py also reports
+faithfulness against any retrieved chunk, whatever the answer cites).
 """
 
 from __future__ import annotations
