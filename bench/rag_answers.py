@@ -150,6 +150,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def table(rows: dict[str, dict[str, Any]]) -> str:
+    rows = dict(sorted(rows.items()))  # labels start with the row number: the baseline first
     lines = ["| row | split (n) | EM | F1 | citation precision | faithfulness | repetition | unanswerable refused "
              "| answerable refused | p50 `rag ask` s (fresh process) | in-process p50 s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
