@@ -109,7 +109,7 @@ def bench_scale(n: int, tmp: Path, vocab: list[str], args: argparse.Namespace) -
     import torch
 
     from lmstack.generation import GenerationConfig
-    from lmstack.rag.answer import answer, get_generator
+    from lmstack.rag.answer import AnswerOptions, answer, get_generator
     from lmstack.rag.embedding import get_embedder
     from lmstack.rag.retrieve import search
     from lmstack.rag.store import open_index
@@ -137,7 +137,8 @@ def bench_scale(n: int, tmp: Path, vocab: list[str], args: argparse.Namespace) -
         times = []
         for q in queries[:args.gen_queries]:
             t0 = time.perf_counter()
-            answer(q, search(store, embedder, q, 5, "hybrid"), generator, cfg, embedder, min_score=-1.0)
+            answer(q, search(store, embedder, q, 5, "hybrid"), lambda: generator, cfg, embedder,
+                   AnswerOptions(min_score=-1.0))
             times.append(time.perf_counter() - t0)
         result["rag"] = (percentile(times, 50) * 1e3, percentile(times, 95) * 1e3)
 

@@ -4,10 +4,12 @@ BM25 / vector / hybrid ranks, filters, the embedding-model check, crash safety, 
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -430,10 +432,10 @@ def test_concurrent_readers_during_an_ingest(tmp_path, embedder) -> None:
 def test_milvus_lite_backend_matches_the_exact_search(tmp_path, corpus_index, embedder) -> None:
     pytest.importorskip("milvus_lite")
     db, root = corpus_index
-    milvus = tmp_path / "m.db"  # a .db path selects Milvus Lite
+    milvus = f"milvus-lite:///{tmp_path / 'm.db'}"  # chosen by the URI, not by the .db ending
     index([root / "science"], milvus)
     index([root / "arts"], milvus)
-    with open_index(str(milvus)) as m, open_index(str(db)) as exact:
+    with open_index(milvus) as m, open_index(str(db)) as exact:
         assert m.vectors.name == "milvus" and m.vectors.count() == exact.stats()["chunks"]
         for query in ("How does a violin make sound?", "magma and ash"):
             q = embedder.encode([query])[0]
@@ -447,8 +449,80 @@ def test_milvus_lite_backend_matches_the_exact_search(tmp_path, corpus_index, em
     (root / "arts" / "violin.txt").rename(tmp_path / "violin.txt")  # delete, prune: Milvus drops the vectors
     try:
         out = index([root / "arts"], milvus, prune=True)
-        with open_index(str(milvus)) as m:
+        with open_index(milvus) as m:
             assert out["removed"] == 1 and m.vectors.count() == m.stats()["chunks"]
             assert m.conn.execute("SELECT count(*) FROM vector_outbox").fetchone()[0] == 0
     finally:
         (tmp_path / "violin.txt").rename(root / "arts" / "violin.txt")
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lmstack", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_the_backend_is_chosen_explicitly(tmp_path) -> None:
+    from lmstack.errors import LmstackError
+    from lmstack.rag.store import index_uri, parse_uri
+
+    write_corpus(tmp_path / "c", {"tides": TOPICS["tides"]})
+    index([tmp_path / "c"], tmp_path / "notes.db")  # the natural name of an SQLite file stays SQLite
+    with open_index(str(tmp_path / "notes.db")) as store:
+        assert store.vectors.name == "exact" and store.meta["vector_backend"] == "exact"
+    assert (tmp_path / "notes.db").read_bytes()[:16] == b"SQLite format 3\x00"
+    assert not (tmp_path / "notes.db.sqlite").exists()
+    assert index_uri("notes.db") == "notes.db" and index_uri("notes.db", "sqlite") == "notes.db"
+    assert index_uri("notes.db", "milvus") == "milvus-lite:///notes.db"
+    assert parse_uri("sqlite:///rel/n.sqlite") == (Path("rel/n.sqlite"), None)
+    assert parse_uri("sqlite:////abs/n.sqlite") == (Path("/abs/n.sqlite"), None)
+    path, milvus = parse_uri("milvus-lite:///rel/n.db")
+    assert path == Path("rel/n.db.sqlite") and milvus["uri"] == str(Path("rel/n.db").absolute())
+    assert parse_uri("milvus://db.example:19531/notes?meta=/m/x.sqlite") == (
+        Path("/m/x.sqlite"), {"uri": "http://db.example:19531", "collection": "notes"})
+    for bad, words in ((("milvus://h:1/c", "sqlite"), "is a milvus index, not sqlite"),
+                       (("sqlite:///x", "milvus"), "is a sqlite index, not milvus"),
+                       (("redis://x",), "unknown index scheme"), (("x", "faiss"), "backend must be one of"),
+                       (("milvus://h:x/c",), "port is not a number"), (("milvus://h:1/a-b",), "collection name")):
+        with pytest.raises(LmstackError, match=words):
+            parse_uri(index_uri(*bad))
+    # the sqlite index opened as Milvus, and the other way round: one line each, naming the fix
+    with pytest.raises(LmstackError, match="without --backend milvus"):
+        open_index(index_uri(str(tmp_path / "notes.db"), "milvus"))
+
+
+def test_a_milvus_lite_index_is_searchable_from_the_next_process(tmp_path) -> None:
+    pytest.importorskip("milvus_lite")
+    write_corpus(tmp_path / "c", {k: TOPICS[k] for k in ("tides", "violin", "bread")})
+    db = tmp_path / "notes.db"
+    built = _cli("rag", "index", "--index", str(db), "--backend", "milvus", "--no-progress", str(tmp_path / "c"))
+    assert built.returncode == 0, built.stderr
+    assert (tmp_path / "notes.db.sqlite").exists()
+    found = _cli("rag", "search", "--index", str(db), "--backend", "milvus", "--mode", "vector", "--k", "2",
+                 "--json", "Moon gravity tides")  # a new process: the collection starts "released"
+    assert found.returncode == 0, found.stderr
+    hits = json.loads(found.stdout)
+    assert Path(hits[0]["path"]).stem == "tides" and len(hits) == 2
+    again = _cli("rag", "search", "--index", f"milvus-lite:///{db}", "--json", "violin strings")
+    assert again.returncode == 0 and Path(json.loads(again.stdout)[0]["path"]).stem == "violin"
+    # the same index named without its backend, or with another embedding model: one line, no traceback
+    for args, words in ((("--index", str(db)), "milvus-lite:///"),
+                        (("--index", f"milvus-lite:///{db}", "--embedding-model", "bert-base"), "minilm-l6")):
+        wrong = _cli("rag", "search", *args, "violin")
+        assert wrong.returncode != 0 and words in wrong.stderr and "Traceback" not in wrong.stderr
+        assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+
+
+def test_an_unreachable_milvus_server_is_one_line(tmp_path) -> None:
+    """No Milvus standalone server can run here (Debian has no package; PyPI's `milvus` wheels are the
+    embedded 2.3 server from 2024, which needs a network download at first start), so this covers everything up
+    to the network call: the URI, the metadata file, and the connection failure as one line."""
+    pytest.importorskip("pymilvus")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_corpus(tmp_path / "c", {"tides": TOPICS["tides"]})
+    uri = f"milvus://127.0.0.1:{port}/notes?meta={tmp_path / 'meta.sqlite'}"
+    out = _cli("rag", "index", "--index", uri, "--no-progress", str(tmp_path / "c"), timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and f"127.0.0.1:{port}" in out.stderr, out.stderr

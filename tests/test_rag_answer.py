@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from lmstack.rag import rag_ask, rag_eval
-from lmstack.rag.answer import IDK, cited_numbers, is_refusal, strip_citations
+from lmstack.rag.answer import IDK, cited_numbers, is_refusal, print_result, strip_citations
+from lmstack.rag.grounding import faithfulness as grounded_share
+from lmstack.rag.grounding import overlap, repeated_ngram, support, supported_sentences
 from lmstack.rag.evaluate import exact_match, faithfulness, token_f1
 from lmstack.rag.ingest import ingest
 from lmstack.rag.retrieve import Hit
@@ -59,8 +61,11 @@ def test_rag_ask_json_contract_with_smollm2(notes_index) -> None:
     assert len(out["retrieved"]) == 5 and [r["n"] for r in out["retrieved"]] == [1, 2, 3, 4, 5]
     assert all({"text", "path", "location", "score", "similarity"} <= set(r) for r in out["retrieved"])
     assert [r["score"] for r in out["retrieved"]] == sorted((r["score"] for r in out["retrieved"]), reverse=True)
-    assert any("4 bytes" in r["text"] for r in out["retrieved"][:3])  # the gold chunk is retrieved high
-    assert out["citations"], out["answer"]
+    assert any("4 byte" in r["text"] for r in out["retrieved"][:3])  # the gold chunk is retrieved high
+    assert out["citations"] and out["citations_by"] in ("pipeline", "quote"), out["answer"]
+    assert "4" in out["answer"] and len(out["answer"]) < 300 and not repeated_ngram(out["answer"])
+    assert grounded_share(out["answer"], [r["text"] for r in out["retrieved"]]) == 1.0  # every sentence supported
+    assert out["evidence"] and {"n", "text", "score"} <= set(out["evidence"][0])
     by_n = {r["n"]: r for r in out["retrieved"]}
     for c in out["citations"]:
         assert set(c) >= {"n", "source", "location", "score"}
@@ -136,3 +141,49 @@ def test_rag_eval_reports_all_modes_and_answer_metrics(notes_index, tmp_path) ->
     assert a["faithfulness"] is None or 0 <= a["faithfulness"] <= 1
     for row in answered["per_question"]:
         assert row["f1"] == pytest.approx(token_f1(row["answer"], row["reference"]))
+
+
+@pytest.mark.slow
+def test_rag_ask_prints_the_answer_once_then_its_sources(notes_index) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lmstack", "rag", "ask", "--index", str(notes_index),
+                           "How many bytes does one 32-bit float parameter take?"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    answer, _, sources = proc.stdout.partition("\nSources:\n")
+    answer = answer.strip()
+    assert answer and "\n" not in answer and sources.strip().startswith("[")  # one answer line, then sources
+    first = answer.split(" [")[0]
+    assert proc.stdout.count(first) == 1, proc.stdout
+
+
+def test_print_result_writes_the_answer_once() -> None:
+    import io
+
+    result = {"answer": "Four bytes [1].", "citations": [{"n": 1, "source": "/n.txt", "location": "line 3"}]}
+    streamed, whole = io.StringIO(), io.StringIO()
+    streamed.write(result["answer"])  # what streaming wrote
+    print_result(result, streamed, streamed=True)
+    print_result(result, whole, streamed=False)
+    assert streamed.getvalue() == whole.getvalue() == "Four bytes [1].\n\nSources:\n[1] /n.txt (line 3)\n"
+
+
+def test_grounding_by_word_overlap() -> None:
+    chunks = ["LoRA stands for Low-Rank Adaptation. It trains two small matrices A and B.",
+              "Beam search keeps track of multiple probable sequences."]
+    assert overlap("LoRA trains two small matrices.", chunks[0]) == 1.0
+    # the invented expansion: only "LoRA" and "stands" are in the chunk
+    assert overlap("LoRA stands for Linear Model Recurrent Transformer.", chunks[0]) == pytest.approx(2 / 6)
+    assert overlap("It is.", chunks[0]) == 1.0  # claims nothing
+    assert support("Beam search keeps several sequences [1].", chunks) == (pytest.approx(4 / 5), 1)
+    rows = supported_sentences("LoRA trains small matrices. Bananas are yellow.", chunks)
+    assert [(at is not None) for _, _, at in rows] == [True, False]
+    assert grounded_share("LoRA trains small matrices. Bananas are yellow.", chunks) == 0.5
+    assert grounded_share("", chunks) is None
+
+
+def test_repetition_is_a_repeated_8_gram() -> None:
+    loop = "It is a type of neural network that uses a linear model to process data. "
+    assert repeated_ngram(loop * 2) and not repeated_ngram(loop)
+    assert not repeated_ngram("one two three four five six seven eight one two three four five six seven nine")
+    assert repeated_ngram("One two three four five six seven eight [1]. one two three four five six seven eight")

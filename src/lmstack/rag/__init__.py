@@ -19,7 +19,8 @@ DEFAULT_EMBEDDING_MODEL = "minilm-l6"
 DEFAULT_ANSWER_MODEL = "smollm2-135m-instruct"
 
 
-def rag_index(paths: list[str], *, index: str, embedding_model: str = DEFAULT_EMBEDDING_MODEL,
+def rag_index(paths: list[str], *, index: str, backend: Literal["sqlite", "milvus"] | None = None,
+              embedding_model: str = DEFAULT_EMBEDDING_MODEL,
               source: str | None = None, field: str = "text", chunk_tokens: int | None = None,
               overlap: int | None = None, prune: bool = False, batch_size: int = 32,
               progress: bool = True) -> dict[str, Any]:
@@ -30,7 +31,9 @@ def rag_index(paths: list[str], *, index: str, embedding_model: str = DEFAULT_EM
 
     Args:
         paths: Files or folders to index.
-        index: The index: a .sqlite path, a path ending in .db (Milvus Lite), or milvus://host:port/collection.
+        index: The index: a path (SQLite), or a URI (see backend).
+        backend: Where the vectors live: sqlite (the default for a path) or milvus (Milvus Lite in the given
+            file). A URI chooses instead: sqlite:///PATH, milvus-lite:///PATH, milvus://HOST:PORT/COLLECTION.
         embedding_model: The sentence encoder (registry name or path); fixed when the index is created.
         source: A label stored with these documents, for filtering (default: the folder or file name given).
         field: The text field of .jsonl records.
@@ -41,7 +44,9 @@ def rag_index(paths: list[str], *, index: str, embedding_model: str = DEFAULT_EM
         progress: Show a progress bar on stderr.
     """
     from lmstack.rag.ingest import ingest
-    return ingest(paths, index, embedding_model, source, field, chunk_tokens, overlap, prune, batch_size, progress)
+    from lmstack.rag.store import index_uri
+    return ingest(paths, index_uri(index, backend), embedding_model, source, field, chunk_tokens, overlap, prune,
+                  batch_size, progress)
 
 
 def _filters(source: str | None, path_prefix: str | None, since: str | None, until: str | None,
@@ -51,11 +56,11 @@ def _filters(source: str | None, path_prefix: str | None, since: str | None, unt
                    until=parse_date(until, "until"), date_field=date_field)  # type: ignore[arg-type]
 
 
-def _open_for_query(index: str, embedding_model: str | None) -> tuple[Any, Any]:
+def _open_for_query(index: str, backend: str | None, embedding_model: str | None) -> tuple[Any, Any]:
     """The index and its embedder; a different `embedding_model` than the index's is refused."""
     from lmstack.rag.embedding import get_embedder
-    from lmstack.rag.store import open_index
-    store = open_index(index)
+    from lmstack.rag.store import index_uri, open_index
+    store = open_index(index_uri(index, backend))
     try:
         if embedding_model is not None:
             store.check_model(embedding_model)
@@ -67,7 +72,8 @@ def _open_for_query(index: str, embedding_model: str | None) -> tuple[Any, Any]:
     return store, embedder
 
 
-def rag_search(query: str, *, index: str, k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid",
+def rag_search(query: str, *, index: str, backend: Literal["sqlite", "milvus"] | None = None, k: int = 5,
+               mode: Literal["hybrid", "bm25", "vector"] = "hybrid",
                bm25_weight: float = 1.0, vector_weight: float = 1.0, source: str | None = None,
                path_prefix: str | None = None, since: str | None = None, until: str | None = None,
                date_field: Literal["ingested", "mtime"] = "ingested",
@@ -77,6 +83,8 @@ def rag_search(query: str, *, index: str, k: int = 5, mode: Literal["hybrid", "b
     Args:
         query: The question or search text.
         index: The index (see `rag index`).
+        backend: Where the vectors live: sqlite (the default for a path) or milvus (Milvus Lite in the given
+            file). A URI chooses instead: sqlite:///PATH, milvus-lite:///PATH, milvus://HOST:PORT/COLLECTION.
         k: How many chunks to return.
         mode: hybrid (BM25 + vectors by reciprocal rank fusion), bm25 or vector.
         bm25_weight: Weight of the BM25 ranking in hybrid mode.
@@ -90,37 +98,49 @@ def rag_search(query: str, *, index: str, k: int = 5, mode: Literal["hybrid", "b
     """
     from lmstack.rag.retrieve import search
     filters = _filters(source, path_prefix, since, until, date_field)
-    store, embedder = _open_for_query(index, embedding_model)
+    store, embedder = _open_for_query(index, backend, embedding_model)
     with store:
         hits = search(store, embedder, query, k, mode, filters, bm25_weight, vector_weight)
         return [{"n": n, **h.to_dict()} for n, h in enumerate(hits, start=1)]
 
 
-def rag_ask(question: str, *, index: str, model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
+def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] | None = None,
+            model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
             k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid", stream: bool = True,
-            max_new_tokens: int = 256, temperature: float = 0.0, seed: int | None = None, min_score: float = 0.3,
-            bm25_weight: float = 1.0, vector_weight: float = 1.0, source: str | None = None,
-            path_prefix: str | None = None, since: str | None = None, until: str | None = None,
-            date_field: Literal["ingested", "mtime"] = "ingested", embedding_model: str | None = None,
-            dtype: Literal["float32", "bfloat16"] = "float32", on_text: Callable[[str], None] | None = None,
-            output: TextIO | None = None) -> dict[str, Any]:
-    """Answer a question from the indexed documents, citing them as [n]; "I don't know" when they do not help.
+            evidence: int = 3, quote: bool = True, max_sentences: int = 2, max_new_tokens: int = 64,
+            temperature: float = 0.0, repetition_penalty: float = 1.1, seed: int | None = None,
+            min_score: float = 0.48, bm25_weight: float = 1.0, vector_weight: float = 1.0,
+            source: str | None = None, path_prefix: str | None = None, since: str | None = None,
+            until: str | None = None, date_field: Literal["ingested", "mtime"] = "ingested",
+            embedding_model: str | None = None, dtype: Literal["float32", "bfloat16"] = "bfloat16",
+            on_text: Callable[[str], None] | None = None, output: TextIO | None = None) -> dict[str, Any]:
+    """Answer a question from the indexed documents in one or two sentences citing them as [n]; "I don't know"
+    when they do not help.
 
-    Returns {question, answer, citations: [{n, source, location, score, similarity}], retrieved: [chunks with
-    scores], refused, reason, citations_by}.
+    The model sees the `evidence` retrieved sentences most similar to the question; each sentence it writes
+    must be supported by a retrieved chunk (word overlap), which it then cites. Returns {question, answer,
+    citations: [{n, source, location, score, similarity}], retrieved: [chunks with scores], evidence, refused,
+    reason, citations_by}.
 
     Args:
         question: The question.
         index: The index (see `rag index`).
+        backend: Where the vectors live: sqlite (the default for a path) or milvus (Milvus Lite in the given
+            file). A URI chooses instead: sqlite:///PATH, milvus-lite:///PATH, milvus://HOST:PORT/COLLECTION.
         model: The answering chat model (registry name, GGUF file or model folder).
-        adapter: A PEFT adapter folder to apply to the model.
-        k: How many chunks to retrieve and show the model.
+        adapter: A PEFT adapter folder to apply to the model (e.g. one trained on `raft build` data).
+        k: How many chunks to retrieve.
         mode: hybrid (BM25 + vectors by reciprocal rank fusion), bm25 or vector.
-        stream: Stream the answer as it is generated.
-        max_new_tokens: The most tokens in the answer.
+        stream: Stream the answer, sentence by sentence, as it is generated and checked.
+        evidence: How many of the retrieved sentences the model sees; 0 shows it the whole chunks.
+        quote: Drop answer sentences the sources do not support; quote the best evidence when none is left.
+        max_sentences: Stop the answer after this many sentences.
+        max_new_tokens: The most tokens the model writes.
         temperature: Sampling temperature; 0 means greedy decoding.
+        repetition_penalty: Penalty on tokens already in the prompt or answer (1 = none).
         seed: Random seed for sampling.
-        min_score: Answer "I don't know" without generating when the best cosine similarity is below this.
+        min_score: Answer "I don't know" without loading the model when the best cosine similarity of the
+            question and an evidence sentence (a chunk, with evidence 0) is below this.
         bm25_weight: Weight of the BM25 ranking in hybrid mode.
         vector_weight: Weight of the vector ranking in hybrid mode.
         source: Only documents ingested with this source label.
@@ -130,17 +150,19 @@ def rag_ask(question: str, *, index: str, model: str = DEFAULT_ANSWER_MODEL, ada
         date_field: Which date since/until read: ingested (ingest time) or mtime (file modification time).
         embedding_model: Must be the index's model when given (a mismatch is refused).
         dtype: Compute dtype of the answering model.
-        on_text: Called with each piece of the answer as it is generated (with stream).
+        on_text: Called with each piece of the answer as it is produced (with stream).
         output: Where to print the answer and its cited sources (the CLI passes stdout; None prints nothing).
     """
-    from lmstack.generation import GenerationConfig
-    from lmstack.rag.answer import answer, get_generator, print_result
+    from lmstack.rag.answer import AnswerOptions, answer, answer_config, get_generator, print_result
     from lmstack.rag.retrieve import search
 
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    cfg.validate()  # before any model loads
+    if evidence < 0 or max_sentences < 1:
+        from lmstack.errors import LmstackError
+        raise LmstackError(f"evidence must be >= 0 and max_sentences >= 1 (got {evidence}, {max_sentences})")
+    cfg = answer_config(max_new_tokens, temperature, repetition_penalty, seed)
+    options = AnswerOptions(min_score=min_score, evidence=evidence, quote=quote, max_sentences=max_sentences)
     filters = _filters(source, path_prefix, since, until, date_field)
-    store, embedder = _open_for_query(index, embedding_model)
+    store, embedder = _open_for_query(index, backend, embedding_model)
     with store:
         hits = search(store, embedder, question, k, mode, filters, bm25_weight, vector_weight)
     streamed = False
@@ -154,19 +176,17 @@ def rag_ask(question: str, *, index: str, model: str = DEFAULT_ANSWER_MODEL, ada
             output.write(piece)
             output.flush()
 
-    # The model loads only when the sources can help: an "I don't know" under min_score costs no load.
-    needed = bool(hits) and max(h.similarity for h in hits) >= min_score
-    generator = get_generator(model, adapter, dtype) if needed else None
-    result = answer(question, hits, generator, cfg, embedder, min_score,  # type: ignore[arg-type]
+    result = answer(question, hits, lambda: get_generator(model, adapter, dtype), cfg, embedder, options,
                     on_text=emit if stream and (on_text or output) else None)
     if output is not None:
         print_result(result, output, streamed)
     return result
 
 
-def rag_eval(qa: str, *, index: str, k: int = 5, modes: list[str] | None = None, generate: bool = True,
+def rag_eval(qa: str, *, index: str, backend: Literal["sqlite", "milvus"] | None = None, k: int = 5,
+             modes: list[str] | None = None, generate: bool = True,
              limit: int | None = None, model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
-             max_new_tokens: int = 64, min_score: float = 0.3, out: str | None = None,
+             max_new_tokens: int = 64, min_score: float = 0.48, out: str | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate retrieval (recall@k, MRR per mode) and answers (exact match, token F1, faithfulness).
 
@@ -176,6 +196,8 @@ def rag_eval(qa: str, *, index: str, k: int = 5, modes: list[str] | None = None,
     Args:
         qa: The QA file (.jsonl).
         index: The index (see `rag index`) holding the gold documents.
+        backend: Where the vectors live: sqlite (the default for a path) or milvus (Milvus Lite in the given
+            file). A URI chooses instead: sqlite:///PATH, milvus-lite:///PATH, milvus://HOST:PORT/COLLECTION.
         k: Retrieval depth for recall@k and MRR, and the chunks shown to the model.
         modes: Retrieval modes to compare (bm25, vector, hybrid); repeat the option; default all three.
         generate: Also generate answers and score them (slow); --no-generate scores retrieval only.
@@ -188,7 +210,9 @@ def rag_eval(qa: str, *, index: str, k: int = 5, modes: list[str] | None = None,
         progress: Show a progress bar on stderr.
     """
     from lmstack.rag.evaluate import evaluate
-    return evaluate(qa, index, k, modes, generate, limit, model, adapter, max_new_tokens, min_score, out, progress)
+    from lmstack.rag.store import index_uri
+    return evaluate(qa, index_uri(index, backend), k, modes, generate, limit, model, adapter, max_new_tokens,
+                    min_score, out, progress)
 
 
 def embed(input: str, *, out: str, model: str = DEFAULT_EMBEDDING_MODEL, batch_size: int = 32,

@@ -1,27 +1,27 @@
-"""Answering with retrieved sources: numbered-source prompt, streamed generation, [n] citations, "I don't know".
+"""Answering with retrieved sources: evidence sentences, a short grounded answer, citations by the pipeline.
 
-The answer is "I don't know" (and the model is not run) when no chunk is retrieved or the best cosine
-similarity between the question and a retrieved chunk is under `min_score`; it is also "I don't know" when the
-model says the sources do not help (checked on the first characters before anything is streamed, and on the
-whole answer at the end).
-
-Citations are the [n] markers the model writes (n in 1..k). A small model often writes none: then each
-answer sentence is attributed to the retrieved chunk whose sentences are most similar to it (MiniLM cosine
->= ATTRIBUTION_MIN), the marker is appended to the sentence, and `citations_by` says "attribution" instead
-of "model".
+1. Evidence: the sentences of the retrieved chunks ranked by MiniLM cosine with the question; the best
+   `evidence` of them (default 3) are all the model sees (`evidence=0`: the whole chunks, numbered).
+2. "I don't know" without loading the model when nothing is retrieved or the best evidence sentence's cosine
+   (the best chunk's, with whole chunks) is under `min_score`; also when the model says so.
+3. The model (greedy, a repetition penalty, stopping at a line break) writes one or two sentences; each
+   sentence is checked against the retrieved chunks (rag/grounding.py word overlap) as soon as it is complete.
+4. Citations come from that check, not from the model's bracket numbers (which are stripped): a supported
+   sentence cites the chunk that supports it best, [n] after the sentence. With `quote` (the default) an
+   unsupported sentence is dropped, and when none is left the answer quotes the best evidence sentence.
+Streaming emits each sentence, with its [n], once it is checked: what was streamed is the final answer.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-import numpy as np
-
 from lmstack.errors import LmstackError
-from lmstack.rag.chunk import sentence_spans
+from lmstack.rag.grounding import SUPPORT_MIN, content_words, sentences, support
 
 if TYPE_CHECKING:
     from lmstack.generation import GenerationConfig, Generator
@@ -29,27 +29,37 @@ if TYPE_CHECKING:
     from lmstack.rag.retrieve import Hit
 
 IDK = "I don't know."
-ATTRIBUTION_MIN = 0.5
-SYSTEM = ("You answer questions using only the numbered sources you are given. After each sentence, cite the "
-          "sources it comes from by number in square brackets, like [1]. If the sources do not contain the "
-          "answer, reply exactly: I don't know.")
+SYSTEM = ("Answer the question in one short sentence, using only the evidence. If the evidence does not "
+          "contain the answer, reply exactly: I don't know.")
+SYSTEM_CHUNKS = ("You answer questions using only the numbered sources you are given, in one or two short "
+                 "sentences. If the sources do not contain the answer, reply exactly: I don't know.")
 _REFUSAL = re.compile(
     r"\bi (?:do not|don't|dont|cannot|can't) (?:know|answer|find)\b"
     r"|\bsources? (?:do(?:es)? not|don't|doesn't) (?:help|contain|mention|provide|say|answer|include)"
-    r"|\bnot (?:mentioned|provided|found|given|stated) in the (?:sources?|context)"
+    r"|\bevidence (?:does not|doesn't) (?:contain|mention|say|answer)"
+    r"|\bnot (?:mentioned|provided|found|given|stated) in the (?:sources?|context|evidence)"
     r"|\bno (?:relevant )?information (?:about|on|in)\b", re.I)
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_BULLET = re.compile(r"^[\s\-*\u2022\u25ba\u25b6\u2756\u27a2\u2713\u25cf#>]+")
+
+
+@dataclass
+class AnswerOptions:
+    min_score: float = 0.48  # "I don't know" under this best cosine (evidence sentence, or chunk with evidence=0)
+    evidence: int = 3  # evidence sentences shown to the model; 0 = the whole chunks
+    quote: bool = True  # drop unsupported sentences; quote the best evidence when none is left
+    max_sentences: int = 2  # stop after this many sentences
+
+
+@dataclass
+class Evidence:
+    n: int  # the number of the retrieved chunk it comes from (1-based)
+    text: str
+    score: float  # cosine with the question
 
 
 def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
-
-
-def build_messages(question: str, hits: list[Hit]) -> list[dict[str, str]]:
-    sources = "\n\n".join(f"[{n}] {h.chunk.title or ''} ({h.chunk.location()})\n{h.chunk.text}"
-                          for n, h in enumerate(hits, start=1))
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Sources:\n\n{sources}\n\nQuestion: {question}"}]
 
 
 def cited_numbers(text: str, n_sources: int) -> list[int]:
@@ -67,23 +77,33 @@ def strip_citations(text: str) -> str:
 
 
 def answer_sentences(text: str) -> list[str]:
-    return [text[s:e] for s, e in sentence_spans(text, 0, len(text))]
+    return sentences(text)
 
 
-def attribute(answer: str, hits: list[Hit], embedder: Embedder) -> str:
-    """Append [n] to each answer sentence for the source holding its most similar sentence (cosine >=
-    ATTRIBUTION_MIN); sentences that match no source stay unmarked."""
-    sentences = answer_sentences(answer)
-    if not sentences or not hits:
-        return answer
-    source_sents = [(n, s) for n, h in enumerate(hits, start=1) for s in answer_sentences(h.chunk.text)]
-    emb = embedder.encode(sentences + [s for _, s in source_sents])  # [S + M, D]
-    sims = emb[:len(sentences)] @ emb[len(sentences):].T  # [S, M]
-    out = []
-    for i, sentence in enumerate(sentences):
-        j = int(np.argmax(sims[i])) if sims.shape[1] else -1
-        out.append(f"{sentence} [{source_sents[j][0]}]" if j >= 0 and sims[i, j] >= ATTRIBUTION_MIN else sentence)
-    return " ".join(out)
+def select_evidence(question: str, hits: list[Hit], embedder: Embedder, top: int) -> list[Evidence]:
+    """The `top` sentences of the hits' chunks most similar to the question (MiniLM cosine), best first."""
+    candidates = [(n, _BULLET.sub("", line).strip()) for n, h in enumerate(hits, start=1)
+                  for s in sentences(h.chunk.text) for line in s.splitlines()]  # a line of notes is a unit too
+    # three content words at least: a bare heading ("Country-Capital") matches questions it cannot answer
+    candidates = [(n, s) for n, s in dict.fromkeys(candidates) if len(content_words(s)) >= 3]
+    if not candidates:
+        return []
+    emb = embedder.encode([question] + [s for _, s in candidates])  # [1 + M, D]
+    sims = emb[1:] @ emb[0]  # [M]
+    order = sorted(range(len(candidates)), key=lambda i: -float(sims[i]))[:top]
+    return [Evidence(candidates[i][0], candidates[i][1], float(sims[i])) for i in order]
+
+
+def build_messages(question: str, hits: list[Hit], evidence: list[Evidence] | None = None) -> list[dict[str, str]]:
+    """The chat: the evidence sentences as a list (or, without evidence, the numbered chunks) and the question."""
+    if evidence:
+        body = "\n".join(f"- {e.text}" for e in evidence)
+        return [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"Evidence:\n{body}\n\nQuestion: {question}"}]
+    sources = "\n\n".join(f"[{n}] {h.chunk.title or ''} ({h.chunk.location()})\n{h.chunk.text}"
+                          for n, h in enumerate(hits, start=1))
+    return [{"role": "system", "content": SYSTEM_CHUNKS},
+            {"role": "user", "content": f"Sources:\n\n{sources}\n\nQuestion: {question}"}]
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,65 +119,119 @@ def get_generator(model: str, adapter: str | None = None, dtype: str = "float32"
     return Generator(net, loaded.tokenizer)
 
 
-def prompt_ids(generator: Generator, question: str, hits: list[Hit], max_new_tokens: int) -> tuple[list[int], int]:
-    """The chat prompt with as many of the hits as fit the context (prompt + max_new_tokens); and that count."""
+def answer_config(max_new_tokens: int = 64, temperature: float = 0.0, repetition_penalty: float = 1.1,
+                  seed: int | None = None) -> GenerationConfig:
+    """Generation settings for answers: stop at a line break (the end of the answer), a repetition penalty."""
+    from lmstack.generation import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                           repetition_penalty=repetition_penalty, stop=["\n"])
+    cfg.validate()  # before any model loads
+    return cfg
+
+
+def prompt_ids(generator: Generator, question: str, hits: list[Hit], evidence: list[Evidence] | None,
+               max_new_tokens: int) -> tuple[list[int], int]:
+    """The chat prompt (the evidence, or as many of the hits as fit the context with max_new_tokens) and the
+    number of hits it draws on."""
     context = generator.model.config.max_seq_len
     for n in range(len(hits), 0, -1):
-        ids = generator.chat_prompt(build_messages(question, hits[:n]))
+        ids = generator.chat_prompt(build_messages(question, hits[:n], evidence))
         if len(ids) + max_new_tokens <= context:
             return ids, n
-    raise LmstackError(f"the question alone does not fit the model's context of {context} tokens")
+        if evidence:
+            break  # the evidence does not shrink with n
+    raise LmstackError(f"the question and its evidence do not fit the model's context of {context} tokens")
 
 
-def generate_answer(generator: Generator, ids: list[int], cfg: GenerationConfig,
-                    on_text: Callable[[str], None] | None) -> tuple[str, bool]:
-    """Run the model; pieces reach `on_text` once the first 24 characters show it is not refusing.
-    Returns (text, refused)."""
-    text, started = "", on_text is None
+def model_sentences(generator: Generator, ids: list[int], cfg: GenerationConfig, limit: int) -> Iterator[str]:
+    """The model's answer as complete sentences, each yielded as soon as the next one starts (the last at the
+    end); generation stops after `limit` sentences."""
+    text, done = "", 0
     pieces = generator.stream(ids, cfg)
-    for piece in pieces:
-        text += piece
-        if not started:
-            if is_refusal(text):
-                pieces.close()  # stop generating: the answer is "I don't know" whatever follows
-                return text, True
-            if len(text) >= 24:
-                started = True
-                on_text(text)  # type: ignore[misc]
-        elif on_text is not None:
-            on_text(piece)
-    if not started and on_text is not None and text and not is_refusal(text):
-        on_text(text)
-    return text.strip(), is_refusal(text)
+    try:
+        for piece in pieces:
+            text += piece
+            found = sentences(text)
+            while done < len(found) - 1:  # all but the last are complete
+                yield found[done]
+                done += 1
+                if done >= limit:
+                    return
+        for sentence in sentences(text)[done:limit]:
+            yield sentence
+    finally:
+        pieces.close()
 
 
-def answer(question: str, hits: list[Hit], generator: Generator, cfg: GenerationConfig, embedder: Embedder,
-           min_score: float = 0.3, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Answer from `hits` -> {answer, citations, retrieved, refused, reason, citations_by, ...}."""
+def _citation(n: int, hits: list[Hit]) -> dict[str, Any]:
+    h = hits[n - 1]
+    return {"n": n, "source": h.chunk.path, "location": h.chunk.location(), "score": round(h.score, 6),
+            "similarity": round(h.similarity, 6)}
+
+
+def answer(question: str, hits: list[Hit], generator: Callable[[], Generator], cfg: GenerationConfig,
+           embedder: Embedder, options: AnswerOptions | None = None,
+           on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Answer from `hits` -> {answer, citations, retrieved, evidence, refused, reason, citations_by, ...}.
+
+    `generator` is called (to load the model) only when the evidence passes `options.min_score`; `on_text`
+    receives the final answer, sentence by sentence with its [n], as it is produced."""
+    options = options or AnswerOptions()
     best = max((h.similarity for h in hits), default=float("-inf"))
     retrieved = [{"n": n, **h.to_dict()} for n, h in enumerate(hits, start=1)]
     result: dict[str, Any] = {"question": question, "answer": IDK, "citations": [], "retrieved": retrieved,
-                              "refused": True, "reason": None, "citations_by": None, "best_similarity": best}
+                              "evidence": [], "refused": True, "reason": None, "citations_by": None,
+                              "best_similarity": best}
     if not hits:
         result["reason"] = "no_sources"
         return result
-    if best < min_score:
-        result["reason"] = f"best similarity {best:.3f} < min_score {min_score}"
+    evidence = select_evidence(question, hits, embedder, max(options.evidence, 1))
+    result["evidence"] = [{"n": e.n, "text": e.text, "score": round(e.score, 6)} for e in evidence]
+    gate = (evidence[0].score if evidence else float("-inf")) if options.evidence else best
+    if gate < options.min_score:
+        result["reason"] = f"best similarity {gate:.3f} < min_score {options.min_score}"
         return result
-    ids, used = prompt_ids(generator, question, hits, cfg.max_new_tokens)
-    text, refused = generate_answer(generator, ids, cfg, on_text)
+
+    model = generator()
+    ids, used = prompt_ids(model, question, hits, evidence[:options.evidence] or None, cfg.max_new_tokens)
     result["prompt_tokens"] = len(ids)
-    if refused or not text:
-        result["reason"] = "the model found no answer in the sources" if refused else "empty answer"
+    passages = [h.chunk.text for h in hits[:used]]
+    pieces: list[str] = []
+    numbers: dict[int, None] = {}
+    model_refused, dropped = False, 0
+
+    def emit(piece: str) -> None:
+        if on_text is not None:
+            on_text((" " if pieces else "") + piece)
+        pieces.append(piece)
+
+    for raw in model_sentences(model, ids, cfg, options.max_sentences):
+        sentence = strip_citations(raw)  # the model's own [n] are not trusted
+        if not content_words(sentence):
+            continue
+        if is_refusal(sentence):
+            model_refused = not pieces
+            break
+        score, at = support(sentence, passages)
+        if score >= SUPPORT_MIN and at is not None:
+            numbers[at + 1] = None
+            emit(f"{sentence} [{at + 1}]")
+        elif options.quote:
+            dropped += 1
+        else:
+            emit(sentence)
+    result["unsupported_dropped"] = dropped
+    by = "pipeline"
+    if not pieces and not model_refused and options.quote and evidence:
+        numbers[evidence[0].n] = None
+        emit(f"{evidence[0].text} [{evidence[0].n}]")  # the model said nothing supported: quote the evidence
+        by = "quote"
+    if not pieces:
+        result["reason"] = "the model found no answer in the evidence" if model_refused else "empty answer"
         return result
-    numbers = cited_numbers(text, used)
-    by = "model"
-    if not numbers:
-        text = attribute(text, hits[:used], embedder)
-        numbers, by = cited_numbers(text, used), "attribution"
-    result.update(answer=text, refused=False, citations_by=by if numbers else None, citations=[
-        {"n": n, "source": hits[n - 1].chunk.path, "location": hits[n - 1].chunk.location(),
-         "score": round(hits[n - 1].score, 6), "similarity": round(hits[n - 1].similarity, 6)} for n in numbers])
+    result.update(answer=" ".join(pieces), refused=False, citations_by=by if numbers else None,
+                  citations=[_citation(n, hits) for n in numbers])
     return result
 
 
@@ -168,14 +242,9 @@ def format_sources(result: dict[str, Any]) -> str:
 
 
 def print_result(result: dict[str, Any], output: TextIO, streamed: bool) -> None:
-    """After streaming (`streamed`: some answer text was already written) or instead of it: the final answer
-    when it differs from what was streamed, then the cited sources."""
-    if not streamed:
-        output.write(result["answer"] + "\n")
-    elif result["refused"] or result["citations_by"] == "attribution":
-        output.write("\n" + result["answer"] + "\n")  # what the answer became: "I don't know" or with [n]
-    else:
-        output.write("\n")
+    """The answer once (unless `streamed` already wrote it: streaming writes exactly the final answer), then
+    the cited sources."""
+    output.write(("" if streamed else result["answer"]) + "\n")
     sources = format_sources(result)
     if sources:
         output.write("\n" + sources + "\n")

@@ -1,4 +1,5 @@
-"""Milvus as the vector backend of a RAG index (pymilvus; Milvus Lite for a `.db` file, else a server).
+"""Milvus as the vector backend of a RAG index (pymilvus; Milvus Lite for `milvus-lite:///PATH` or `--backend
+milvus`, a server for `milvus://host:port/collection`). Every Milvus failure reaches the user as one line.
 
 What runs where:
   SQLite (the `.sqlite` file beside it)  documents, chunks, text, metadata filters, FTS5/BM25, and a copy of
@@ -16,8 +17,9 @@ up in SQLite, so such ids are dropped. Metadata filters become a `doc_id in [...
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +31,18 @@ if TYPE_CHECKING:
 BATCH = 1000
 
 
+@contextlib.contextmanager
+def milvus_errors(what: str, uri: str) -> Iterator[None]:
+    """Any pymilvus / gRPC failure inside -> one LmstackError line naming what failed and where."""
+    try:
+        yield
+    except LmstackError:
+        raise
+    except Exception as e:  # pymilvus raises MilvusException, gRPC and connection errors alike
+        detail = (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0]
+        raise LmstackError(f"Milvus {what} failed ({uri}): {detail}") from None
+
+
 class MilvusVectors:
     name = "milvus"
 
@@ -36,14 +50,15 @@ class MilvusVectors:
         try:
             from pymilvus import DataType, MilvusClient
         except ImportError:
-            raise LmstackError("a Milvus index needs pymilvus (and milvus-lite for a .db file): "
+            raise LmstackError("a Milvus index needs pymilvus (and milvus-lite for a local file): "
                                "pip install 'lmstack[milvus]'") from None
-        self.store, self.collection = store, collection
-        try:
+        self.store, self.collection, self.uri = store, collection, uri
+        with milvus_errors("open", uri):
             self.client = MilvusClient(uri)
-        except Exception as e:
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LmstackError(f"cannot open Milvus at {uri}: {detail}") from None
+            self._open_collection(DataType)
+
+    def _open_collection(self, DataType: Any) -> None:
+        collection, store = self.collection, self.store
         if not self.client.has_collection(collection):
             schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.INT64, is_primary=True)
@@ -58,9 +73,15 @@ class MilvusVectors:
             if dim != store.dim:
                 raise LmstackError(f"Milvus collection {collection!r} holds vectors of dim {dim}, "
                                    f"the index {store.dim}")
+            # A collection another process created (or Milvus restarted) is "released": load it for search.
+            self.client.load_collection(collection)
 
     def sync(self) -> None:
         """Apply the outbox: upsert the vectors of chunks that exist, delete the ids that do not."""
+        with milvus_errors("write", self.uri):
+            self._sync()
+
+    def _sync(self) -> None:
         conn = self.store.conn
         pending = conn.execute("SELECT chunk_id, op FROM vector_outbox ORDER BY chunk_id").fetchall()
         for start in range(0, len(pending), BATCH):
@@ -84,12 +105,15 @@ class MilvusVectors:
         if k < 1:
             return []
         expr = f"doc_id in [{', '.join(str(int(d)) for d in doc_ids)}]" if doc_ids is not None else ""
-        hits = self.client.search(self.collection, data=[np.asarray(query, dtype=np.float32).tolist()],
-                                  limit=min(k, 16384), filter=expr, search_params={"metric_type": "IP"})
+        with milvus_errors("search", self.uri):
+            hits = self.client.search(self.collection, data=[np.asarray(query, dtype=np.float32).tolist()],
+                                      limit=min(k, 16384), filter=expr, search_params={"metric_type": "IP"})
         return [(int(h["id"]), float(h["distance"])) for h in hits[0]]
 
     def count(self) -> int:
-        return int(self.client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+        with milvus_errors("count", self.uri):
+            return int(self.client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
     def close(self) -> None:
-        self.client.close()
+        with milvus_errors("close", self.uri):
+            self.client.close()

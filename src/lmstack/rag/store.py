@@ -11,9 +11,11 @@ Every change to a document (replace or delete) is one transaction, so after a cr
 fully there (row, all chunks, vectors and FTS entries) or absent. Each write transaction also increments
 `meta.generation`: readers cache the vector matrix and reload it only when that counter moved.
 
-Exact vector search (`ExactVectors`) is one matmul over the cached [N, D] matrix plus topk, in torch. With a
-Milvus URI (`milvus://host:port/collection`, or a path ending in `.db` for Milvus Lite) the vectors are
-also kept in Milvus and searched there (see `lmstack.rag.milvus_store`); documents, chunks and BM25 stay here.
+Exact vector search (`ExactVectors`) is one matmul over the cached [N, D] matrix plus topk, in torch. The
+backend is chosen explicitly (`index_uri`): a path or `sqlite:///PATH` is this file alone; `--backend milvus`,
+`milvus-lite:///PATH` or `milvus://host:port/collection` also keep the vectors in Milvus and search them there
+(see `lmstack.rag.milvus_store`); documents, chunks and BM25 stay here. `meta` records the backend and the
+embedding model, and opening the index with another one is an error.
 """
 
 from __future__ import annotations
@@ -267,9 +269,12 @@ class Store:
     def __init__(self, uri: str, sqlite_path: Path, vector_backend: str, conn: sqlite3.Connection) -> None:
         self.uri, self.path, self.conn = uri, sqlite_path, conn
         self.meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        stored_backend = self.meta.get("vector_backend", "exact")
-        if stored_backend != vector_backend:
-            raise LmstackError(f"{uri}: this index keeps its vectors in {stored_backend!r}, not {vector_backend!r}")
+        stored = self.meta.get("vector_backend", "exact")
+        if stored != vector_backend:
+            name = {v: k for k, v in _META_BACKEND.items()}
+            raise LmstackError(f"{uri}: this index was built with the {name.get(stored, stored)} backend, not "
+                               f"{name.get(vector_backend, vector_backend)}; open it with --backend "
+                               f"{name.get(stored, stored)}")
         self.vectors: VectorBackend = ExactVectors(self)
 
     # ------------------------------------------------------------------------------------ metadata
@@ -453,22 +458,61 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+BACKENDS = ("sqlite", "milvus")
+_META_BACKEND = {"sqlite": "exact", "milvus": "milvus"}  # the name `meta.vector_backend` records
+
+
+def index_uri(index: str, backend: str | None = None) -> str:
+    """An index path and an optional --backend -> the index URI. A plain path is SQLite unless backend is
+    "milvus" (then Milvus Lite in that file); a URI names its backend itself, and a different --backend is an
+    error."""
+    if backend is not None and backend not in BACKENDS:
+        raise LmstackError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    scheme = index.split("://", 1)[0] if "://" in index else None
+    if scheme is None:
+        return f"milvus-lite:///{index}" if backend == "milvus" else index
+    uri_backend = {"sqlite": "sqlite", "milvus-lite": "milvus", "milvus": "milvus"}.get(scheme)
+    if uri_backend is None:
+        raise LmstackError(f"{index}: unknown index scheme {scheme!r} (use a path, sqlite:///PATH, "
+                           "milvus-lite:///PATH or milvus://HOST:PORT/COLLECTION)")
+    if backend is not None and backend != uri_backend:
+        raise LmstackError(f"{index} is a {uri_backend} index, not {backend}: drop --backend or change the URI")
+    return index
+
+
+def _uri_path(uri: str, scheme: str) -> Path:
+    """SQLAlchemy's convention: scheme:///relative/path, scheme:////absolute/path."""
+    path = uri[len(scheme) + 4:]
+    if not path:
+        raise LmstackError(f"{uri}: no path after {scheme}:///")
+    return Path(path)
+
+
 def parse_uri(uri: str) -> tuple[Path, dict[str, str] | None]:
     """Index URI -> (SQLite path, Milvus settings or None).
 
-    `path.sqlite` (any suffix but .db): everything in that SQLite file. `path.db`: Milvus Lite in that file,
-    the rest in `path.db.sqlite`. `milvus://host:port/collection?meta=PATH`: a Milvus server; the rest in PATH
-    (default `./<collection>.lmstack.sqlite`).
+    A path or `sqlite:///PATH`: everything in that SQLite file. `milvus-lite:///PATH`: Milvus Lite in PATH (e.g.
+    notes.db), the rest in `PATH.sqlite`. `milvus://host:port/collection?meta=PATH`: a Milvus server; the rest
+    in PATH (default `./<collection>.lmstack.sqlite`). A path ending in .db is SQLite like any other path.
     """
     if uri.startswith("milvus://"):
         parsed = urlparse(uri)
+        try:
+            port = parsed.port or 19530
+        except ValueError:
+            raise LmstackError(f"{uri}: the port is not a number") from None
         if not parsed.hostname:
             raise LmstackError(f"{uri}: a Milvus URI is milvus://host:port/collection")
         collection = parsed.path.strip("/") or "lmstack_chunks"
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", collection):
+            raise LmstackError(f"{uri}: a collection name is letters, digits and _, not {collection!r}")
         meta = parse_qs(parsed.query).get("meta", [f"{collection}.lmstack.sqlite"])[0]
-        return Path(meta), {"uri": f"http://{parsed.hostname}:{parsed.port or 19530}", "collection": collection}
-    if uri.endswith(".db"):
-        return Path(uri + ".sqlite"), {"uri": str(Path(uri).absolute()), "collection": "lmstack_chunks"}
+        return Path(meta), {"uri": f"http://{parsed.hostname}:{port}", "collection": collection}
+    if uri.startswith("milvus-lite://"):
+        path = _uri_path(uri, "milvus-lite")
+        return Path(str(path) + ".sqlite"), {"uri": str(path.absolute()), "collection": "lmstack_chunks"}
+    if uri.startswith("sqlite://"):
+        return _uri_path(uri, "sqlite"), None
     return Path(uri), None
 
 
@@ -478,6 +522,13 @@ def open_index(uri: str, *, create: bool = False, embedding_model: str | None = 
     sqlite_path, milvus = parse_uri(uri)
     backend = "milvus" if milvus else "exact"
     exists = sqlite_path.exists() and sqlite_path.stat().st_size > 0
+    lite = Path(uri + ".sqlite")
+    if milvus is None and lite.exists() and "://" not in uri:
+        raise LmstackError(f"{uri}: {lite} beside it holds a Milvus Lite index: open it as "
+                           f"milvus-lite:///{uri} or with --backend milvus")
+    if milvus is not None and not exists and uri.startswith("milvus-lite://") and Path(milvus["uri"]).exists():
+        raise LmstackError(f"{milvus['uri']} exists but is not a Milvus Lite index of lmstack (no {sqlite_path} "
+                           "beside it); if it is a SQLite index, open it without --backend milvus")
     if not exists and not create:
         raise LmstackError(f"index not found: {uri} (build it with `lmstack rag index`)")
     if create:
@@ -506,6 +557,10 @@ def open_index(uri: str, *, create: bool = False, embedding_model: str | None = 
     if milvus:
         from lmstack.rag.milvus_store import MilvusVectors
 
-        store.vectors = MilvusVectors(store, milvus["uri"], milvus["collection"])
-        store.vectors.sync()  # finish what a crashed writer left in the outbox
+        try:
+            store.vectors = MilvusVectors(store, milvus["uri"], milvus["collection"])
+            store.vectors.sync()  # finish what a crashed writer left in the outbox
+        except BaseException:
+            conn.close()
+            raise
     return store

@@ -35,7 +35,8 @@ def serve(*, model: str = "smollm2-135m-instruct", adapter: list[str] | None = N
           api_key: str | None = None, api_key_file: str | None = None, max_batch: int = 8,
           max_tokens: int = 1024, max_prompt_tokens: int = 4096, context: int = 2048,
           max_body_bytes: int = 1 << 20, rate_limit: float = 0.0, max_concurrent: int = 0,
-          timeout: float = 600.0, feedback: str = "feedback.jsonl", dtype: Literal["float32", "bfloat16"] = "float32") -> None:
+          timeout: float = 600.0, feedback: str = "feedback.jsonl", dtype: Literal["float32", "bfloat16"] = "float32",
+          rag_index: list[str] | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings) with a web chat at /.
 
     Args:
@@ -56,6 +57,8 @@ def serve(*, model: str = "smollm2-135m-instruct", adapter: list[str] | None = N
         timeout: Seconds a request may take before it is cancelled (408).
         feedback: The JSONL file that thumbs and A-vs-B preference records from the web page go to.
         dtype: Compute dtype of the generation model (float32 or bfloat16).
+        rag_index: A RAG index (see `rag index`) served as the chat model "rag:<index name>", answering with
+            citations; repeat for more.
     """
     try:
         import uvicorn
@@ -82,6 +85,8 @@ def serve(*, model: str = "smollm2-135m-instruct", adapter: list[str] | None = N
                         max_concurrent=max_concurrent, request_timeout_s=timeout, feedback_path=Path(feedback))
     engine = Engine(model, parse_adapters(adapter or []), embedding_model or None, max_batch=max_batch,
                     context=context, dtype=dtype)
+    from lmstack.serving.rag_model import RagModel
+    rag = [RagModel(index, model) for index in rag_index or []]  # a bad index: one line, before listening
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -93,7 +98,7 @@ def serve(*, model: str = "smollm2-135m-instruct", adapter: list[str] | None = N
         print(f"warning: serving on {host} without an API key (--api-key)", file=sys.stderr)
     print(f"lmstack serve: http://{host}:{port}/ (web chat), http://{host}:{port}/v1 (OpenAI API); "
           "loading the model...", file=sys.stderr, flush=True)
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, rag=rag)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -46,12 +46,27 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str | No
     return 422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
 
 
-def create_app(engine: Engine, settings: Settings | None = None, *, load: bool = True) -> FastAPI:
+async def rag_chat(rag: Any, body: S.ChatCompletionRequest) -> Response:
+    """A chat completion from a served RAG index (serving/rag_model.py); its errors are 400s in one line."""
+    from starlette.concurrency import run_in_threadpool
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    if body.stream:
+        return StreamingResponse(rag.chunks(messages), media_type="text/event-stream")
+    try:
+        return JSONResponse(await run_in_threadpool(rag.completion, messages))
+    except LmstackError as e:
+        raise ApiError(400, str(e), "messages") from None
+
+
+def create_app(engine: Engine, settings: Settings | None = None, *, load: bool = True,
+               rag: list[Any] | None = None) -> FastAPI:
     """The FastAPI app over `engine`; with `load`, the engine loads on a background thread at startup (an
-    engine that is already loaded - as in tests that share one model across servers - is used as it is)."""
+    engine that is already loaded - as in tests that share one model across servers - is used as it is).
+    `rag`: serving.rag_model.RagModel indexes, served as chat models named "rag:<index>"."""
     from contextlib import asynccontextmanager
     settings = settings or Settings()
     service = Service(engine, settings)
+    rag_models = {r.name: r for r in rag or []}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +118,8 @@ def create_app(engine: Engine, settings: Settings | None = None, *, load: bool =
 
     @app.post("/v1/chat/completions", response_model=S.ChatCompletion, responses={**ERRORS, **STREAMED})
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Response:
+        if body.model in rag_models:
+            return await rag_chat(rag_models[body.model], body)
         return await service.chat(body, request)
 
     @app.post("/v1/completions", response_model=S.Completion, responses={**ERRORS, **STREAMED})
@@ -116,7 +133,7 @@ def create_app(engine: Engine, settings: Settings | None = None, *, load: bool =
     @app.get("/v1/models", response_model=S.ModelList, responses=ERRORS)
     async def models() -> S.ModelList:
         return S.ModelList(data=[S.ModelCard(id=i, created=engine.created, owned_by="lmstack", kind=k)
-                                 for i, k in engine.model_ids()])
+                                 for i, k in engine.model_ids() + [(r, "rag") for r in rag_models]])
 
     @app.post("/v1/feedback", response_model=S.FeedbackSaved, responses=ERRORS)
     def feedback(body: S.FeedbackRequest) -> S.FeedbackSaved:

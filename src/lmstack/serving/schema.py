@@ -268,7 +268,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    kind: Literal["chat", "adapter", "embedding"]  # extension: what the model serves
+    kind: Literal["chat", "adapter", "embedding", "rag"]  # extension: what the model serves
 
 
 class ModelList(BaseModel):
