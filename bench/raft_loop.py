@@ -101,7 +101,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from lmstack.checkpoints import load_model
-    from lmstack.commands import generation_config
+    from lmstack.generation.chat import generation_config
     from lmstack.generation import Generator
     from lmstack.peft.methods import PeftSpec, apply_method, save_adapter
     from lmstack.rag import raft_build, rag_index

@@ -107,7 +107,7 @@ def bench_scale(n: int, tmp: Path, vocab: list[str], args: argparse.Namespace) -
     import faiss
     import torch
 
-    from lmstack.commands import generation_config
+    from lmstack.generation.chat import generation_config
     from lmstack.rag.answer import answer, get_generator
     from lmstack.rag.embedding import get_embedder
     from lmstack.rag.retrieve import search

@@ -516,18 +516,3 @@ def test_seq2seq_batch_sampling_and_stream(t5_pair):
     torch.manual_seed(3)
     assert ours.token_ids == t5_generate(hf, srcs[0], max_new_tokens=12, do_sample=True, temperature=0.9, top_k=30)
     assert "".join(gen.stream(srcs[0], sample)) == ours.text
-
-
-def test_single_row_matmuls_only_for_one_bf16_row_and_always_restores():
-    from lmstack.generation import single_row_matmuls
-    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
-    before = torch.backends.mkldnn.enabled
-    with single_row_matmuls(1, cpu, bf16):
-        assert not torch.backends.mkldnn.enabled
-    for rows, dtype in ((2, bf16), (1, fp32)):
-        with single_row_matmuls(rows, cpu, dtype):
-            assert torch.backends.mkldnn.enabled == before
-    with pytest.raises(RuntimeError):
-        with single_row_matmuls(1, cpu, bf16):
-            raise RuntimeError("a failing step")
-    assert torch.backends.mkldnn.enabled == before

@@ -11,7 +11,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lmstack.serving.json_mode import JsonPrefix  # noqa: E402
+from lmstack.generation.constraints import JsonPrefix  # noqa: E402
 from lmstack.serving.metrics import Metrics  # noqa: E402
 
 JSON_VALUES = st.recursive(

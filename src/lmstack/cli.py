@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from lmstack import commands, rag
+from lmstack.generation import chat as generation_chat
 from lmstack.errors import LmstackError
 
 app = typer.Typer(name="lmstack", help="A hackable toolkit for the whole life of an LLM.", no_args_is_help=True,
@@ -139,7 +140,7 @@ def _write(piece: str) -> None:
 
 def _generate(as_json: bool, **kwargs: Any) -> None:
     stream = not as_json and kwargs["num_beams"] == 1
-    out = commands.generate(**kwargs, on_text=_write if stream else None)
+    out = generation_chat.generate(**kwargs, on_text=_write if stream else None)
     if as_json:
         print(json.dumps(out.to_dict(), ensure_ascii=False))
     else:
@@ -147,7 +148,7 @@ def _generate(as_json: bool, **kwargs: Any) -> None:
 
 
 def _chat(**kwargs: Any) -> None:
-    failures = commands.chat(**kwargs)
+    failures = generation_chat.chat(**kwargs)
     if failures:
         raise typer.Exit(1)
 
@@ -233,8 +234,8 @@ def _convert(**kwargs: Any) -> None:
     print(f"wrote {kwargs['to']} checkpoint to {out}", file=sys.stderr)
 
 
-verb(app, commands.generate, "generate", skip={"on_text"}, extra=[JSON_FLAG], run=_generate)
-verb(app, commands.chat, "chat", skip={"input", "output", "notices"}, run=_chat)
+verb(app, generation_chat.generate, "generate", skip={"on_text"}, extra=[JSON_FLAG], run=_generate)
+verb(app, generation_chat.chat, "chat", skip={"input", "output", "notices"}, run=_chat)
 verb(app, commands.convert, "convert", run=_convert)
 verb(models_app, commands.list_models, "list", extra=[JSON_FLAG], run=_models_list)
 verb(models_app, commands.show_model, "show", extra=[JSON_FLAG], run=_models_show)

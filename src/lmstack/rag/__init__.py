@@ -133,7 +133,7 @@ def rag_ask(question: str, *, index: str, model: str = DEFAULT_ANSWER_MODEL, ada
         on_text: Called with each piece of the answer as it is generated (with stream).
         output: Where to print the answer and its cited sources (the CLI passes stdout; None prints nothing).
     """
-    from lmstack.commands import generation_config
+    from lmstack.generation.chat import generation_config
     from lmstack.rag.answer import answer, get_generator, print_result
     from lmstack.rag.retrieve import search
 

@@ -176,7 +176,7 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
         embedder = get_embedder(store.embedding_model)
         generator = None
         if generate:
-            from lmstack.commands import generation_config
+            from lmstack.generation.chat import generation_config
 
             cfg = generation_config(max_new_tokens=max_new_tokens)
             generator = get_generator(model, adapter)

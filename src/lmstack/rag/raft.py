@@ -261,7 +261,7 @@ def build(corpus: str, out: str, qa: str | None = None, model: str = "smollm2-13
     if qa is not None:
         questions = questions_from_qa(qa, chunks, embedder)[:limit]
     else:
-        from lmstack.commands import generation_config
+        from lmstack.generation.chat import generation_config
         from lmstack.rag.answer import get_generator
 
         order = random.Random(seed).sample(range(len(chunks)), len(chunks))[:limit]  # a spread-out subset
