@@ -1,6 +1,6 @@
 """Generation: sampling filters against transformers' warpers, greedy / sampling / beam search against
 transformers' `generate` on tiny random Llama and GPT-2 models with identical weights, the KV cache against
-full recompute, left-padded batches, stop strings, streaming, and the error paths."""
+full recompute, padded batches, stop strings, streaming, and the error paths."""
 
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def test_beam_search_batch_equals_single(pair):
 # ------------------------------------------------------------------------------------- batching, precision
 
 
-def test_batched_left_padded_equals_single(pair):
+def test_batched_padded_equals_single(pair):
     _, model = pair
     gen = Generator(model, byte_tokenizer())
     ps = prompts(4, seed=5)

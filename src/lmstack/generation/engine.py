@@ -91,8 +91,10 @@ class DecodeEngine:
         k, T = len(prompts), max(map(len, prompts))
         dev = self.device
         tokens = torch.tensor([p + [self.pad_id] * (T - len(p)) for p in prompts], device=dev)  # [k, T]
-        self._use(slice(start, start + k), T)
-        input_pos = torch.arange(T, device=dev)  # [T]: causal over the written slots (kv_len = T)
+        # The rows' whole length: the model attends over the written slots only (kv_len = T), and a compiled
+        # decode over the whole pool keeps the same view (and graph) from call to call.
+        self._use(slice(start, start + k), self.slots)
+        input_pos = torch.arange(T, device=dev)  # [T]: causal over slots 0..T-1
         if all(len(p) == T for p in prompts):
             hidden = self.model(tokens, input_pos=input_pos, last_only=True, return_hidden=True)[:, -1]  # [k, C]
         else:

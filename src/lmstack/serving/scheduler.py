@@ -203,8 +203,8 @@ class Scheduler:
         """Choice `index` of `job`: the shared per-sequence state, with the job's settings."""
         cfg = job.config
         constraint = JsonConstraint(self.tokenizer, self._texts) if job.json_mode or cfg.json_mode else None
-        return Sequence(cfg, context=job.prompt_ids, tokenizer=self.tokenizer,
-                        stop_ids=stop_token_ids(self.tokenizer, self.model.config.eos_token_id, cfg.stop),
+        stop_ids = stop_token_ids(self.tokenizer, getattr(self.model.config, "eos_token_id", None), cfg.stop)
+        return Sequence(cfg, context=job.prompt_ids, tokenizer=self.tokenizer, stop_ids=stop_ids,
                         budget=min(cfg.max_new_tokens, self.context - len(job.prompt_ids)),
                         vocab_size=self.vocab_size, device=self.device, index=index, logprobs=job.logprobs,
                         constraint=constraint)
