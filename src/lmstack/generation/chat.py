@@ -46,12 +46,13 @@ class GenerateOutput:
 
 def generation_config(max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                       top_p: float | None = None, repetition_penalty: float = 1.0, num_beams: int = 1,
-                      seed: int | None = None, stop: list[str] | None = None) -> "GenerationConfig":
+                      seed: int | None = None, stop: list[str] | None = None,
+                      no_repeat_ngram_size: int = 0) -> "GenerationConfig":
     """Build and validate a GenerationConfig (a LmstackError names the bad value) before any model loads."""
     from lmstack.generation import GenerationConfig
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, num_beams=num_beams, stop=list(stop or []),
-                           seed=seed)
+                           seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
     cfg.validate()
     return cfg
 

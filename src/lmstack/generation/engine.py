@@ -13,6 +13,13 @@ two steps:
   first L slots (L = the longest row, bucketed, so a compiled step sees few shapes and a short batch pays for
   what it uses) -> logits [n, V].
 
+No process-wide switch is flipped here. oneDNN's bf16 matmul is 2-3x slower than ATen's own kernel for a
+one-row input, and the earlier fix turned `torch.backends.mkldnn.enabled` off around every one-row step - a
+global flag (not thread-local), so the server's scheduler thread changed the kernels of request threads
+running the embedding encoder. No per-call route around oneDNN exists in torch 2.13 on CPU: `F.linear` on a
+1-D input, `torch.mv` / `addmv`, `torch.matmul(W, x)` and transposed layouts all dispatch to oneDNN while the
+flag is on (torch.profiler: `aten::mm` / `aten::addmv_`, same timings), so one-row steps take oneDNN's kernel.
+
 It uses only the model's protocol (`lmstack.models.CausalLM`: forward, `head`, `setup_cache`, `cache_shape`,
 `use_cache_rows`, `copy_cache_row`, `reorder_cache`), so LoRA, quantized or prompt-tuned models run unchanged.
 """
