@@ -24,7 +24,7 @@ from cli_helpers import CHATML, ENV, assert_one_line_error, run_cli, run_module
 from lmstack.checkpoints import REGISTRY, load_model
 from lmstack.cli import VERBS, Group, Verb, resolve
 from lmstack.config import PRESETS, from_name
-from lmstack.generation import chat as commands  # generate, chat and their helpers (GEN's move)
+from lmstack.generation import chat as generation_chat
 from lmstack.models import build_model
 
 torch.set_num_threads(2)
@@ -264,7 +264,7 @@ def test_generate_json_and_stream_agree(tiny: Path) -> None:
 
 def test_generate_beam_search_matches_api(tiny: Path) -> None:
     args = dict(prompt="hello world", model=str(tiny), max_new_tokens=6, num_beams=3)
-    expected = commands.generate(**args).text
+    expected = generation_chat.generate(**args).text
     result = run_cli("generate", "--model", tiny, "--prompt", "hello world", "--max-new-tokens", "6",
                      "--num-beams", "3")
     assert result.exit_code == 0, result.stderr
@@ -273,8 +273,8 @@ def test_generate_beam_search_matches_api(tiny: Path) -> None:
 
 def test_chat_through_a_pipe(tiny: Path) -> None:
     # After /reset the second turn starts a fresh conversation, so each reply equals a one-turn --chat answer.
-    first = commands.generate(prompt="hello world", model=str(tiny), chat=True, max_new_tokens=6).text
-    second = commands.generate(prompt="how are you", model=str(tiny), chat=True, max_new_tokens=6).text
+    first = generation_chat.generate(prompt="hello world", model=str(tiny), chat=True, max_new_tokens=6).text
+    second = generation_chat.generate(prompt="how are you", model=str(tiny), chat=True, max_new_tokens=6).text
     script = "hello world\n/reset\nhow are you\n/exit\nthis line is never answered\n"
     proc = run_module("chat", "--model", tiny, "--max-new-tokens", "6", input=script)
     assert proc.returncode == 0, proc.stderr
@@ -283,9 +283,9 @@ def test_chat_through_a_pipe(tiny: Path) -> None:
 
 
 def test_chat_session_keeps_and_trims_history(tiny: Path) -> None:
-    generator, loaded, _ = commands.load_generator(str(tiny))
-    cfg = commands.generation_config(max_new_tokens=4)
-    session = commands.ChatSession(generator, cfg, context=loaded.config.max_seq_len, system="be brief")
+    generator, loaded, _ = generation_chat.load_generator(str(tiny))
+    cfg = generation_chat.generation_config(max_new_tokens=4)
+    session = generation_chat.ChatSession(generator, cfg, context=loaded.config.max_seq_len, system="be brief")
     session.ask("hello world")
     session.ask("how are you")
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
@@ -306,7 +306,7 @@ def test_chat_turn_error_keeps_going(tiny: Path) -> None:
     assert proc.exit_code == 1  # a turn failed
     assert "error: prompt is" in proc.stderr and "Traceback" not in proc.stderr
     # The failed turn left no history behind: the next reply is a one-turn answer.
-    expected = commands.generate(prompt="hello world", model=str(tiny), chat=True, max_new_tokens=4).text
+    expected = generation_chat.generate(prompt="hello world", model=str(tiny), chat=True, max_new_tokens=4).text
     assert proc.stdout == expected + "\n"
 
 

@@ -19,6 +19,7 @@ from cli_helpers import assert_one_line_error, run_cli, tiny_tokenizer
 
 from lmstack.checkpoints import REGISTRY, load_model, read_safetensors, save_native
 from lmstack.config import from_name
+from lmstack.generation import chat as generation_chat
 from lmstack.models import build_model
 from lmstack.peft.lora import LoRALinear, disable_adapter
 from lmstack.training.finetune import finetune

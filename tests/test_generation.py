@@ -1,6 +1,6 @@
 """Generation: sampling filters against transformers' warpers, greedy / sampling / beam search against
 transformers' `generate` on tiny random Llama and GPT-2 models with identical weights, the KV cache against
-full recompute, left-padded batches, stop strings, streaming, and the error paths."""
+full recompute, padded batches, stop strings, streaming, and the error paths."""
 
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def test_beam_search_batch_equals_single(pair):
 # ------------------------------------------------------------------------------------- batching, precision
 
 
-def test_batched_left_padded_equals_single(pair):
+def test_batched_padded_equals_single(pair):
     _, model = pair
     gen = Generator(model, byte_tokenizer())
     ps = prompts(4, seed=5)
@@ -518,16 +518,78 @@ def test_seq2seq_batch_sampling_and_stream(t5_pair):
     assert "".join(gen.stream(srcs[0], sample)) == ours.text
 
 
-def test_single_row_matmuls_only_for_one_bf16_row_and_always_restores():
-    from lmstack.generation import single_row_matmuls
-    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+# ------------------------------------------------------------------------- no-repeat n-grams, JSON mode
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_matches_transformers(n):
+    """Greedy, sampling and beam search with transformers' `no_repeat_ngram_size`; the prompt counts too."""
+    hf = hf_llama(0)
+    model = to_lmstack(hf)
+    gen = Generator(model, None)
+    for p in prompts(2, seed=40 + n):
+        p = p + p[:4]  # a repeated stretch in the prompt: its n-grams are banned from the start
+        ours = gen.generate(p, GenerationConfig(max_new_tokens=24, no_repeat_ngram_size=n))
+        assert ours.token_ids == hf_generate(hf, p, max_new_tokens=24, do_sample=False, no_repeat_ngram_size=n)
+        ours = gen.generate(p, GenerationConfig(max_new_tokens=16, temperature=1.0, seed=3, no_repeat_ngram_size=n))
+        torch.manual_seed(3)
+        assert ours.token_ids == hf_generate(hf, p, max_new_tokens=16, do_sample=True, top_k=None,
+                                             no_repeat_ngram_size=n)
+        ours = gen.generate(p, GenerationConfig(max_new_tokens=12, num_beams=2, no_repeat_ngram_size=n))
+        assert ours.token_ids == hf_generate(hf, p, max_new_tokens=12, num_beams=2, do_sample=False,
+                                             no_repeat_ngram_size=n)
+        ids = p + ours.token_ids
+        for end in range(max(len(p), n - 1), len(ids)):  # no n-gram ending in the output occurred before it
+            gram = ids[end - n + 1:end + 1]
+            assert all(ids[i:i + n] != gram for i in range(end - n + 1))
+
+
+def test_no_repeat_ngram_size_is_validated():
+    for bad in (-1, 1.5):
+        with pytest.raises(LmstackError, match="no_repeat_ngram_size"):
+            GenerationConfig(no_repeat_ngram_size=bad).validate()
+
+
+def test_json_mode_through_generator():
+    """JSON mode is a constraint any caller gets: a random model's greedy and sampled output parses as an
+    object, and a short budget still closes the object."""
+    import json
+    hf = hf_llama(5)
+    gen = Generator(to_lmstack(hf), byte_tokenizer())
+    for cfg in (GenerationConfig(max_new_tokens=40, json_mode=True),
+                GenerationConfig(max_new_tokens=40, temperature=1.0, seed=2, json_mode=True),
+                GenerationConfig(max_new_tokens=6, json_mode=True)):
+        r = gen.generate("data: ", cfg)
+        assert isinstance(json.loads(r.text), dict), r.text
+        assert r.new_tokens <= cfg.max_new_tokens
+    with pytest.raises(LmstackError, match="beam search"):
+        GenerationConfig(num_beams=2, json_mode=True).validate()
+
+
+# ------------------------------------------------------------------------------ no process-wide switch
+
+
+def test_one_row_bf16_decoding_leaves_global_state_alone():
+    """The decode step flips no process-wide switch: another thread sees torch's oneDNN flag unchanged for the
+    whole of a one-row bf16 generation (the server's scheduler thread decodes while request threads run the
+    embedding encoder)."""
+    import threading
+    model = to_lmstack(hf_llama(2), dtype=torch.bfloat16)
+    gen = Generator(model, None)
     before = torch.backends.mkldnn.enabled
-    with single_row_matmuls(1, cpu, bf16):
-        assert not torch.backends.mkldnn.enabled
-    for rows, dtype in ((2, bf16), (1, fp32)):
-        with single_row_matmuls(rows, cpu, dtype):
-            assert torch.backends.mkldnn.enabled == before
-    with pytest.raises(RuntimeError):
-        with single_row_matmuls(1, cpu, bf16):
-            raise RuntimeError("a failing step")
-    assert torch.backends.mkldnn.enabled == before
+    seen: set[bool] = set()
+    done = threading.Event()
+
+    def decode() -> None:
+        try:
+            for p in prompts(3, seed=9):
+                gen.generate(p, GenerationConfig(max_new_tokens=24))
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    while not done.is_set():
+        seen.add(torch.backends.mkldnn.enabled)
+    worker.join()
+    assert seen == {before}

@@ -11,7 +11,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lmstack.serving.json_mode import JsonPrefix  # noqa: E402
+from lmstack.generation.constraints import JsonPrefix  # noqa: E402
 from lmstack.serving.metrics import Metrics  # noqa: E402
 
 JSON_VALUES = st.recursive(
@@ -131,3 +131,56 @@ def test_multi_lora_rows_match_each_adapter(tmp_path):
         assert not torch.allclose(want[1], base(x[1:2])[0], atol=1e-3)  # the adapter does change the output
         router.set_rows([2, 2, 2, 2], x.device)  # one adapter for the whole batch: the no-gather path
         assert torch.allclose(served(x), b(x), atol=1e-5)
+
+
+def test_generator_and_scheduler_share_one_sequence_and_give_the_same_text(monkeypatch):
+    """One Sequence class serves both decode loops: a sampled run with a stop string streams the same pieces
+    and ends with the same text through `Generator.stream` and through the serving scheduler."""
+    import threading
+
+    import torch
+
+    import lmstack.generation.sampling as sampling
+    from lmstack.config import from_name
+    from lmstack.generation import GenerationConfig, Generator
+    from lmstack.models import build_model
+    from lmstack.serving.scheduler import Delta, Finish, Job, Scheduler
+    from test_generation import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(from_name("tiny-llama", vocab_size=257, max_seq_len=128)).eval()
+    model.config.eos_token_id = 256
+    tok = byte_tokenizer()
+    users: set[str] = set()
+    push = sampling.Sequence.push
+
+    def counting_push(self, token):
+        users.add(threading.current_thread().name)
+        return push(self, token)
+
+    monkeypatch.setattr(sampling.Sequence, "push", counting_push)
+    free = Generator(model, tok).generate("Once upon", GenerationConfig(max_new_tokens=40, temperature=1.0, seed=4))
+    stop = free.text[10:13] if len(free.text) > 14 else free.text[2:4]
+    cfg = GenerationConfig(max_new_tokens=40, temperature=1.0, seed=4, stop=[stop])
+    pieces = list(Generator(model, tok).stream("Once upon", cfg))
+
+    sched = Scheduler(model, tok, max_batch=2, context=128)
+    events: list[object] = []
+    finished = threading.Event()
+
+    def emit(event: object) -> None:
+        events.append(event)
+        if isinstance(event, Finish):
+            finished.set()
+
+    sched.start()
+    try:
+        sched.submit(Job(tok.encode("Once upon"), cfg, emit=emit))
+        assert finished.wait(60)
+    finally:
+        sched.shutdown()
+    served = [e.text for e in events if isinstance(e, Delta) and e.text]
+    final = [e for e in events if isinstance(e, Finish)][0]
+    assert served == pieces and final.text == "".join(pieces)
+    assert final.reason == "stop" and stop not in final.text
+    assert users == {threading.current_thread().name, "lmstack-scheduler"}  # the same class, in both loops

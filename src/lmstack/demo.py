@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from lmstack import commands
 from lmstack.errors import LmstackError
 from lmstack.generation import GenerationResult
+from lmstack.generation import chat as commands
 
 
 def _rule(title: str) -> None:

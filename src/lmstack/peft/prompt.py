@@ -104,6 +104,12 @@ class PromptTuned(nn.Module):
     def clear_cache(self) -> None:
         self.model.clear_cache()
 
+    def use_cache_rows(self, rows: slice, length: int) -> None:
+        self.model.use_cache_rows(rows, length + self.n_virtual)  # the virtual tokens' slots come first
+
+    def copy_cache_row(self, src: int, dst: int, length: int) -> None:
+        self.model.copy_cache_row(src, dst, length + self.n_virtual)
+
     @torch.no_grad()
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """A cache for `max_len` real tokens plus the virtual ones, which are written to slots 0..N-1 now."""
@@ -145,7 +151,7 @@ class PromptTuned(nn.Module):
         dev = embeds.device
         if position_ids is None:
             base = input_pos if input_pos is not None else torch.arange(T, device=dev)
-            position_ids = base.unsqueeze(0).expand(B, T)
+            position_ids = base if base.dim() == 2 else base.unsqueeze(0).expand(B, T)  # [B, T]
         position_ids = position_ids + N  # real tokens come after the virtual ones
         if key_padding_mask is not None:  # [B, S] -> [B, N + S]: virtual tokens are always real
             key_padding_mask = torch.cat([key_padding_mask.new_ones(B, N), key_padding_mask], dim=1)

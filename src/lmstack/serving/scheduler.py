@@ -1,21 +1,22 @@
-"""Continuous batching: one scheduler thread runs the model over a pool of KV-cache rows.
+"""Continuous batching: one scheduler thread drives the shared decode engine over a pool of KV-cache rows.
 
-The pool is a static cache [max_batch, Hkv, S, D] per layer. Every sequence (one choice of one request) owns a
-row and its own length. Each iteration of the loop
+The pool is the model's static cache [max_batch, Hkv, S, D] per layer. Every sequence (one choice of one
+request) owns a row and its own length. Each iteration of the loop
 
 1. retires cancelled sequences,
-2. admits waiting requests into free rows: their prompts are prefilled together (right-padded, a bounded
-   number of tokens per iteration), and a request with n > 1 choices copies its prefilled row n - 1 times,
-3. decodes one token for every active row in one forward: input_pos [B, 1] gives each row its own cache slot
-   and its own causal mask (`KVCache` / `Decoder` per-row slots), over a view of the first `n_active` rows and
-   the first L slots (L = the longest row, bucketed), so short batches pay for what they use,
+2. admits waiting requests into free rows: their prompts are prefilled together (`DecodeEngine.prefill`,
+   right-padded, a bounded number of tokens per iteration), and a request with n > 1 choices copies its
+   prefilled row n - 1 times,
+3. decodes one token for every active row in one forward (`DecodeEngine.decode`: each row at its own cache
+   slot, over the first L slots, L = the longest row, bucketed),
 4. retires finished rows by moving the last active row into the hole (its used slots only), which keeps the
    active rows at the front of the pool.
 
-Requests for different LoRA adapters share the batch: `serving.lora.MultiLoRALinear` applies each adapter to
-its own rows. Sampling reuses `lmstack.generation` (process_logits / select_next / seen_mask, stop strings) and
-`StreamDecoder`, so the server samples exactly as `Generator` does; every sequence has its own
-`torch.Generator`, so a seed gives the same text alone or in a batch.
+The scheduler owns only the thread, the queue, admission, cancellation and the events. Sampling, stopping,
+streamed text and log-probs are `lmstack.generation.Sequence`'s, and the forward passes are the engine's: the
+same code `Generator` runs, so the server samples exactly as `generate` does (every sequence has its own
+`torch.Generator`: a seed gives the same text alone or in a batch). Requests for different LoRA adapters share
+the batch: `serving.lora.MultiLoRALinear` applies each adapter to its own rows.
 
 Results go out through each job's `emit` callback (called on the scheduler thread): `Delta` events with new
 text and token log-probs, then one `Finish` per choice, or an `Error`.
@@ -32,27 +33,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lmstack.errors import LmstackError
-from lmstack.generation import (GenerationConfig, Generator, find_stop, held_back, process_logits, seen_mask,
-                                select_next, single_row_matmuls)
-from lmstack.serving.json_mode import JsonConstraint, token_texts
+from lmstack.generation.constraints import JsonConstraint, token_texts
+from lmstack.generation.engine import DecodeEngine, pad_id
+from lmstack.generation.generator import chat_prompt
+from lmstack.generation.sampling import GenerationConfig, Sequence, TokenLogprob, choose_tokens, stop_token_ids
 from lmstack.serving.lora import AdapterRouter
 from lmstack.serving.metrics import Metrics
-from lmstack.tokenizer import StreamDecoder, Tokenizer
-
-SLOT_BUCKET = 64  # attention spans a multiple of this many cache slots
-
+from lmstack.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------------------------------ events
-
-
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]  # the most likely alternatives (token text, logprob), best first
 
 
 @dataclass
@@ -107,83 +99,11 @@ def _emit(job: Job, event: Event) -> None:
         job.cancel()
 
 
-class _Seq:
-    """One choice of a job in one cache row: its tokens, its text so far, and how it ends."""
-
-    def __init__(self, job: Job, index: int, tokenizer: Tokenizer, stops: list[str], stop_ids: set[int],
-                 budget: int, vocab_size: int, texts: list[str] | None, device: torch.device) -> None:
-        self.job, self.index = job, index
-        self.stops, self.stop_ids, self.budget = stops, stop_ids, budget
-        self.max_stop = max((len(s) for s in stops), default=0)
-        self.ids: list[int] = []
-        self.decoder = StreamDecoder(tokenizer)
-        self.text, self.sent = "", 0  # decoded text; how much of it went out
-        self.pos = len(job.prompt_ids)  # the cache slot the next token is written to
-        self.finish_reason: str | None = None
-        cfg = job.config
-        self.greedy = cfg.temperature == 0
-        self.generator: torch.Generator | None = None
-        if not self.greedy:
-            self.generator = torch.Generator(device=device)
-            if cfg.seed is not None:
-                self.generator.manual_seed(cfg.seed + index)  # choice i of a seeded request: seed + i
-            else:
-                self.generator.seed()
-        self.seen = (seen_mask([job.prompt_ids], vocab_size, device) if cfg.repetition_penalty != 1.0
-                     else None)  # [1, V]
-        self.json = JsonConstraint(tokenizer, texts) if job.json_mode else None
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Argmax of the raw logits: these rows share one batched argmax."""
-        return self.greedy and self.seen is None and self.json is None
-
-    def choose(self, logits: Tensor) -> int:
-        """logits [V] float32 -> the next token, with the request's sampling settings."""
-        cfg = self.job.config
-        processed = process_logits(logits[None], cfg, self.seen)  # [1, V]
-        if self.json is not None:
-            return self.json.choose(processed[0], self.greedy, self.generator, self.budget - len(self.ids))
-        return int(select_next(processed, cfg, self.generator)[0])
-
-    def push(self, token: int) -> str:
-        """Take a new token; -> the text that can go out now (held back: a possible stop string, a partial
-        character)."""
-        self.ids.append(token)
-        if self.seen is not None:
-            self.seen[0, token] = True
-        if token in self.stop_ids:
-            return self._finish("stop")
-        before = len(self.text)
-        self.text += self.decoder.push(token)
-        if self.stops:  # a new stop string can only end in the new text
-            cut = find_stop(self.text, self.stops, max(0, before - self.max_stop + 1))
-            if cut >= 0:
-                self.text = self.text[:cut]
-                return self._finish("stop", flush=False)
-        if self.json is not None and self.json.complete:
-            return self._finish("stop")
-        if len(self.ids) >= self.budget:
-            return self._finish("length")
-        end = len(self.text) - held_back(self.text, self.stops)
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return out
-
-    def _finish(self, reason: str, flush: bool = True) -> str:
-        if flush:
-            self.text += self.decoder.flush()
-            cut = find_stop(self.text, self.stops)
-            self.text = self.text[:cut] if cut >= 0 else self.text
-        self.finish_reason = reason
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
-
-
 # --------------------------------------------------------------------------------------- scheduler
 
 
 class Scheduler:
-    """Owns the model, its cache pool and the loop thread; `submit` is thread-safe."""
+    """Owns the model's cache pool (through the engine) and the loop thread; `submit` is thread-safe."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int, context: int,
                  router: AdapterRouter | None = None, metrics: Metrics | None = None,
@@ -197,10 +117,9 @@ class Scheduler:
         self.max_queue, self.prefill_tokens = max_queue, prefill_tokens
         self.device = model.device
         self.vocab_size = model.config.vocab_size
-        self.reference = Generator(model, tokenizer)  # stop ids, stop strings and chat prompts as generate does
-        self.pad_id = self.reference.adapter.pad_id
-        model.setup_cache(max_batch, context)  # the pool: [max_batch, Hkv, S, D] per layer
-        self.active: list[_Seq] = []  # row i of the pool holds active[i]
+        self.engine = DecodeEngine(model, pad_id(model, tokenizer))
+        self.engine.reserve(max_batch, context)  # the pool: [max_batch, Hkv, S, D] per layer
+        self.active: list[tuple[Job, Sequence]] = []  # row i of the pool holds active[i]
         self.waiting: collections.deque[Job] = collections.deque()
         self.lock = threading.Condition()
         self._texts: list[str] | None = None  # token texts, built at the first JSON-mode request
@@ -220,10 +139,7 @@ class Scheduler:
             self.thread.join(timeout=30)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        return self.reference.chat_prompt(messages)
-
-    def stops(self, config: GenerationConfig) -> tuple[list[str], set[int]]:
-        return self.reference._stops(config)
+        return chat_prompt(self.tokenizer, messages)
 
     def prepare_json_mode(self) -> None:
         """Decode every token's text once (about a second for a 50k vocabulary), for JSON-mode requests."""
@@ -232,7 +148,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job (the caller validated its sizes); LmstackError when the queue is full."""
-        if job.json_mode:
+        if job.json_mode or job.config.json_mode:
             self.prepare_json_mode()
         with self.lock:
             if len(self.waiting) >= self.max_queue:
@@ -268,7 +184,7 @@ class Scheduler:
         self._fail_all("the server is shutting down")
 
     def _fail_all(self, message: str) -> None:
-        jobs = {id(s.job): s.job for s in self.active}
+        jobs = {id(job): job for job, _ in self.active}
         with self.lock:
             jobs.update({id(j): j for j in self.waiting})
             self.waiting.clear()
@@ -281,31 +197,45 @@ class Scheduler:
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(len(self.active))
 
-    # ---------------------------------------------------------------------------------- caching
+    # ------------------------------------------------------------------------------------- rows
 
-    def _install(self, rows: slice, length: int) -> None:
-        """Run the next forward over a view of the pool: `rows` and the first `length` slots."""
-        self.model.use_cache_rows(rows, length)
+    def _sequence(self, job: Job, index: int) -> Sequence:
+        """Choice `index` of `job`: the shared per-sequence state, with the job's settings."""
+        cfg = job.config
+        constraint = JsonConstraint(self.tokenizer, self._texts) if job.json_mode or cfg.json_mode else None
+        stop_ids = stop_token_ids(self.tokenizer, getattr(self.model.config, "eos_token_id", None), cfg.stop)
+        return Sequence(cfg, context=job.prompt_ids, tokenizer=self.tokenizer, stop_ids=stop_ids,
+                        budget=min(cfg.max_new_tokens, self.context - len(job.prompt_ids)),
+                        vocab_size=self.vocab_size, device=self.device, index=index, logprobs=job.logprobs,
+                        constraint=constraint)
 
-    def _copy_row(self, src: int, dst: int, length: int) -> None:
-        self.model.copy_cache_row(src, dst, length)
+    @staticmethod
+    def _written(job: Job, seq: Sequence) -> int:
+        """Cache slots a row has written: the prompt and every token fed back (all but the newest)."""
+        return len(job.prompt_ids) + max(len(seq.ids) - 1, 0)
 
     def _retire(self, row: int) -> None:
         """Free `row`: the last active row moves into it (only its used slots are copied)."""
         last = len(self.active) - 1
         if row != last:
-            self._copy_row(last, row, self.active[last].pos)
+            self.engine.copy_row(last, row, self._written(*self.active[last]))
             self.active[row] = self.active[last]
         self.active.pop()
 
     def _retire_cancelled(self) -> None:
         for row in range(len(self.active) - 1, -1, -1):
-            if self.active[row].job.cancelled.is_set():
+            if self.active[row][0].cancelled.is_set():
                 self._retire(row)
         with self.lock:
             kept = [j for j in self.waiting if not j.cancelled.is_set()]
             if len(kept) != len(self.waiting):
                 self.waiting = collections.deque(kept)
+        self._update_gauges()
+
+    def _retire_finished(self) -> None:
+        for row in range(len(self.active) - 1, -1, -1):
+            if self.active[row][1].finish_reason is not None:
+                self._retire(row)
         self._update_gauges()
 
     # ---------------------------------------------------------------------------------- prefill
@@ -325,92 +255,48 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self.waiting))
         if not jobs:
             return
-        logits = self._prefill(jobs)  # [k, V]
         start = len(self.active)
-        seqs: list[tuple[int, _Seq]] = []  # (job number, sequence)
-        for j, job in enumerate(jobs):
-            stops, stop_ids = self.stops(job.config)
-            budget = min(job.config.max_new_tokens, self.context - len(job.prompt_ids))
-            seqs += [(j, _Seq(job, i, self.tokenizer, stops, stop_ids, budget, self.vocab_size, self._texts,
-                              self.device)) for i in range(job.n)]
+        self.router.set_rows([j.adapter for j in jobs], self.device)
+        logits = self.engine.prefill(start, [j.prompt_ids for j in jobs])  # [k, V]
+        seqs = [(j, self._sequence(job, i)) for j, job in enumerate(jobs) for i in range(job.n)]
+        for job in jobs:
             self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         # Choice 0 of job j sits in row start + j, where its prompt was prefilled; other choices copy that row.
-        self.active += [seq for _, seq in seqs if seq.index == 0]
+        self.active += [(jobs[j], seq) for j, seq in seqs if seq.index == 0]
         for j, seq in seqs:
             if seq.index > 0:
-                self._copy_row(start + j, len(self.active), len(jobs[j].prompt_ids))
-                self.active.append(seq)
+                self.engine.copy_row(start + j, len(self.active), len(jobs[j].prompt_ids))
+                self.active.append((jobs[j], seq))
         for j, seq in seqs:
-            self._advance(seq, logits[j])
+            self._advance(jobs[j], seq, logits[j], None)
         self._retire_finished()
-
-    def _prefill(self, jobs: list[Job]) -> Tensor:
-        """Write the prompts of `jobs` into the next free rows; -> logits of each first new token [k, V]."""
-        k, T = len(jobs), max(len(j.prompt_ids) for j in jobs)
-        start = len(self.active)
-        tokens = torch.tensor([j.prompt_ids + [self.pad_id] * (T - len(j.prompt_ids)) for j in jobs],
-                              device=self.device)  # [k, T], right-padded: pads only see (and spoil) later slots
-        self._install(slice(start, start + k), T)
-        self.router.set_rows([j.adapter for j in jobs], self.device)
-        hidden = self.model(tokens, input_pos=torch.arange(T, device=self.device), return_hidden=True)  # [k, T, C]
-        last = torch.tensor([len(j.prompt_ids) - 1 for j in jobs], device=self.device)
-        hidden = hidden[torch.arange(k, device=self.device), last]  # [k, C]: each prompt's last token
-        return self.model.head(hidden).float()  # [k, V]
 
     # ----------------------------------------------------------------------------------- decode
 
     def _decode_step(self) -> None:
-        seqs = self.active
-        n = len(seqs)
-        length = min(self.context, -(-(max(s.pos for s in seqs) + 1) // SLOT_BUCKET) * SLOT_BUCKET)
-        self._install(slice(0, n), length)
-        self.router.set_rows([s.job.adapter for s in seqs], self.device)
-        tokens = torch.tensor([[s.ids[-1]] for s in seqs], device=self.device)  # [n, 1]
-        input_pos = torch.tensor([[s.pos] for s in seqs], device=self.device)  # [n, 1]: each row's own slot
+        n = len(self.active)
+        self.router.set_rows([job.adapter for job, _ in self.active], self.device)
         started = time.perf_counter()
-        with single_row_matmuls(n, self.device, self.model.dtype):
-            logits = self.model(tokens, input_pos=input_pos)[:, -1].float()  # [n, V]
-        for s in seqs:
-            s.pos += 1
-        greedy = [i for i, s in enumerate(seqs) if s.plain_greedy and s.job.logprobs is None]
-        argmax = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist())) if greedy else {}
-        for i, seq in enumerate(seqs):
-            self._advance(seq, logits[i], argmax.get(i))
+        logits = self.engine.decode([seq.ids[-1] for _, seq in self.active],
+                                    [self._written(job, seq) for job, seq in self.active])  # [n, V]
+        tokens = choose_tokens([seq for _, seq in self.active], logits)
+        for i, (job, seq) in enumerate(self.active):
+            self._advance(job, seq, logits[i], tokens[i])
         self.metrics.observe_step(n, time.perf_counter() - started)
         self._retire_finished()
 
-    def _advance(self, seq: _Seq, logits: Tensor, token: int | None = None) -> None:
+    def _advance(self, job: Job, seq: Sequence, logits: torch.Tensor, token: int | None) -> None:
         """Choose seq's next token from logits [V], record it, and emit what can go out."""
-        job = seq.job
         if job.cancelled.is_set():
             seq.finish_reason = "cancelled"
             return
-        if token is None:
-            token = int(logits.argmax()) if seq.plain_greedy else seq.choose(logits)
-        info: list[TokenLogprob] = []
-        if job.logprobs is not None and token not in seq.stop_ids:
-            info.append(self._logprob(logits, token, job.logprobs))
-        text = seq.push(token)
+        text, info = seq.advance(logits, token)
         self.metrics.completion_tokens.inc()
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
             self.metrics.ttft.observe(job.first_token_at - job.submitted)
-        if text or info:
-            _emit(job, Delta(seq.index, text, info))
+        if text or info is not None:
+            _emit(job, Delta(seq.index, text, [info] if info is not None else []))
         if seq.finish_reason is not None:
             job.finished += 1
             _emit(job, Finish(seq.index, seq.finish_reason, seq.text, len(seq.ids)))
-
-    def _logprob(self, logits: Tensor, token: int, top: int) -> TokenLogprob:
-        logp = torch.log_softmax(logits, dim=-1)  # [V]: the model's distribution, before sampling filters
-        alternatives: list[tuple[str, float]] = []
-        if top > 0:
-            values, ids = torch.topk(logp, top)
-            alternatives = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
-        return TokenLogprob(self.tokenizer.decode([token]), float(logp[token]), alternatives)
-
-    def _retire_finished(self) -> None:
-        for row in range(len(self.active) - 1, -1, -1):
-            if self.active[row].finish_reason is not None:
-                self._retire(row)
-        self._update_gauges()

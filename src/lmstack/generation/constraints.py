@@ -1,9 +1,14 @@
-"""JSON mode: an incremental JSON validator that constrains decoding to text that stays a valid JSON prefix.
+"""Constrained decoding: a small `Constraint` protocol, and JSON mode behind it.
 
-`JsonPrefix` is a character-level pushdown automaton. `feed(text)` says whether the text so far is still the
-start of some valid JSON document whose top-level value is an object (what OpenAI's
+A constraint restricts which tokens one sequence may take; `Sequence` (generation.sampling) asks it to choose
+from the processed logits and ends the sequence when it reports `complete`. Any decode loop - `Generator`
+(`GenerationConfig.json_mode`), the serving scheduler, an agent loop - gets it through `Sequence`. A JSON-schema
+or regex constraint plugs in by implementing the same two members.
+
+JSON mode: `JsonPrefix` is a character-level pushdown automaton. `feed(text)` says whether the text so far is
+still the start of some valid JSON document whose top-level value is an object (what OpenAI's
 `response_format={"type": "json_object"}` promises); `completion()` gives the shortest text that closes the
-document, which the scheduler forces out when max_tokens is about to run out; `complete` says the object has
+document, which is forced out when the token budget is about to run out; `complete` says the object has
 closed. The state is a handful of small fields and a tuple stack, so trying a candidate token is one `copy()`
 plus feeding its characters.
 
@@ -14,10 +19,25 @@ distribution restricted to the valid tokens.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 from lmstack.tokenizer import Tokenizer
+
+
+class Constraint(Protocol):
+    """What a decoding constraint offers `Sequence`: a choice among processed logits, and whether it is done."""
+
+    @property
+    def complete(self) -> bool:
+        """The constrained text is finished: the sequence stops here."""
+        ...
+
+    def choose(self, logits: Tensor, greedy: bool, generator: torch.Generator | None, budget: int) -> int:
+        """The next token from processed logits [V] (float32), with `budget` tokens left (this one included)."""
+        ...
 
 WHITESPACE = " \t\n\r"
 DIGITS = "0123456789"

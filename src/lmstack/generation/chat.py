@@ -1,0 +1,253 @@
+"""The `generate` and `chat` verbs: typed functions whose signatures are the CLI (`lmstack generate`, `lmstack
+chat`), with the helpers other verbs and the demo share (generation_config, load_generator, run_generation,
+ChatSession).
+
+    from lmstack.generation.chat import generate
+    out = generate(prompt="Name three colours.", chat=True, max_new_tokens=32)
+    print(out.text, out.decode_tokens_per_s)
+
+Heavy modules (torch, the models) are imported inside the functions, so `lmstack --help` starts fast.
+"""
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal, TextIO
+
+from lmstack.errors import LmstackError
+
+if TYPE_CHECKING:
+    from lmstack.checkpoints import LoadedModel
+    from lmstack.generation import GenerationConfig, GenerationResult, Generator
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DType = Literal["float32", "bfloat16"]
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+@dataclass
+class GenerateOutput:
+    """What `generate` returns, and what `lmstack generate --json` prints."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    load_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    finish_reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def generation_config(max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, repetition_penalty: float = 1.0, num_beams: int = 1,
+                      seed: int | None = None, stop: list[str] | None = None,
+                      no_repeat_ngram_size: int = 0) -> "GenerationConfig":
+    """Build and validate a GenerationConfig (a LmstackError names the bad value) before any model loads."""
+    from lmstack.generation import GenerationConfig
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, num_beams=num_beams, stop=list(stop or []),
+                           seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
+    cfg.validate()
+    return cfg
+
+
+def load_generator(model: str | None, dtype: DType = "float32", compile: bool = False,
+                   adapter: str | None = None) -> tuple["Generator", "LoadedModel", float]:
+    """Load `model` (registry name or path), with `adapter` applied unmerged when given, and wrap it in a
+    Generator; also returns the load time in s. No model: the adapter's base, else DEFAULT_MODEL."""
+    from lmstack.checkpoints import load_model
+    from lmstack.generation import Generator
+    start = time.perf_counter()
+    if adapter is not None:
+        from lmstack.training.finetune import load_with_adapter
+        loaded = load_with_adapter(model, adapter, dtype)
+    else:
+        loaded = load_model(model or DEFAULT_MODEL, dtype=dtype)
+    generator = Generator(loaded.model, loaded.tokenizer, compile=compile)
+    return generator, loaded, time.perf_counter() - start
+
+
+def run_generation(generator: "Generator", prompt: "str | list[int]", cfg: "GenerationConfig",
+                   on_text: Callable[[str], None] | None = None) -> "GenerationResult":
+    """Generate, streaming text pieces to `on_text` as they decode (beam search only knows its text at the end)."""
+    if on_text is None:
+        return generator.generate(prompt, cfg)
+    if cfg.num_beams > 1:
+        result = generator.generate(prompt, cfg)
+        on_text(result.text)
+        return result
+    for piece in generator.stream(prompt, cfg):
+        on_text(piece)
+    return generator.last_result
+
+
+def generate(*, prompt: str, model: str | None = None, chat: bool = False, system: str | None = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float = 1.0, num_beams: int = 1,
+             seed: int | None = None, stop: list[str] | None = None, dtype: DType = "float32",
+             compile: bool = False, adapter: str | None = None,
+             on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+    """Continue a prompt (or answer it as a chat message with --chat) and report timings.
+
+    Args:
+        prompt: The text to continue, or the user message with --chat.
+        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder
+            (default smollm2-135m-instruct; with --adapter, the adapter's base model).
+        chat: Wrap the prompt in the model's chat template as one user turn.
+        system: A system message for --chat.
+        max_new_tokens: The most tokens to generate.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_k: Sample only from the k most likely tokens.
+        top_p: Sample from the smallest set of tokens whose probability adds up to p (0 < p <= 1).
+        repetition_penalty: Divide the logits of tokens already seen by this (1.0 = off).
+        num_beams: Beam search with this many beams (1 = off); its text is printed at the end.
+        seed: Random seed for sampling, for reproducible output.
+        stop: Stop when the text contains this string; repeat the option for more strings.
+        dtype: Compute dtype of the weights.
+        compile: torch.compile the decode step (slow first call, faster after).
+        adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
+        on_text: Called with each new piece of text as it is decoded.
+    """
+    cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, stop)
+    if system is not None and not chat:
+        raise LmstackError("--system needs --chat (a plain prompt has no system message)")
+    generator, _, load_s = load_generator(model, dtype, compile, adapter)
+    source: str | list[int] = prompt
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        source = generator.chat_prompt([*messages, {"role": "user", "content": prompt}])
+    result = run_generation(generator, source, cfg, on_text)
+    return GenerateOutput(text=result.text, prompt_tokens=result.prompt_tokens, new_tokens=result.new_tokens,
+                          load_s=round(load_s, 3), prefill_tokens_per_s=round(result.prefill_tokens_per_s, 1),
+                          decode_tokens_per_s=round(result.decode_tokens_per_s, 1),
+                          finish_reason=result.finish_reason)
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+
+class ChatSession:
+    """A multi-turn conversation: the message history, a system message, and the generator that answers.
+
+    When the history no longer fits the context window (prompt + max_new_tokens), the oldest turns are dropped.
+    """
+
+    def __init__(self, generator: "Generator", cfg: "GenerationConfig", context: int,
+                 system: str | None = None) -> None:
+        self.generator, self.cfg, self.context, self.system = generator, cfg, context, system
+        self.messages: list[dict[str, str]] = []  # user/assistant turns, without the system message
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+    def _prompt_ids(self) -> list[int]:
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            ids = self.generator.chat_prompt([*system, *self.messages])
+            if len(ids) + self.cfg.max_new_tokens <= self.context or len(self.messages) <= 1:
+                return ids  # a single turn that is still too long is the generator's error to report
+            self.messages = self.messages[2:]  # drop the oldest user/assistant pair
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> "GenerationResult":
+        """Answer `text` as the next user turn, streaming to `on_text`; the answer joins the history."""
+        self.messages.append({"role": "user", "content": text})
+        try:
+            result = run_generation(self.generator, self._prompt_ids(), self.cfg, on_text)
+        except BaseException:
+            self.messages.pop()  # a failed turn leaves the history as it was
+            raise
+        self.messages.append({"role": "assistant", "content": result.text})
+        return result
+
+
+CHAT_HELP = "/reset clears the history, /system TEXT sets the system message, /exit quits"
+
+
+def chat(*, model: str | None = None, system: str | None = None, max_new_tokens: int = 256,
+         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+         repetition_penalty: float = 1.0, num_beams: int = 1, seed: int | None = None,
+         stop: list[str] | None = None, dtype: DType = "float32", compile: bool = False,
+         adapter: str | None = None, input: TextIO | None = None, output: TextIO | None = None,
+         notices: TextIO | None = None) -> int:
+    """Chat with a model: one message per line on stdin, streamed replies on stdout, until EOF or /exit.
+
+    Commands: /reset clears the history, /system TEXT sets the system message, /exit quits. Replies go to
+    stdout one per turn; prompts and notices go to stderr, so the command works in a pipe. A failed turn is
+    reported on stderr and the chat goes on; the number of failed turns is returned (the CLI exits with 1).
+
+    Args:
+        model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder
+            (default smollm2-135m-instruct; with --adapter, the adapter's base model).
+        system: The system message that starts each conversation.
+        max_new_tokens: The most tokens in one reply.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_k: Sample only from the k most likely tokens.
+        top_p: Sample from the smallest set of tokens whose probability adds up to p (0 < p <= 1).
+        repetition_penalty: Divide the logits of tokens already seen by this (1.0 = off).
+        num_beams: Beam search with this many beams (1 = off); replies then appear whole.
+        seed: Random seed for sampling, for reproducible output.
+        stop: Stop a reply when it contains this string; repeat the option for more strings.
+        dtype: Compute dtype of the weights.
+        compile: torch.compile the decode step (slow first call, faster after).
+        adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
+        input: Where the user's lines come from (default stdin).
+        output: Where replies go (default stdout).
+        notices: Where prompts, notices and per-turn errors go (default stderr).
+    """
+    input, output, notices = input or sys.stdin, output or sys.stdout, notices or sys.stderr
+    cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, stop)
+    generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
+    context = getattr(loaded.model, "config", loaded.config).max_seq_len  # prompt tuning takes N positions
+    session = ChatSession(generator, cfg, context=context, system=system)
+    interactive = input.isatty()
+
+    def say(text: str) -> None:
+        notices.write(text)
+        notices.flush()
+
+    def write(piece: str) -> None:
+        output.write(piece)
+        output.flush()
+
+    if interactive:
+        say(f"loaded {loaded.source} in {load_s:.1f} s; {CHAT_HELP}\n")
+    failures = 0
+    while True:
+        if interactive:
+            say("> ")
+        line = input.readline()
+        if not line:  # EOF
+            break
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                session.reset()
+                say("[history cleared]\n")
+            elif command == "/system":
+                session.set_system(arg.strip())
+                say("[system message set]\n" if arg.strip() else "[system message removed]\n")
+            else:
+                say(f"[unknown command {command}; {CHAT_HELP}]\n")
+            continue
+        try:
+            session.ask(text, on_text=write)
+        except LmstackError as e:
+            failures += 1
+            say(f"error: {e}\n")
+            continue
+        write("\n")
+    return failures

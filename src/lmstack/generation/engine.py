@@ -1,0 +1,133 @@
+"""The one prefill step and the one decode step, over a pool of KV-cache rows with per-row positions.
+
+After gpt-fast's `prefill` / `decode_one_token`. The pool is the model's static cache [rows, Hkv, S, D] per layer
+(`setup_cache`). Every row holds one sequence at its own length, so the synchronous `Generator` (a batch of
+prompts, or prompts x beams) and the serving scheduler (continuous batching: rows come and go) drive the same
+two steps:
+
+- `prefill(start, prompts)`: writes k right-padded prompts into rows start..start+k at slots 0..T-1, as causal
+  attention over the written slots only (SDPA's flash kernel; pads come after each prompt, so no real token
+  sees one), and runs the head on each prompt's last token only -> logits [k, V].
+- `decode(tokens, positions)`: one token for each of the first n rows, row i written at its own slot
+  positions[i] and attending to its slots <= positions[i] (the one-query attention path), over a view of the
+  first L slots (L = the longest row, bucketed, so a compiled step sees few shapes and a short batch pays for
+  what it uses) -> logits [n, V].
+
+No process-wide switch is flipped here. oneDNN's bf16 matmul is 2-3x slower than ATen's own kernel for a
+one-row input, and the earlier fix turned `torch.backends.mkldnn.enabled` off around every one-row step - a
+global flag (not thread-local), so the server's scheduler thread changed the kernels of request threads
+running the embedding encoder. No per-call route around oneDNN exists in torch 2.13 on CPU: `F.linear` on a
+1-D input, `torch.mv` / `addmv`, `torch.matmul(W, x)` and transposed layouts all dispatch to oneDNN while the
+flag is on (torch.profiler: `aten::mm` / `aten::addmv_`, same timings), so one-row steps take oneDNN's kernel.
+
+It uses only the model's protocol (`lmstack.models.CausalLM`: forward, `head`, `setup_cache`, `cache_shape`,
+`use_cache_rows`, `copy_cache_row`, `reorder_cache`), so LoRA, quantized or prompt-tuned models run unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+SLOT_BUCKET = 64  # decode attends over a multiple of this many cache slots
+CACHE_BUCKET = 256  # cache lengths are rounded up to this, so a compiled step sees few distinct shapes
+
+
+def cache_len(needed: int, limit: int, bucket: int = CACHE_BUCKET) -> int:
+    """`needed` slots rounded up to a multiple of `bucket`, at most `limit`."""
+    return min(limit, -(-needed // bucket) * bucket)
+
+
+def pad_id(model: nn.Module, tokenizer: Any) -> int:
+    """The id prompts are padded with: the tokenizer's pad, the model's pad or EOS, else 0 (pads are never
+    attended to, so any id will do)."""
+    cfg = model.config
+    for pad in (getattr(tokenizer, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
+                getattr(cfg, "eos_token_id", None)):
+        if pad is not None:
+            return pad
+    return 0
+
+
+def decode_one_token(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    """One cached step: tokens [n, 1] at per-row cache slots input_pos [n, 1] -> logits [n, V] (float32)."""
+    return model(tokens, input_pos=input_pos)[:, -1].float()
+
+
+def _compile(fn: Any, device: torch.device) -> Any:
+    # CUDA graphs ("reduce-overhead") need CUDA; on CPU the default inductor mode is the one that pays off.
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(fn, mode=mode, fullgraph=True)
+
+
+class DecodeEngine:
+    """Prefill and decode over a decoder's KV-cache pool. Not thread-safe: one thread drives it.
+
+    compile=True wraps the decode step in torch.compile; decode then always attends over the whole pool (one
+    shape per pool size) instead of a bucketed view.
+    """
+
+    def __init__(self, model: nn.Module, pad_id: int, *, compile: bool = False) -> None:
+        self.model, self.pad_id, self.compiled = model, pad_id, compile
+        self.device = model.device
+        self.step_fn = _compile(decode_one_token, self.device) if compile else decode_one_token
+        self._view: tuple[int, int] | None = None  # (rows, slots) of the cache view the model attends over
+
+    @property
+    def slots(self) -> int:
+        """Slots per row of the pool (0 without one)."""
+        shape = self.model.cache_shape()
+        return shape[1] if shape is not None else 0
+
+    def reserve(self, rows: int, slots: int) -> None:
+        """Make the pool [rows, slots]; an existing pool of that size (and its compiled graph) is kept."""
+        if self.model.cache_shape() != (rows, slots, self.model.dtype):
+            self.model.setup_cache(rows, slots)
+            self._view = None
+
+    def _use(self, rows: slice, slots: int) -> None:
+        key = (rows.start or 0, rows.stop, slots)
+        if self._view != key:
+            self.model.use_cache_rows(rows, slots)
+            self._view = key
+
+    def prefill(self, start: int, prompts: list[list[int]]) -> Tensor:
+        """Write `prompts` into pool rows start.. at slots 0..T-1; -> logits of each first new token [k, V]."""
+        k, T = len(prompts), max(map(len, prompts))
+        dev = self.device
+        tokens = torch.tensor([p + [self.pad_id] * (T - len(p)) for p in prompts], device=dev)  # [k, T]
+        # The rows' whole length: the model attends over the written slots only (kv_len = T), and a compiled
+        # decode over the whole pool keeps the same view (and graph) from call to call.
+        self._use(slice(start, start + k), self.slots)
+        input_pos = torch.arange(T, device=dev)  # [T]: causal over slots 0..T-1
+        if all(len(p) == T for p in prompts):
+            hidden = self.model(tokens, input_pos=input_pos, last_only=True, return_hidden=True)[:, -1]  # [k, C]
+        else:
+            hidden = self.model(tokens, input_pos=input_pos, return_hidden=True)  # [k, T, C]
+            last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+            hidden = hidden[torch.arange(k, device=dev), last]  # [k, C]: each prompt's last token
+        return self.model.head(hidden).float()  # [k, V]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> Tensor:
+        """Feed tokens[i] to pool row i at slot positions[i]; -> next-token logits [n, V] (float32)."""
+        n = len(tokens)
+        slots = self.slots if self.compiled else cache_len(max(positions) + 1, self.slots, SLOT_BUCKET)
+        self._use(slice(0, n), slots)
+        dev = self.device
+        token_t = torch.tensor(tokens, device=dev)[:, None]  # [n, 1]
+        input_pos = torch.tensor(positions, device=dev)[:, None]  # [n, 1]: each row's own slot
+        return self.step_fn(self.model, token_t, input_pos)
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of row `src` into row `dst` (a choice's prompt; a retired row's hole)."""
+        self.model.copy_cache_row(src, dst, length)
+
+    def reorder(self, rows: Tensor) -> None:
+        """Beam search: row i of the pool becomes row rows[i] ([n])."""
+        self.model.reorder_cache(rows)
+
+    def release(self) -> None:
+        self.model.clear_cache()
+        self._view = None
