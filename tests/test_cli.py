@@ -24,6 +24,7 @@ from cli_helpers import CHATML, ENV, assert_one_line_error, run_cli, run_module
 from lmstack.checkpoints import REGISTRY, load_model
 from lmstack.cli import VERBS, Group, Verb, resolve
 from lmstack.config import PRESETS, from_name
+from lmstack.generation.sampling import SamplingOptions
 from lmstack.generation import chat as generation_chat
 from lmstack.models import build_model
 
@@ -253,7 +254,9 @@ def test_generate_json_and_stream_agree(tiny: Path) -> None:
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     assert set(out) == {"text", "prompt_tokens", "new_tokens", "load_s", "prefill_tokens_per_s",
-                        "decode_tokens_per_s", "finish_reason"}
+                        "decode_tokens_per_s", "finish_reason", "dtype"}
+    from lmstack.checkpoints.load import auto_dtype
+    assert out["dtype"] == str(auto_dtype("cpu")).removeprefix("torch.")  # --dtype auto, the default, says what it chose
     loaded = load_model(str(tiny), dtype="float32")
     assert out["prompt_tokens"] == len(loaded.tokenizer.encode("hello world"))
     assert 1 <= out["new_tokens"] <= 8 and out["finish_reason"] in ("stop", "length")
@@ -263,7 +266,7 @@ def test_generate_json_and_stream_agree(tiny: Path) -> None:
 
 
 def test_generate_beam_search_matches_api(tiny: Path) -> None:
-    args = dict(prompt="hello world", model=str(tiny), max_new_tokens=6, num_beams=3)
+    args = dict(prompt="hello world", model=str(tiny), sampling=SamplingOptions(max_new_tokens=6, num_beams=3))
     expected = generation_chat.generate(**args).text
     result = run_cli("generate", "--model", tiny, "--prompt", "hello world", "--max-new-tokens", "6",
                      "--num-beams", "3")
@@ -273,8 +276,9 @@ def test_generate_beam_search_matches_api(tiny: Path) -> None:
 
 def test_chat_through_a_pipe(tiny: Path) -> None:
     # After /reset the second turn starts a fresh conversation, so each reply equals a one-turn --chat answer.
-    first = generation_chat.generate(prompt="hello world", model=str(tiny), chat=True, max_new_tokens=6).text
-    second = generation_chat.generate(prompt="how are you", model=str(tiny), chat=True, max_new_tokens=6).text
+    six = SamplingOptions(max_new_tokens=6)
+    first = generation_chat.generate(prompt="hello world", model=str(tiny), chat=True, sampling=six).text
+    second = generation_chat.generate(prompt="how are you", model=str(tiny), chat=True, sampling=six).text
     script = "hello world\n/reset\nhow are you\n/exit\nthis line is never answered\n"
     proc = run_module("chat", "--model", tiny, "--max-new-tokens", "6", input=script)
     assert proc.returncode == 0, proc.stderr
@@ -306,7 +310,8 @@ def test_chat_turn_error_keeps_going(tiny: Path) -> None:
     assert proc.exit_code == 1  # a turn failed
     assert "error: prompt is" in proc.stderr and "Traceback" not in proc.stderr
     # The failed turn left no history behind: the next reply is a one-turn answer.
-    expected = generation_chat.generate(prompt="hello world", model=str(tiny), chat=True, max_new_tokens=4).text
+    four = SamplingOptions(max_new_tokens=4)
+    expected = generation_chat.generate(prompt="hello world", model=str(tiny), chat=True, sampling=four).text
     assert proc.stdout == expected + "\n"
 
 

@@ -245,7 +245,7 @@ def test_eval_cli_end_to_end(tiny: Path, tiny_tasks: Path, tmp_path: Path) -> No
     tasks = ",".join(str(tiny_tasks / f) for f in ("mc.yaml", "gen.yaml", "ppl.yaml", "ll.yaml"))
     out = tmp_path / "report"
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny), "--tasks", tasks, "--out", str(out),
-                                      "--json", "--no-progress", "--seed", "5"])
+                                      "--json", "--no-progress", "--seed", "5", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert set(summary) == {"tiny-mc", "tiny-gen", "tiny-ppl", "tiny-ll"}
@@ -272,7 +272,7 @@ def test_eval_cli_end_to_end(tiny: Path, tiny_tasks: Path, tmp_path: Path) -> No
 
     # Same seed, same numbers; the text table prints the sacreBLEU signature.
     again = CliRunner().invoke(app, ["eval", "--model", str(tiny), "--tasks", tasks, "--json", "--no-progress",
-                                     "--seed", "5"])
+                                     "--seed", "5", "--dtype", "float32"])
     assert json.loads(again.stdout) == summary
     table = CliRunner().invoke(app, ["eval", "--model", str(tiny), "--tasks", str(tiny_tasks / "gen.yaml"),
                                      "--no-progress", "--limit", "2"])

@@ -19,6 +19,7 @@ from cli_helpers import assert_one_line_error, run_cli, tiny_tokenizer
 
 from lmstack.checkpoints import REGISTRY, load_model, read_safetensors, save_native
 from lmstack.config import from_name
+from lmstack.generation.sampling import SamplingOptions
 from lmstack.generation import chat as generation_chat
 from lmstack.models import build_model
 from lmstack.peft.lora import LoRALinear, disable_adapter
@@ -107,7 +108,8 @@ def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path
     for key, value in tuned.model.state_dict().items():
         if key in adapter:
             assert torch.equal(value, adapter[key]), key
-    generated = generate(prompt="hello", model=str(tiny), adapter=str(out), max_new_tokens=3)
+    generated = generate(prompt="hello", model=str(tiny), adapter=str(out),
+                         sampling=SamplingOptions(max_new_tokens=3))
     assert generated.new_tokens >= 1  # generation runs through every method's wrapper
     with disable_adapter(tuned.model):
         off = _logits(tuned.model, TOKENS)
@@ -228,7 +230,8 @@ def test_generate_and_chat_run_the_adapter_unmerged(tiny: Path, lora_dir: Path) 
     flags = ["--prompt", "hello", "--max-new-tokens", "6", "--json"]
     with_adapter = run_cli("generate", "--model", tiny, "--adapter", lora_dir, *flags)
     assert with_adapter.exit_code == 0, with_adapter.stderr
-    api = generate(prompt="hello", model=str(tiny), adapter=str(lora_dir), max_new_tokens=6)
+    api = generate(prompt="hello", model=str(tiny), adapter=str(lora_dir),
+                   sampling=SamplingOptions(max_new_tokens=6))
     assert json.loads(with_adapter.stdout)["text"] == api.text
     # --model defaults to the adapter's recorded base
     default_base = run_cli("generate", "--adapter", lora_dir, *flags)

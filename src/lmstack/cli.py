@@ -173,7 +173,7 @@ def _call_print_json(fn: Callable[..., Any], **kwargs: Any) -> None:
 
 
 def _generate(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
-    stream = not as_json and kwargs["num_beams"] == 1
+    stream = not as_json and (kwargs["sampling"].num_beams or 1) == 1
     out = fn(**kwargs, on_text=_write if stream else None)
     if as_json:
         print(json.dumps(out.to_dict(), ensure_ascii=False))

@@ -14,7 +14,8 @@ import torch
 
 from lmstack.errors import LmstackError
 from lmstack.generation import GenerationResult
-from lmstack.generation import chat as commands
+from lmstack.checkpoints.registry import DEFAULT_MODEL
+from lmstack.generation.chat import ChatSession, generation_config, load_generator, run_generation
 
 
 def _rule(title: str) -> None:
@@ -34,17 +35,19 @@ def _stream(piece: str) -> None:
 
 def tour(model: str, max_new_tokens: int) -> None:
     print(f"Loading {model} ...", flush=True)
-    generator, loaded, load_s = commands.load_generator(model)
+    generator, loaded, load_s = load_generator(model)
     n_params = sum(p.numel() for p in loaded.model.parameters())
+    dtype = str(loaded.dtype).removeprefix("torch.")
     print(f"loaded in {load_s:.1f} s: {loaded.config.n_layer} layers, {n_params / 1e6:.0f}M parameters, "
-          f"{torch.get_num_threads()} CPU threads", flush=True)
+          f"{torch.get_num_threads()} CPU threads, dtype {dtype} (--dtype auto: bfloat16 where the CPU has native "
+          "bf16, else float32)", flush=True)
 
     def run(title: str, prompt: str | list[int], shown: str, **sampling: object) -> None:
         _rule(title)
         print(f"prompt: {shown}\n", flush=True)
-        cfg = commands.generation_config(max_new_tokens=max_new_tokens, **sampling)
+        cfg = generation_config(max_new_tokens=max_new_tokens, **sampling)
         start = time.perf_counter()
-        result = commands.run_generation(generator, prompt, cfg, on_text=_stream)
+        result = run_generation(generator, prompt, cfg, on_text=_stream)
         print()
         _timings(result, time.perf_counter() - start)
 
@@ -57,7 +60,7 @@ def tour(model: str, max_new_tokens: int) -> None:
     run("3. beam search (4 beams; the text appears at the end)", chat_ids, f"[chat] {question}", num_beams=4)
 
     _rule("4. streamed chat, two turns (the second sees the first)")
-    session = commands.ChatSession(generator, commands.generation_config(max_new_tokens=max_new_tokens),
+    session = ChatSession(generator, generation_config(max_new_tokens=max_new_tokens),
                                    context=loaded.config.max_seq_len)
     for turn in [question, "And what is a famous landmark there?"]:
         print(f"user: {turn}\nassistant: ", end="", flush=True)
@@ -76,7 +79,7 @@ def tour(model: str, max_new_tokens: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m lmstack.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=commands.DEFAULT_MODEL, help="registry name or checkpoint path")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name or checkpoint path")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
     try:

@@ -1,4 +1,4 @@
-"""The `lmstack eval` verb: its signature is the command line (see lmstack.cli)."""
+"""The `lmstack eval` verb: its signature is the command line (see the verb table in cli.py)."""
 
 import shlex
 import sys
@@ -11,7 +11,7 @@ from lmstack.errors import LmstackError
 def evaluate(*, model: list[str], tasks: str, adapter: list[str] | None = None, limit: int | None = None,
              num_fewshot: int | None = None, seed: int | None = None, out: str | None = None,
              data_root: str | None = None, batch_size: int = 8, stride: int | None = None,
-             dtype: Literal["float32", "bfloat16"] = "float32", progress: bool = True) -> dict[str, Any]:
+             dtype: Literal["auto", "float32", "bfloat16"] = "auto", progress: bool = True) -> dict[str, Any]:
     """Evaluate one or more models on evaluation tasks; print a table, write JSON / Markdown / PNG reports.
 
     Tasks are built-in names (gsm8k, gsm8k-8shot, multi30k-en-de, multi30k-en-fr, tinyshakespeare-ppl,
@@ -30,7 +30,8 @@ def evaluate(*, model: list[str], tasks: str, adapter: list[str] | None = None, 
             ../shared/data).
         batch_size: Sequences per forward pass when scoring or generating.
         stride: Perplexity window stride in tokens (default: the task's stride).
-        dtype: Compute dtype of the weights.
+        dtype: Compute dtype of the weights: auto (bfloat16 where the CPU has native bf16 or on a GPU, else
+            float32), float32 or bfloat16.
         progress: Show progress bars on stderr.
     """
     from lmstack.evaluation.metrics import KNOWN_METRICS  # noqa: F401  (import errors surface here, early)

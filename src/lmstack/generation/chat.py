@@ -3,7 +3,7 @@ chat`), with the helpers other verbs and the demo share (generation_config, load
 ChatSession).
 
     from lmstack.generation.chat import generate
-    out = generate(prompt="Name three colours.", chat=True, max_new_tokens=32)
+    out = generate(prompt="Name three colours.", chat=True, sampling=SamplingOptions(max_new_tokens=32))
     print(out.text, out.decode_tokens_per_s)
 
 Heavy modules (torch, the models) are imported inside the functions, so `lmstack --help` starts fast.
@@ -15,14 +15,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
+from lmstack.checkpoints.registry import DEFAULT_MODEL
 from lmstack.errors import LmstackError
+from lmstack.generation.sampling import GenerationConfig, SamplingOptions, sampling_config
 
 if TYPE_CHECKING:
     from lmstack.checkpoints import LoadedModel
-    from lmstack.generation import GenerationConfig, GenerationResult, Generator
+    from lmstack.generation import GenerationResult, Generator
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-DType = Literal["float32", "bfloat16"]
+DType = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on a GPU or a CPU with native bf16, else float32
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -39,36 +40,25 @@ class GenerateOutput:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     finish_reason: str
+    dtype: str  # the compute dtype the model ran in (what --dtype auto chose)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def generation_config(max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-                      top_p: float | None = None, repetition_penalty: float = 1.0, num_beams: int = 1,
-                      seed: int | None = None, stop: list[str] | None = None,
-                      no_repeat_ngram_size: int = 0) -> "GenerationConfig":
-    """Build and validate a GenerationConfig (a LmstackError names the bad value) before any model loads."""
-    from lmstack.generation import GenerationConfig
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           repetition_penalty=repetition_penalty, num_beams=num_beams, stop=list(stop or []),
-                           seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
-    cfg.validate()
-    return cfg
+def generation_config(**values: Any) -> GenerationConfig:
+    """A validated GenerationConfig from keyword values (a LmstackError names a bad value) before any model loads."""
+    return sampling_config(SamplingOptions(**values))
 
 
-def load_generator(model: str | None, dtype: DType = "float32", compile: bool = False,
+def load_generator(model: str | None, dtype: DType = "auto", compile: bool = False,
                    adapter: str | None = None) -> tuple["Generator", "LoadedModel", float]:
     """Load `model` (registry name or path), with `adapter` applied unmerged when given, and wrap it in a
     Generator; also returns the load time in s. No model: the adapter's base, else DEFAULT_MODEL."""
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
     start = time.perf_counter()
-    if adapter is not None:
-        from lmstack.training.finetune import load_with_adapter
-        loaded = load_with_adapter(model, adapter, dtype)
-    else:
-        loaded = load_model(model or DEFAULT_MODEL, dtype=dtype)
+    loaded = load_model(model or (None if adapter else DEFAULT_MODEL), adapter=adapter, dtype=dtype)
     generator = Generator(loaded.model, loaded.tokenizer, compile=compile)
     return generator, loaded, time.perf_counter() - start
 
@@ -88,11 +78,8 @@ def run_generation(generator: "Generator", prompt: "str | list[int]", cfg: "Gene
 
 
 def generate(*, prompt: str, model: str | None = None, chat: bool = False, system: str | None = None,
-             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float = 1.0, num_beams: int = 1,
-             seed: int | None = None, stop: list[str] | None = None, dtype: DType = "float32",
-             compile: bool = False, adapter: str | None = None,
-             on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+             sampling: SamplingOptions | None = None, dtype: DType = "auto", compile: bool = False,
+             adapter: str | None = None, on_text: Callable[[str], None] | None = None) -> GenerateOutput:
     """Continue a prompt (or answer it as a chat message with --chat) and report timings.
 
     Args:
@@ -101,23 +88,17 @@ def generate(*, prompt: str, model: str | None = None, chat: bool = False, syste
             (default smollm2-135m-instruct; with --adapter, the adapter's base model).
         chat: Wrap the prompt in the model's chat template as one user turn.
         system: A system message for --chat.
-        max_new_tokens: The most tokens to generate.
-        temperature: Sampling temperature; 0 means greedy decoding.
-        top_k: Sample only from the k most likely tokens.
-        top_p: Sample from the smallest set of tokens whose probability adds up to p (0 < p <= 1).
-        repetition_penalty: Divide the logits of tokens already seen by this (1.0 = off).
-        num_beams: Beam search with this many beams (1 = off); its text is printed at the end.
-        seed: Random seed for sampling, for reproducible output.
-        stop: Stop when the text contains this string; repeat the option for more strings.
-        dtype: Compute dtype of the weights.
+        sampling: The sampling options (max_new_tokens 128 and greedy decoding unless given).
+        dtype: Compute dtype of the weights: auto (bfloat16 where the CPU has native bf16 or on a GPU, else
+            float32), float32 or bfloat16.
         compile: torch.compile the decode step (slow first call, faster after).
         adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
         on_text: Called with each new piece of text as it is decoded.
     """
-    cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, stop)
+    cfg = sampling_config(sampling)
     if system is not None and not chat:
         raise LmstackError("--system needs --chat (a plain prompt has no system message)")
-    generator, _, load_s = load_generator(model, dtype, compile, adapter)
+    generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
     source: str | list[int] = prompt
     if chat:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
@@ -126,7 +107,7 @@ def generate(*, prompt: str, model: str | None = None, chat: bool = False, syste
     return GenerateOutput(text=result.text, prompt_tokens=result.prompt_tokens, new_tokens=result.new_tokens,
                           load_s=round(load_s, 3), prefill_tokens_per_s=round(result.prefill_tokens_per_s, 1),
                           decode_tokens_per_s=round(result.decode_tokens_per_s, 1),
-                          finish_reason=result.finish_reason)
+                          finish_reason=result.finish_reason, dtype=str(loaded.dtype).removeprefix("torch."))
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -172,12 +153,9 @@ class ChatSession:
 CHAT_HELP = "/reset clears the history, /system TEXT sets the system message, /exit quits"
 
 
-def chat(*, model: str | None = None, system: str | None = None, max_new_tokens: int = 256,
-         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-         repetition_penalty: float = 1.0, num_beams: int = 1, seed: int | None = None,
-         stop: list[str] | None = None, dtype: DType = "float32", compile: bool = False,
-         adapter: str | None = None, input: TextIO | None = None, output: TextIO | None = None,
-         notices: TextIO | None = None) -> int:
+def chat(*, model: str | None = None, system: str | None = None, sampling: SamplingOptions | None = None,
+         dtype: DType = "auto", compile: bool = False, adapter: str | None = None, input: TextIO | None = None,
+         output: TextIO | None = None, notices: TextIO | None = None) -> int:
     """Chat with a model: one message per line on stdin, streamed replies on stdout, until EOF or /exit.
 
     Commands: /reset clears the history, /system TEXT sets the system message, /exit quits. Replies go to
@@ -188,15 +166,10 @@ def chat(*, model: str | None = None, system: str | None = None, max_new_tokens:
         model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder
             (default smollm2-135m-instruct; with --adapter, the adapter's base model).
         system: The system message that starts each conversation.
-        max_new_tokens: The most tokens in one reply.
-        temperature: Sampling temperature; 0 means greedy decoding.
-        top_k: Sample only from the k most likely tokens.
-        top_p: Sample from the smallest set of tokens whose probability adds up to p (0 < p <= 1).
-        repetition_penalty: Divide the logits of tokens already seen by this (1.0 = off).
-        num_beams: Beam search with this many beams (1 = off); replies then appear whole.
-        seed: Random seed for sampling, for reproducible output.
-        stop: Stop a reply when it contains this string; repeat the option for more strings.
-        dtype: Compute dtype of the weights.
+        sampling: The sampling options (max_new_tokens 256 per reply and greedy decoding unless given; with
+            beams, replies appear whole).
+        dtype: Compute dtype of the weights: auto (bfloat16 where the CPU has native bf16 or on a GPU, else
+            float32), float32 or bfloat16.
         compile: torch.compile the decode step (slow first call, faster after).
         adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
         input: Where the user's lines come from (default stdin).
@@ -204,7 +177,7 @@ def chat(*, model: str | None = None, system: str | None = None, max_new_tokens:
         notices: Where prompts, notices and per-turn errors go (default stderr).
     """
     input, output, notices = input or sys.stdin, output or sys.stdout, notices or sys.stderr
-    cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, stop)
+    cfg = sampling_config(sampling, max_new_tokens=256)
     generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
     context = getattr(loaded.model, "config", loaded.config).max_seq_len  # prompt tuning takes N positions
     session = ChatSession(generator, cfg, context=context, system=system)
@@ -219,7 +192,7 @@ def chat(*, model: str | None = None, system: str | None = None, max_new_tokens:
         output.flush()
 
     if interactive:
-        say(f"loaded {loaded.source} in {load_s:.1f} s; {CHAT_HELP}\n")
+        say(f"loaded {loaded.source} ({str(loaded.dtype).removeprefix('torch.')}) in {load_s:.1f} s; {CHAT_HELP}\n")
     failures = 0
     while True:
         if interactive:

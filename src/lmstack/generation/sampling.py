@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lmstack.errors import LmstackError
+from lmstack.runconfig import given, option_group
 from lmstack.tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -26,6 +27,22 @@ if TYPE_CHECKING:
 
 @dataclass
 class GenerationConfig:
+    """How to pick the new tokens and when to stop.
+
+    Args:
+        max_new_tokens: The most tokens to generate.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_k: Sample only from the k most likely tokens.
+        top_p: Sample from the smallest set of tokens whose probability adds up to p (0 < p <= 1).
+        repetition_penalty: Divide the logits of tokens already seen by this (1.0 = off).
+        no_repeat_ngram_size: Never repeat an n-gram of the prompt and the output (0 = off; transformers' rule).
+        num_beams: Beam search with this many beams (1 = off); the text is known only at the end.
+        length_penalty: Beam search scores finished beams by logprob / length**length_penalty.
+        stop: Stop when the text contains this string; repeat the option for more strings.
+        seed: Random seed for sampling, for reproducible output.
+        json_mode: Constrain the output to one JSON object.
+    """
+
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
@@ -317,3 +334,19 @@ def choose_tokens(seqs: list[Sequence], logits: Tensor) -> list[int | None]:
         for i, t in zip(rows, logits[rows].argmax(dim=-1).tolist()):
             tokens[i] = t
     return tokens
+
+
+# ----------------------------------------------------------------------------------------- options
+
+
+# The sampling options of every generating verb (generate, chat): GenerationConfig's fields as CLI options / YAML
+# keys / keyword arguments, each None until given.
+SamplingOptions = option_group(GenerationConfig, exclude={"json_mode"}, name="SamplingOptions")
+
+
+def sampling_config(options: Any = None, **defaults: Any) -> GenerationConfig:
+    """The validated GenerationConfig for a verb: its own `defaults`, then the options that were given."""
+    cfg = GenerationConfig(**{**defaults, **given(options)})
+    cfg.stop = list(cfg.stop or [])
+    cfg.validate()
+    return cfg

@@ -15,8 +15,8 @@ faithfulness). This module imports nothing heavy, so the CLI can read these sign
 from collections.abc import Callable
 from typing import Any, Literal, TextIO
 
-DEFAULT_EMBEDDING_MODEL = "minilm-l6"
-DEFAULT_ANSWER_MODEL = "smollm2-135m-instruct"
+from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
+from lmstack.checkpoints.registry import DEFAULT_MODEL as DEFAULT_ANSWER_MODEL
 
 
 def rag_index(paths: list[str], *, index: str, backend: Literal["sqlite", "milvus"] | None = None,
@@ -112,7 +112,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             min_score: float = 0.48, bm25_weight: float = 1.0, vector_weight: float = 1.0,
             source: str | None = None, path_prefix: str | None = None, since: str | None = None,
             until: str | None = None, date_field: Literal["ingested", "mtime"] = "ingested",
-            embedding_model: str | None = None, dtype: Literal["float32", "bfloat16"] = "bfloat16",
+            embedding_model: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto",
             on_text: Callable[[str], None] | None = None, output: TextIO | None = None) -> dict[str, Any]:
     """Answer a question from the indexed documents in one or two sentences citing them as [n]; "I don't know"
     when they do not help.
@@ -149,7 +149,8 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         until: Only documents dated on or before this ISO date.
         date_field: Which date since/until read: ingested (ingest time) or mtime (file modification time).
         embedding_model: Must be the index's model when given (a mismatch is refused).
-        dtype: Compute dtype of the answering model.
+        dtype: Compute dtype of the answering model: auto (bfloat16 where the CPU has native bf16), float32 or
+            bfloat16.
         on_text: Called with each piece of the answer as it is produced (with stream).
         output: Where to print the answer and its cited sources (the CLI passes stdout; None prints nothing).
     """

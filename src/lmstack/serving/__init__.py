@@ -35,7 +35,7 @@ def serve(*, model: str = "smollm2-135m-instruct", adapter: list[str] | None = N
           api_key: str | None = None, api_key_file: str | None = None, max_batch: int = 8,
           max_tokens: int = 1024, max_prompt_tokens: int = 4096, context: int = 2048,
           max_body_bytes: int = 1 << 20, rate_limit: float = 0.0, max_concurrent: int = 0,
-          timeout: float = 600.0, feedback: str = "feedback.jsonl", dtype: Literal["float32", "bfloat16"] = "float32",
+          timeout: float = 600.0, feedback: str = "feedback.jsonl", dtype: Literal["auto", "float32", "bfloat16"] = "auto",
           rag_index: list[str] | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings) with a web chat at /.
 
@@ -56,7 +56,8 @@ def serve(*, model: str = "smollm2-135m-instruct", adapter: list[str] | None = N
         max_concurrent: Requests in flight per API key (0 = unlimited); 429 with Retry-After beyond.
         timeout: Seconds a request may take before it is cancelled (408).
         feedback: The JSONL file that thumbs and A-vs-B preference records from the web page go to.
-        dtype: Compute dtype of the generation model (float32 or bfloat16).
+        dtype: Compute dtype of the weights: auto (bfloat16 where the CPU has native bf16 or on a GPU, else
+            float32), float32 or bfloat16.
         rag_index: A RAG index (see `rag index`) served as the chat model "rag:<index name>", answering with
             citations; repeat for more.
     """
