@@ -18,12 +18,12 @@ from lmstack.io import atomic_write_json
 
 def matmul_params(model: nn.Module) -> int:
     """Parameters that take part in matmuls: everything but embedding lookups and 1-D tensors (norms, biases)."""
+    from lmstack.models.blocks import TiedHead
     from lmstack.models.seq2seq import RelativePositionBias  # a lookup table too (T5's relative positions)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, RelativePositionBias))}
     n = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings)
-    from lmstack.models.blocks import TiedHead
-    if isinstance(getattr(model, "lm_head", None), TiedHead):  # a tied head reuses the embedding matrix as a matmul
-        n += model.lm_head.weight.numel()
+    if any(isinstance(m, TiedHead) for m in model.modules()):  # a tied head reuses the [V, C] table as a matmul
+        n += model.config.vocab_size * model.config.d_model
     return n
 
 
