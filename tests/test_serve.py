@@ -461,9 +461,10 @@ def test_cli_serves_with_a_key_file(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--port", str(port), "--api-key-file",
-                             str(keys), "--embedding-model", "", "--max-batch", "2", "--context", "256"],
+                             str(keys), "--embedding-model", "", "--max-batch", "2", "--context", "256",
+                             "--access-log", "--feedback", str(tmp_path / "feedback.jsonl")],
                             env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-                            stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
@@ -484,3 +485,77 @@ def test_cli_serves_with_a_key_file(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    log, access = proc.stderr.read(), proc.stdout.read()
+    assert f"ready at http://127.0.0.1:{port}/" in log  # once it accepts connections
+    assert "warning" not in log and "Traceback" not in log
+    assert '"GET /v1/models HTTP/1.1" 401' in access and '"POST /v1/chat/completions HTTP/1.1" 200' in access
+
+
+# ------------------------------------------------------------------- start-up failures (issue 13)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(reference, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (loads in a blink), and a LoRA adapter trained on a
+    different base (another width), for the start-up checks."""
+    from lmstack.checkpoints import save_native
+    from lmstack.config import from_name
+    from lmstack.models import build_model
+    from lmstack.peft.lora import apply_lora
+    from lmstack.peft.methods import PeftSpec, save_adapter
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny")
+    vocab = reference.tokenizer.vocab_size
+    path = save_native(build_model(from_name("tiny-llama", vocab_size=vocab, max_seq_len=256)).eval(),
+                       reference.tokenizer, folder / "tiny-chat")
+    other = apply_lora(build_model(from_name("tiny-llama", vocab_size=vocab, d_model=96, max_seq_len=256)),
+                       rank=2, alpha=4.0, targets=["q", "v"])
+    wrong = save_adapter(other, PeftSpec(method="lora", rank=2, alpha=4.0, targets=["q", "v"]), folder / "wrong",
+                         base_model="tiny-llama-96")
+    return path, wrong
+
+
+def _invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from lmstack.cli import app
+    return CliRunner().invoke(app, ["serve", *args])
+
+
+def test_a_failed_load_is_an_error_and_exit_1(tiny_chat, tmp_path):
+    """Issue 13: serve used to stay up answering 503 "failed" forever; now the load runs before listening and a
+    failure ends the process with one `error:` line."""
+    model, wrong_base = tiny_chat
+    gguf = tmp_path / "truncated.gguf"
+    with open(resolve(MODEL), "rb") as f:
+        gguf.write_bytes(f.read(1 << 20))
+    qlora = tmp_path / "qlora"
+    qlora.mkdir()
+    (qlora / "adapter.json").write_text(json.dumps({"format": "lmstack-adapter-v1", "peft": {"method": "qlora"}}))
+    common = ("--port", "1", "--feedback", str(tmp_path / "f.jsonl"))  # port 1: never reached, the load fails first
+    for args, needle in (((str(gguf), "--embedding-model", ""), "truncated"),
+                         ((str(model), "--embedding-model", "", "--adapter", f"w={wrong_base}"), "does not match the base model"),
+                         ((str(model), "--embedding-model", "", "--adapter", f"q={qlora}"), "is a qlora adapter"),
+                         ((str(model), "--embedding-model", str(model)), "not a sentence encoder")):
+        r = _invoke("--model", *args, *common)
+        assert r.exit_code == 1, (args, r.stderr)
+        assert r.stderr.splitlines()[-1].startswith("error: cannot serve") and needle in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and "ready" not in r.stderr
+        assert "warning: no API key" in r.stderr  # no keys at all: a warning, even on 127.0.0.1
+    assert not (tmp_path / "f.jsonl").exists()  # the writability check leaves nothing behind
+
+
+def test_empty_keys_and_an_unwritable_feedback_file_are_refused(tmp_path):
+    """Issue 13: `--api-key ""` served without authentication; an unwritable --feedback gave a 500 per POST."""
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# only a comment\n\n")
+    (tmp_path / "readonly").mkdir()
+    for args, needle in ((["--api-key", ""], "--api-key is empty"),
+                         (["--api-key", "  "], "--api-key is empty"),
+                         (["--api-key", "k", "--api-key-file", str(empty)], "no API keys in the file"),
+                         (["--feedback", str(tmp_path)], "is a folder"),
+                         (["--feedback", str(empty / "f.jsonl")], "--feedback"),  # under a file
+                         (["--context", "256", "--max-prompt-tokens", "300"], "must be below --context")):
+        r = _invoke(*args, "--port", "1")
+        assert r.exit_code == 1 and needle in r.stderr, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")

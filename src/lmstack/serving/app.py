@@ -9,23 +9,27 @@ FastAPI's validation, unknown routes - leaves as OpenAI's `{"error": {"message",
 
 from __future__ import annotations
 
+import socket
+import sys
 import threading
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmstack.errors import LmstackError
 from lmstack.serving import schema as S
 from lmstack.serving.engine import Engine
 from lmstack.serving.gate import ApiError, Gate, Settings, error_response
 from lmstack.serving.metrics import CONTENT_TYPE
 from lmstack.serving.openai import Service
 
-__all__ = ["Settings", "create_app"]
+__all__ = ["ReadyServer", "Settings", "create_app"]
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -154,6 +158,19 @@ def create_app(engine: Engine, settings: Settings | None = None, *, load: bool =
         return HTMLResponse(CHAT_PAGE)
 
     return app
+
+
+class ReadyServer(uvicorn.Server):
+    """uvicorn's server that prints one line (`ready`) once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, ready: str) -> None:
+        super().__init__(config)
+        self.ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self.ready, file=sys.stderr, flush=True)
 
 
 CHAT_PAGE = resources.files("lmstack.serving").joinpath("chat.html").read_text(encoding="utf-8")
