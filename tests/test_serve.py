@@ -318,6 +318,45 @@ def test_bad_requests_get_openai_errors(server, client):
         client.chat.completions.create(model="nope", messages=ask("hi"), max_tokens=2)
 
 
+def test_openai_client_fields_are_accepted_and_tools_refused(server, client, reference):
+    """Issue 13: fields the official client and frameworks send (store, metadata, service_tier,
+    parallel_tool_calls, an empty tools list, tool_choice none/auto) are accepted; real tools are a clear 400."""
+    expected = alone(reference, ask("hi"), max_new_tokens=2, temperature=0.0).text
+    for extra in ({"store": False, "metadata": {"run": "a"}, "service_tier": "auto", "parallel_tool_calls": False},
+                  {"tools": [], "tool_choice": "none"}, {"tool_choice": "auto"}):
+        r = client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2, temperature=0, **extra)
+        assert r.choices[0].message.content == expected, extra
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    for extra, param in (({"tools": [tool]}, "tools"), ({"tool_choice": "required"}, "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2, **extra)
+        assert e.value.body["param"] == param and "tool calling is not supported" in e.value.body["message"]
+
+
+def test_validation_errors_name_the_field_and_the_limit(server, client):
+    """Issue 13: messages in plain words with the field and the limit, never pydantic's union-member names."""
+    chat = {"model": MODEL, "messages": ask("hi"), "max_tokens": 2}
+    for body, param, words in (({**chat, "stop": "x" * 300}, "stop", "at most 256 characters"),
+                               ({**chat, "stop": ["a"] * 5}, "stop", "at most 4 items"),
+                               ({**chat, "stop": 5}, "stop", "should be a string or a list"),
+                               ({**chat, "temperature": 5}, "temperature", "less than or equal to 2"),
+                               ({**chat, "messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+                                "should be a string or a list"),
+                               ({**chat, "surprise": 1}, "surprise", "unknown field")):
+        error = _error(_post(server, "/v1/chat/completions", body), 422)
+        assert error["param"] == param and error["message"].startswith(f"{param}: ") and words in error["message"]
+        assert not any(internal in error["message"] for internal in ("constrained", "list[", "function-", "str."))
+    error = _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": "word " * 400}), 400)
+    assert error["param"] == "prompt" and "prompt" in error["message"] and "messages" not in error["message"]
+    assert _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": [[]]}), 422)["param"] == "prompt.0"
+    long_chat = _error(_post(server, "/v1/chat/completions", {**chat, "messages": ask("word " * 400)}), 400)
+    assert long_chat["param"] == "messages" and "at most 300" in long_chat["message"]
+    for empty in ("", [], ["a", ""]):  # as OpenAI: a 400
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model="minilm-l6", input=empty)
+        assert e.value.body["param"] == "input"
+
+
 def test_rate_limit_and_concurrency_cap_answer_429(engine, tmp_path):
     settings = Settings(api_keys=[KEY, "other"], rate_limit=2, max_tokens=64, feedback_path=tmp_path / "f.jsonl")
     body = {"model": MODEL, "prompt": "a", "max_tokens": 1, "temperature": 0}
@@ -387,7 +426,7 @@ def test_only_lora_adapters_are_served_side_by_side(tmp_path):
 def test_health_is_503_while_loading(tmp_path):
     from fastapi.testclient import TestClient
     loading = Engine(MODEL, {}, None)
-    app = create_app(loading, Settings(api_keys=[KEY], feedback_path=tmp_path / "f.jsonl"), load=False)
+    app = create_app(loading, Settings(api_keys=[KEY], feedback_path=tmp_path / "f.jsonl"))
     with TestClient(app) as tc:
         r = tc.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
@@ -414,6 +453,16 @@ def test_metrics_and_feedback(server, client, feedback_path):
     assert records[-2]["chosen"] == "Hello!" and records[-2]["rejected"] == "Go away."
     assert records[-2]["prompt"] == ask("hi") and records[-2]["kind"] == "pairwise"
     assert records[-1]["rating"] == -1 and records[-1]["kind"] == "rating"
+
+
+def test_feedback_that_cannot_be_written_is_503_not_500(engine, tmp_path):
+    """Issue 13: serve checks --feedback at start-up; should the file become unwritable later (here: a folder
+    in its place), the route says so with a 503 in one line, never a 500."""
+    settings = Settings(api_keys=[KEY], feedback_path=tmp_path / "feedback.jsonl")
+    (tmp_path / "feedback.jsonl").mkdir()
+    with ServerThread(create_app(engine, settings)) as srv:
+        error = _error(_post(srv, "/v1/feedback", {"model": MODEL, "prompt": "hi", "rating": 1, "chosen": "x"}), 503)
+        assert error["code"] == "feedback_unwritable" and "could not be saved" in error["message"]
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -478,6 +527,8 @@ def test_cli_serves_with_a_key_file(tmp_path):
         r = c.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k3"}).status_code == 401
+        with pytest.raises(openai.BadRequestError, match="at most 255"):  # the default: --context - 1
+            c.completions.create(model=MODEL, prompt=[1] * 300, max_tokens=1)
         external = _external_address()
         if external is not None:  # bound to 127.0.0.1 only: another interface of this machine refuses
             with pytest.raises(httpx.ConnectError):
