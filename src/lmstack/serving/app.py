@@ -36,7 +36,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in ((400, "Bad request"), (401, "Missing or invalid API key"), (404, "Unknown model"),
                          (408, "Timed out"), (413, "Body too large"), (422, "Invalid request"),
                          (429, "Rate limited"), (503, "Not ready"))}
-STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# A streamed reply: server-sent events. Before OpenAPI 3.2, `schema` describes one event (its fields), each
+# `data` a JSON chunk (ChatCompletionChunk or Completion), an error body, or "[DONE]".
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                            "retry": {"type": "integer"}}}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 _BARE_TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}
