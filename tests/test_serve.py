@@ -610,3 +610,6 @@ def test_empty_keys_and_an_unwritable_feedback_file_are_refused(tmp_path):
         r = _invoke(*args, "--port", "1")
         assert r.exit_code == 1 and needle in r.stderr, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    from lmstack.errors import LmstackError
+    with pytest.raises(LmstackError, match="cannot be empty"):  # the library's way in is guarded too
+        Settings(api_keys=["k", ""])

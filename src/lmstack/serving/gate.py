@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from lmstack.errors import LmstackError
 from lmstack.serving import schema as S
 from lmstack.serving.metrics import Metrics
 
@@ -41,6 +42,10 @@ class Settings:
     max_concurrent: int = 0  # requests in flight per key (0 = off)
     request_timeout_s: float = 600.0
     feedback_path: Path = Path("feedback.jsonl")
+
+    def __post_init__(self) -> None:
+        if any(not key.strip() for key in self.api_keys):  # "" would let an empty bearer token in
+            raise LmstackError("an API key cannot be empty")
 
 
 class ApiError(Exception):
