@@ -349,6 +349,8 @@ def test_validation_errors_name_the_field_and_the_limit(server, client):
     error = _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": "word " * 400}), 400)
     assert error["param"] == "prompt" and "prompt" in error["message"] and "messages" not in error["message"]
     assert _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": [[]]}), 422)["param"] == "prompt.0"
+    error = _error(_post(server, "/v1/chat/completions", {**chat, "max_tokens": None, "max_completion_tokens": 65}), 400)
+    assert error["param"] == "max_completion_tokens" and "(64)" in error["message"]
     long_chat = _error(_post(server, "/v1/chat/completions", {**chat, "messages": ask("word " * 400)}), 400)
     assert long_chat["param"] == "messages" and "at most 300" in long_chat["message"]
     for empty in ("", [], ["a", ""]):  # as OpenAI: a 400

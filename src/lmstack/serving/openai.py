@@ -84,7 +84,8 @@ class Service:
             raise ApiError(400, f"n={body.n} is more than this server's batch ({sched.max_batch})", "n")
         limit = self.settings.max_tokens
         if max_tokens is not None and max_tokens > limit:
-            raise ApiError(400, f"max_tokens={max_tokens} is more than this server allows ({limit})", "max_tokens")
+            name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise ApiError(400, f"{name}={max_tokens} is more than this server allows ({limit})", name)
         for ids in prompts:
             if not ids:
                 raise ApiError(400, f"{field}: the prompt is empty", field)
