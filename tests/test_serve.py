@@ -349,7 +349,8 @@ def test_validation_errors_name_the_field_and_the_limit(server, client):
     error = _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": "word " * 400}), 400)
     assert error["param"] == "prompt" and "prompt" in error["message"] and "messages" not in error["message"]
     assert _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": [[]]}), 422)["param"] == "prompt.0"
-    error = _error(_post(server, "/v1/chat/completions", {**chat, "max_tokens": None, "max_completion_tokens": 65}), 400)
+    over = {**chat, "max_tokens": None, "max_completion_tokens": 65}
+    error = _error(_post(server, "/v1/chat/completions", over), 400)
     assert error["param"] == "max_completion_tokens" and "(64)" in error["message"]
     long_chat = _error(_post(server, "/v1/chat/completions", {**chat, "messages": ask("word " * 400)}), 400)
     assert long_chat["param"] == "messages" and "at most 300" in long_chat["message"]
@@ -587,7 +588,8 @@ def test_a_failed_load_is_an_error_and_exit_1(tiny_chat, tmp_path):
     (qlora / "adapter.json").write_text(json.dumps({"format": "lmstack-adapter-v1", "peft": {"method": "qlora"}}))
     common = ("--port", "1", "--feedback", str(tmp_path / "f.jsonl"))  # port 1: never reached, the load fails first
     for args, needle in (((str(gguf), "--embedding-model", ""), "truncated"),
-                         ((str(model), "--embedding-model", "", "--adapter", f"w={wrong_base}"), "does not match the base model"),
+                         ((str(model), "--embedding-model", "", "--adapter", f"w={wrong_base}"),
+                          "does not match the base model"),
                          ((str(model), "--embedding-model", "", "--adapter", f"q={qlora}"), "is a qlora adapter"),
                          ((str(model), "--embedding-model", str(model)), "not a sentence encoder")):
         r = _invoke("--model", *args, *common)

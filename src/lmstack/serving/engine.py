@@ -1,8 +1,9 @@
 """What the server serves: the base model + LoRA adapters behind one Scheduler, and the sentence encoder.
 
 `Engine.load()` does the slow part (weights, adapters, the cache pool); `serve` runs it before listening, and
-an app over an engine that is not loaded answers 503 ("loading" or "failed") on /health and the API. Model names follow OpenAI's `model` field: the
-base model's name, `base:adapter` for an adapter, and the embedding model's name.
+an app over an engine that is not loaded answers 503 ("loading" or "failed") on /health and the API. Model
+names follow OpenAI's `model` field: the base model's name, `base:adapter` for an adapter, and the embedding
+model's name.
 """
 
 from __future__ import annotations
