@@ -318,6 +318,48 @@ def test_bad_requests_get_openai_errors(server, client):
         client.chat.completions.create(model="nope", messages=ask("hi"), max_tokens=2)
 
 
+def test_openai_client_fields_are_accepted_and_tools_refused(server, client, reference):
+    """Issue 13: fields the official client and frameworks send (store, metadata, service_tier,
+    parallel_tool_calls, an empty tools list, tool_choice none/auto) are accepted; real tools are a clear 400."""
+    expected = alone(reference, ask("hi"), max_new_tokens=2, temperature=0.0).text
+    for extra in ({"store": False, "metadata": {"run": "a"}, "service_tier": "auto", "parallel_tool_calls": False},
+                  {"tools": [], "tool_choice": "none"}, {"tool_choice": "auto"}):
+        r = client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2, temperature=0, **extra)
+        assert r.choices[0].message.content == expected, extra
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    for extra, param in (({"tools": [tool]}, "tools"), ({"tool_choice": "required"}, "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2, **extra)
+        assert e.value.body["param"] == param and "tool calling is not supported" in e.value.body["message"]
+
+
+def test_validation_errors_name_the_field_and_the_limit(server, client):
+    """Issue 13: messages in plain words with the field and the limit, never pydantic's union-member names."""
+    chat = {"model": MODEL, "messages": ask("hi"), "max_tokens": 2}
+    for body, param, words in (({**chat, "stop": "x" * 300}, "stop", "at most 256 characters"),
+                               ({**chat, "stop": ["a"] * 5}, "stop", "at most 4 items"),
+                               ({**chat, "stop": 5}, "stop", "should be a string or a list"),
+                               ({**chat, "temperature": 5}, "temperature", "less than or equal to 2"),
+                               ({**chat, "messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+                                "should be a string or a list"),
+                               ({**chat, "surprise": 1}, "surprise", "unknown field")):
+        error = _error(_post(server, "/v1/chat/completions", body), 422)
+        assert error["param"] == param and error["message"].startswith(f"{param}: ") and words in error["message"]
+        assert not any(internal in error["message"] for internal in ("constrained", "list[", "function-", "str."))
+    error = _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": "word " * 400}), 400)
+    assert error["param"] == "prompt" and "prompt" in error["message"] and "messages" not in error["message"]
+    assert _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": [[]]}), 422)["param"] == "prompt.0"
+    over = {**chat, "max_tokens": None, "max_completion_tokens": 65}
+    error = _error(_post(server, "/v1/chat/completions", over), 400)
+    assert error["param"] == "max_completion_tokens" and "(64)" in error["message"]
+    long_chat = _error(_post(server, "/v1/chat/completions", {**chat, "messages": ask("word " * 400)}), 400)
+    assert long_chat["param"] == "messages" and "at most 300" in long_chat["message"]
+    for empty in ("", [], ["a", ""]):  # as OpenAI: a 400
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model="minilm-l6", input=empty)
+        assert e.value.body["param"] == "input"
+
+
 def test_rate_limit_and_concurrency_cap_answer_429(engine, tmp_path):
     settings = Settings(api_keys=[KEY, "other"], rate_limit=2, max_tokens=64, feedback_path=tmp_path / "f.jsonl")
     body = {"model": MODEL, "prompt": "a", "max_tokens": 1, "temperature": 0}
@@ -387,7 +429,7 @@ def test_only_lora_adapters_are_served_side_by_side(tmp_path):
 def test_health_is_503_while_loading(tmp_path):
     from fastapi.testclient import TestClient
     loading = Engine(MODEL, {}, None)
-    app = create_app(loading, Settings(api_keys=[KEY], feedback_path=tmp_path / "f.jsonl"), load=False)
+    app = create_app(loading, Settings(api_keys=[KEY], feedback_path=tmp_path / "f.jsonl"))
     with TestClient(app) as tc:
         r = tc.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
@@ -414,6 +456,16 @@ def test_metrics_and_feedback(server, client, feedback_path):
     assert records[-2]["chosen"] == "Hello!" and records[-2]["rejected"] == "Go away."
     assert records[-2]["prompt"] == ask("hi") and records[-2]["kind"] == "pairwise"
     assert records[-1]["rating"] == -1 and records[-1]["kind"] == "rating"
+
+
+def test_feedback_that_cannot_be_written_is_503_not_500(engine, tmp_path):
+    """Issue 13: serve checks --feedback at start-up; should the file become unwritable later (here: a folder
+    in its place), the route says so with a 503 in one line, never a 500."""
+    settings = Settings(api_keys=[KEY], feedback_path=tmp_path / "feedback.jsonl")
+    (tmp_path / "feedback.jsonl").mkdir()
+    with ServerThread(create_app(engine, settings)) as srv:
+        error = _error(_post(srv, "/v1/feedback", {"model": MODEL, "prompt": "hi", "rating": 1, "chosen": "x"}), 503)
+        assert error["code"] == "feedback_unwritable" and "could not be saved" in error["message"]
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -461,9 +513,10 @@ def test_cli_serves_with_a_key_file(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--port", str(port), "--api-key-file",
-                             str(keys), "--embedding-model", "", "--max-batch", "2", "--context", "256"],
+                             str(keys), "--embedding-model", "", "--max-batch", "2", "--context", "256",
+                             "--access-log", "--feedback", str(tmp_path / "feedback.jsonl")],
                             env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-                            stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
@@ -477,6 +530,8 @@ def test_cli_serves_with_a_key_file(tmp_path):
         r = c.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k3"}).status_code == 401
+        with pytest.raises(openai.BadRequestError, match="at most 255"):  # the default: --context - 1
+            c.completions.create(model=MODEL, prompt=[1] * 300, max_tokens=1)
         external = _external_address()
         if external is not None:  # bound to 127.0.0.1 only: another interface of this machine refuses
             with pytest.raises(httpx.ConnectError):
@@ -484,3 +539,81 @@ def test_cli_serves_with_a_key_file(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    log, access = proc.stderr.read(), proc.stdout.read()
+    assert f"ready at http://127.0.0.1:{port}/" in log  # once it accepts connections
+    assert "warning" not in log and "Traceback" not in log
+    assert '"GET /v1/models HTTP/1.1" 401' in access and '"POST /v1/chat/completions HTTP/1.1" 200' in access
+
+
+# ------------------------------------------------------------------- start-up failures (issue 13)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(reference, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (loads in a blink), and a LoRA adapter trained on a
+    different base (another width), for the start-up checks."""
+    from lmstack.checkpoints import save_native
+    from lmstack.config import from_name
+    from lmstack.models import build_model
+    from lmstack.peft.lora import apply_lora
+    from lmstack.peft.methods import PeftSpec, save_adapter
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny")
+    vocab = reference.tokenizer.vocab_size
+    path = save_native(build_model(from_name("tiny-llama", vocab_size=vocab, max_seq_len=256)).eval(),
+                       reference.tokenizer, folder / "tiny-chat")
+    other = apply_lora(build_model(from_name("tiny-llama", vocab_size=vocab, d_model=96, max_seq_len=256)),
+                       rank=2, alpha=4.0, targets=["q", "v"])
+    wrong = save_adapter(other, PeftSpec(method="lora", rank=2, alpha=4.0, targets=["q", "v"]), folder / "wrong",
+                         base_model="tiny-llama-96")
+    return path, wrong
+
+
+def _invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from lmstack.cli import app
+    return CliRunner().invoke(app, ["serve", *args])
+
+
+def test_a_failed_load_is_an_error_and_exit_1(tiny_chat, tmp_path):
+    """Issue 13: serve used to stay up answering 503 "failed" forever; now the load runs before listening and a
+    failure ends the process with one `error:` line."""
+    model, wrong_base = tiny_chat
+    gguf = tmp_path / "truncated.gguf"
+    with open(resolve(MODEL), "rb") as f:
+        gguf.write_bytes(f.read(1 << 20))
+    qlora = tmp_path / "qlora"
+    qlora.mkdir()
+    (qlora / "adapter.json").write_text(json.dumps({"format": "lmstack-adapter-v1", "peft": {"method": "qlora"}}))
+    common = ("--port", "1", "--feedback", str(tmp_path / "f.jsonl"))  # port 1: never reached, the load fails first
+    for args, needle in (((str(gguf), "--embedding-model", ""), "truncated"),
+                         ((str(model), "--embedding-model", "", "--adapter", f"w={wrong_base}"),
+                          "does not match the base model"),
+                         ((str(model), "--embedding-model", "", "--adapter", f"q={qlora}"), "is a qlora adapter"),
+                         ((str(model), "--embedding-model", str(model)), "not a sentence encoder")):
+        r = _invoke("--model", *args, *common)
+        assert r.exit_code == 1, (args, r.stderr)
+        assert r.stderr.splitlines()[-1].startswith("error: cannot serve") and needle in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and "ready" not in r.stderr
+        assert "warning: no API key" in r.stderr  # no keys at all: a warning, even on 127.0.0.1
+    assert not (tmp_path / "f.jsonl").exists()  # the writability check leaves nothing behind
+
+
+def test_empty_keys_and_an_unwritable_feedback_file_are_refused(tmp_path):
+    """Issue 13: `--api-key ""` served without authentication; an unwritable --feedback gave a 500 per POST."""
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# only a comment\n\n")
+    (tmp_path / "readonly").mkdir()
+    for args, needle in ((["--api-key", ""], "--api-key is empty"),
+                         (["--api-key", "  "], "--api-key is empty"),
+                         (["--api-key", "k", "--api-key-file", str(empty)], "no API keys in the file"),
+                         (["--feedback", str(tmp_path)], "is a folder"),
+                         (["--feedback", str(empty / "f.jsonl")], "--feedback"),  # under a file
+                         (["--context", "256", "--max-prompt-tokens", "300"], "must be below --context")):
+        r = _invoke(*args, "--port", "1")
+        assert r.exit_code == 1 and needle in r.stderr, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    from lmstack.errors import LmstackError
+    with pytest.raises(LmstackError, match="cannot be empty"):  # the library's way in is guarded too
+        Settings(api_keys=["k", ""])

@@ -122,3 +122,59 @@ def test_chat_page_streams_and_saves_a_thumbs_up(browser, server, tmp_path):
     assert (tmp_path / "chat.png").stat().st_size > 10_000
     assert not errors, errors
     context.close()
+
+
+def test_phone_width_wrong_key_and_a_cut_reply(browser, server):
+    """Issue 13 at a phone's viewport (390 x 844): a wrong key says so; the chat column keeps the width (it
+    shrank to ~100 px beside the settings, with Stop clipped); a reply cut by max_tokens says it was cut."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    assert page.locator("#refused").count() == 0  # no key given yet: no complaint
+    page.fill("input[name=k]", "wrong-key")
+    page.click("button")
+    page.wait_for_selector("#refused", timeout=10_000)
+    assert "not accepted" in page.locator("#refused").inner_text()
+    page.fill("input[name=k]", KEY)
+    page.click("button")
+    page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+
+    def box(selector: str) -> dict:
+        b = page.locator(selector).bounding_box()
+        assert b is not None, f"{selector} is not shown"
+        return b
+
+    assert box("#log")["width"] >= 370  # the whole width, the settings folded away
+    for selector in ("#send", "#stop", "#input"):
+        b = box(selector)
+        assert b["x"] >= 0 and b["x"] + b["width"] <= 390 and b["width"] >= 30, (selector, b)
+    assert box("#input")["width"] >= 150
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
+    assert not page.locator("#max_tokens").is_visible()
+    page.click("#settings")  # the settings open over the full width, and fold away again
+    assert box("#max_tokens")["width"] >= 300
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "input")
+    page.fill("#max_tokens", "3")
+    page.dispatch_event("#max_tokens", "change")
+    page.click("#settings")
+    assert not page.locator("#max_tokens").is_visible()
+
+    page.fill("#input", "Tell me a long story about a dragon.")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant .cut", timeout=60_000)
+    assert "max tokens limit (3)" in page.locator(".msg.assistant .cut").inner_text()
+    assert "cut at max tokens" in page.locator("#status").inner_text()
+    page.screenshot(path="/tmp/lmstack-chat-phone.png", full_page=True)
+    page.reload()  # the mark is kept with the conversation
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator(".msg.assistant .cut").count() == 1
+
+    page.evaluate("() => { document.cookie = 'lmstack_key=stale; path=/'; }")  # the key changed under the page
+    page.fill("#input", "hi")
+    page.click("#send")
+    page.wait_for_selector("#status:has-text('did not accept the API key')", timeout=10_000)
+    assert not errors, errors
+    context.close()

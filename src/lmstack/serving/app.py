@@ -9,23 +9,26 @@ FastAPI's validation, unknown routes - leaves as OpenAI's `{"error": {"message",
 
 from __future__ import annotations
 
-import threading
-from collections.abc import AsyncIterator
+import re
+import socket
+import sys
 from importlib import resources
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmstack.errors import LmstackError
 from lmstack.serving import schema as S
 from lmstack.serving.engine import Engine
 from lmstack.serving.gate import ApiError, Gate, Settings, error_response
 from lmstack.serving.metrics import CONTENT_TYPE
 from lmstack.serving.openai import Service
 
-__all__ = ["Settings", "create_app"]
+__all__ = ["ReadyServer", "Settings", "create_app"]
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -33,17 +36,67 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in ((400, "Bad request"), (401, "Missing or invalid API key"), (404, "Unknown model"),
                          (408, "Timed out"), (413, "Body too large"), (422, "Invalid request"),
                          (429, "Rate limited"), (503, "Not ready"))}
-STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# A streamed reply: server-sent events. Before OpenAPI 3.2, `schema` describes one event (its fields), each
+# `data` a JSON chunk (ChatCompletionChunk or Completion), an error body, or "[DONE]".
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                            "retry": {"type": "integer"}}}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
+
+
+_BARE_TYPES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_SHAPES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+           "list_type": "a list", "dict_type": "an object", "model_type": "an object",
+           "model_attributes_type": "an object", "none_required": "null", "int_parsing": "an integer",
+           "float_parsing": "a number", "bool_parsing": "true or false", "is_instance_of": "an object"}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """The field an error is about, without pydantic's names of union members: "stop.constrained-str" -> "stop",
+    ("body", "messages", 0, "content", "str") -> "messages.0.content". Field names never hold '-' or '['."""
+    steps = [str(x) for x in loc if x != "body"]
+    return ".".join(x for x in steps
+                    if not ("[" in x or "-" in x or x in _BARE_TYPES or x[:1].isupper()))
+
+
+def _plain(error: dict[str, Any]) -> str:
+    """pydantic's message for one error, in the words a client reads ("should be less than or equal to 2")."""
+    kind, message = error.get("type", ""), str(error.get("msg", "invalid value"))
+    if kind == "extra_forbidden":
+        return "unknown field (this server takes OpenAI's request fields)"
+    if kind == "missing":
+        return "required"
+    if message.startswith(("Value error, ", "Assertion failed, ")):
+        message = message.split(", ", 1)[1]
+    message = message.replace(" after validation", "").replace("Input should", "should")
+    return message[:1].lower() + message[1:]
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str, str | None]:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
+    """(status, message, param) for a request that failed validation, naming the field and the limit in plain
+    words. A field that takes several shapes (a string or a list, say) fails once per shape; the error that
+    matters is the one from a shape the value had but broke a limit of ("stop: string should have at most 256
+    characters"), else one about an item of a list ("prompt.1: should be a valid string"), else the shapes
+    the field takes ("stop: should be a string or a list")."""
+    errors = list(exc.errors())
+    if not errors:
+        return 422, "invalid request", None
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return 400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    return 422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+    param = _field_path(first.get("loc", ()))
+    top = param.split(".")[0]
+    same = [e for e in errors if _field_path(e.get("loc", ())).split(".")[0] == top]
+    limits = [e for e in same if e.get("type") not in _SHAPES]
+    deeper = [e for e in same if len(_field_path(e.get("loc", ()))) > len(param)]
+    if limits or deeper:
+        error = (limits or deeper)[0]
+        param, message = _field_path(error.get("loc", ())), _plain(error)
+    elif len(same) > 1:
+        message = "should be " + " or ".join(dict.fromkeys(_SHAPES[e["type"]] for e in same))
+    else:
+        message = _plain(first)
+    return 422, f"{param or 'body'}: {message}" if param else message, param or None
 
 
 async def rag_chat(rag: Any, body: S.ChatCompletionRequest) -> Response:
@@ -58,24 +111,16 @@ async def rag_chat(rag: Any, body: S.ChatCompletionRequest) -> Response:
         raise ApiError(400, str(e), "messages") from None
 
 
-def create_app(engine: Engine, settings: Settings | None = None, *, load: bool = True,
-               rag: list[Any] | None = None) -> FastAPI:
-    """The FastAPI app over `engine`; with `load`, the engine loads on a background thread at startup (an
-    engine that is already loaded - as in tests that share one model across servers - is used as it is).
+def create_app(engine: Engine, settings: Settings | None = None, *, rag: list[Any] | None = None) -> FastAPI:
+    """The FastAPI app over `engine`, which the caller loads (`serve` loads it before listening; tests share
+    one loaded engine across servers); until it is loaded, /health and the API answer 503.
     `rag`: serving.rag_model.RagModel indexes, served as chat models named "rag:<index>"."""
-    from contextlib import asynccontextmanager
     settings = settings or Settings()
     service = Service(engine, settings)
     rag_models = {r.name: r for r in rag or []}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if load and engine.state == "loading":
-            threading.Thread(target=engine.load, name="lmstack-load", daemon=True).start()
-        yield
-
     # No /docs or /redoc: their pages load Swagger UI from a CDN, and this server may have no network.
-    app = FastAPI(title="lmstack", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="lmstack", version="0.1.0", docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API over lmstack models, with continuous batching.")
     metrics = engine.metrics
     app.add_middleware(Gate, settings=settings, metrics=metrics)
@@ -154,6 +199,18 @@ def create_app(engine: Engine, settings: Settings | None = None, *, load: bool =
         return HTMLResponse(CHAT_PAGE)
 
     return app
+
+class ReadyServer(uvicorn.Server):
+    """uvicorn's server that prints one line (`ready`) once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, ready: str) -> None:
+        super().__init__(config)
+        self.ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self.ready, file=sys.stderr, flush=True)
 
 
 CHAT_PAGE = resources.files("lmstack.serving").joinpath("chat.html").read_text(encoding="utf-8")

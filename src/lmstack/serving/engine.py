@@ -1,8 +1,9 @@
 """What the server serves: the base model + LoRA adapters behind one Scheduler, and the sentence encoder.
 
-`Engine.load()` does the slow part (weights, adapters, the cache pool) and is run on a background thread by
-the app, so /health answers 503 "loading" until it is done. Model names follow OpenAI's `model` field: the
-base model's name, `base:adapter` for an adapter, and the embedding model's name.
+`Engine.load()` does the slow part (weights, adapters, the cache pool); `serve` runs it before listening, and
+an app over an engine that is not loaded answers 503 ("loading" or "failed") on /health and the API. Model
+names follow OpenAI's `model` field: the base model's name, `base:adapter` for an adapter, and the embedding
+model's name.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Engine:
         self.metrics = Metrics()  # shared by the scheduler and the app's middleware
 
     def load(self) -> None:
-        """Load everything; on failure `state` is "failed" and `detail` says why (the server stays up)."""
+        """Load everything; on failure `state` is "failed" and `detail` says why in one line."""
         import time
 
         from lmstack.checkpoints import load_model

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from lmstack.errors import LmstackError
 from lmstack.serving import schema as S
 from lmstack.serving.metrics import Metrics
 
@@ -41,6 +42,10 @@ class Settings:
     max_concurrent: int = 0  # requests in flight per key (0 = off)
     request_timeout_s: float = 600.0
     feedback_path: Path = Path("feedback.jsonl")
+
+    def __post_init__(self) -> None:
+        if any(not key.strip() for key in self.api_keys):  # "" would let an empty bearer token in
+            raise LmstackError("an API key cannot be empty")
 
 
 class ApiError(Exception):
@@ -136,7 +141,8 @@ class Gate:
         try:
             if path != "/health" and self.settings.api_keys and not self._authorized(key):
                 if path == "/" and scope["method"] == "GET":
-                    await reply(HTMLResponse(LOGIN_PAGE, status_code=401))
+                    refused = REFUSED if key is not None else ""  # a key was given (the form's cookie): say so
+                    await reply(HTMLResponse(LOGIN_PAGE.replace("<!--refused-->", refused), status_code=401))
                 else:
                     await reply(error_response(401, "missing or invalid API key (send Authorization: Bearer KEY)",
                                                code="invalid_api_key"))
@@ -196,7 +202,10 @@ class Gate:
 
 
 LOGIN_PAGE = """<!doctype html><meta charset="utf-8"><title>lmstack: API key</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <form onsubmit="document.cookie='lmstack_key='+encodeURIComponent(this.k.value)+';path=/;SameSite=Strict';
-location.reload();return false" style="font:16px sans-serif;margin:4em auto;max-width:24em">
-<p>This server needs an API key.</p><input name="k" type="password" autofocus style="width:100%">
+location.reload();return false" style="font:16px sans-serif;margin:4em auto;max-width:24em;padding:0 12px">
+<p>This server needs an API key.</p><!--refused--><input name="k" type="password" autofocus style="width:100%">
 <button>Open the chat</button></form>"""
+REFUSED = '<p id="refused" role="alert" style="color:#b91c1c">That key was not accepted. Check it and try again.</p>'
+

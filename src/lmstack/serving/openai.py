@@ -66,10 +66,15 @@ class Service:
         return index
 
     def make_jobs(self, body: S.SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
-                  logprobs: int | None) -> list[Any]:
+                  logprobs: int | None, field: str) -> list[Any]:
+        """One Job per prompt; `field` is the request field the prompts came from ("messages" or "prompt"),
+        which errors about them name."""
         from lmstack.generation import GenerationConfig
         from lmstack.serving.scheduler import Job
         unsupported = body.unsupported()
+        if unsupported in ("tools", "tool_choice"):
+            raise ApiError(400, f"{unsupported}: tool calling is not supported by this server yet (send no tools, "
+                                "or tool_choice \"none\")", unsupported, "unsupported")
         if unsupported:
             raise ApiError(400, f"{unsupported} is not supported by this server", unsupported, "unsupported")
         adapter = self.adapter_for(body.model)
@@ -79,19 +84,21 @@ class Service:
             raise ApiError(400, f"n={body.n} is more than this server's batch ({sched.max_batch})", "n")
         limit = self.settings.max_tokens
         if max_tokens is not None and max_tokens > limit:
-            raise ApiError(400, f"max_tokens={max_tokens} is more than this server allows ({limit})", "max_tokens")
+            name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise ApiError(400, f"{name}={max_tokens} is more than this server allows ({limit})", name)
         for ids in prompts:
             if not ids:
-                raise ApiError(400, "the prompt is empty", "prompt")
+                raise ApiError(400, f"{field}: the prompt is empty", field)
             if len(ids) > self.settings.max_prompt_tokens:
-                raise ApiError(400, f"the prompt is {len(ids)} tokens; this server allows "
-                                    f"{self.settings.max_prompt_tokens}", "messages", "context_length_exceeded")
+                raise ApiError(400, f"{field}: the prompt is {len(ids)} tokens; this server allows at most "
+                                    f"{self.settings.max_prompt_tokens}", field, "context_length_exceeded")
             if len(ids) >= sched.context:
-                raise ApiError(400, f"the prompt is {len(ids)} tokens; the context is {sched.context}", "messages",
-                               "context_length_exceeded")
+                raise ApiError(400, f"{field}: the prompt is {len(ids)} tokens; the context is {sched.context} "
+                                    "(prompt and reply together)", field, "context_length_exceeded")
             bad = [i for i in ids if i >= sched.vocab_size]
             if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary ({sched.vocab_size})", "prompt")
+                raise ApiError(400, f"{field}: token id {bad[0]} is outside the vocabulary ({sched.vocab_size})",
+                               field)
         config = GenerationConfig(
             max_new_tokens=max_tokens or limit, temperature=1.0 if body.temperature is None else body.temperature,
             top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty or 1.0,
@@ -176,7 +183,7 @@ class Service:
         self.adapter_for(body.model)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prompt = self.chat_prompt(body)
-        jobs = self.make_jobs(body, [prompt], body.max_completion_tokens or body.max_tokens, logprobs)
+        jobs = self.make_jobs(body, [prompt], body.max_completion_tokens or body.max_tokens, logprobs, "messages")
         rid, created = _request_id("chatcmpl"), _now()
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -226,7 +233,7 @@ class Service:
         self.ready()
         self.adapter_for(body.model)
         prompts = self.completion_prompts(body)
-        jobs = self.make_jobs(body, prompts, body.max_tokens, body.logprobs)
+        jobs = self.make_jobs(body, prompts, body.max_tokens, body.logprobs, "prompt")
         rid, created = _request_id("cmpl"), _now()
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -294,6 +301,8 @@ class Service:
             raise ApiError(400, f"dimensions={body.dimensions}: this model makes {embedder.dim}-dimensional "
                                 "vectors", "dimensions", "unsupported")
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts or not all(texts):
+            raise ApiError(400, "input: the input is empty (give one non-empty string, or a list of them)", "input")
         vectors = embedder.encode(texts)  # [N, C] float32, unit rows
         tokens = embedder.count_tokens(texts)
         data = []
@@ -313,7 +322,10 @@ class Service:
         record = {"id": _request_id("fb"), "created": _now(), "model": body.model,
                   "kind": "rating" if body.rating is not None else "pairwise", "prompt": prompt,
                   "chosen": body.chosen, "rejected": body.rejected, "rating": body.rating}
-        self.feedback.append(record)
+        try:
+            self.feedback.append(record)
+        except OSError as e:  # checked at start-up; this is the disk filling up or the file removed under us
+            raise ApiError(503, f"the feedback could not be saved: {e.strerror}", code="feedback_unwritable") from None
         return S.FeedbackSaved(id=record["id"], saved=True)
 
 

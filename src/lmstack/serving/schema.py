@@ -92,12 +92,29 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Sent by the official client and common frameworks. `store`, `metadata` and `service_tier` are accepted
+    # and ignored (nothing is stored; there is one tier). Tool calling is not implemented yet: no tools, or
+    # tool_choice "none"/"auto" without tools, is a plain chat; real tools get a 400 (`unsupported`).
+    store: bool | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    parallel_tool_calls: bool | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    def unsupported(self) -> str | None:
+        if self.tools:
+            return "tools"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice"
+        return super().unsupported()
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -126,8 +143,9 @@ class CompletionRequest(SamplingRequest):
 
 class EmbeddingRequest(Strict):
     model: Annotated[str, Field(min_length=1, max_length=512)]
+    # Empty input ("" or []) passes here and is refused by the route with a 400, as OpenAI does.
     input: (Annotated[str, Field(max_length=MAX_TEXT)]
-            | Annotated[list[Annotated[str, Field(max_length=MAX_TEXT)]], Field(min_length=1, max_length=2048)])
+            | Annotated[list[Annotated[str, Field(max_length=MAX_TEXT)]], Field(max_length=2048)])
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: Annotated[str, Field(max_length=512)] | None = None
