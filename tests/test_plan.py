@@ -71,24 +71,8 @@ def test_flops_and_tokens():
 
 def saved_bytes(model: torch.nn.Module, batch: int, seq: int, bf16: bool) -> tuple[int, int]:
     """(bytes of distinct non-parameter tensors autograd saves, of which bf16 copies of parameters)."""
-    params = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
-    shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape[::-1]) for p in model.parameters()}
-    seen: dict[int, tuple[int, bool]] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            is_copy = t.dtype == torch.bfloat16 and tuple(t.shape) in shapes and t.dim() == 2
-            seen[storage.data_ptr()] = (storage.nbytes(), is_copy)
-        return t
-
     ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        causal_lm(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
-    total = sum(n for n, _ in seen.values())
-    copies = sum(n for n, c in seen.values() if c)
-    return total, copies
+    return saved_bytes_of(model, causal_lm, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, bf16)
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])

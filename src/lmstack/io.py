@@ -108,7 +108,8 @@ def _give_default_modes(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder, so a rename into it is durable) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -130,7 +131,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _named(e, path) from None
@@ -150,11 +151,11 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp.mkdir()
         write(tmp)
         _give_default_modes(tmp)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _named(e, path) from None

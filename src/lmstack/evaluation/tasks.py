@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
 
 from lmstack import runconfig
 from lmstack.errors import LmstackError
@@ -165,14 +164,7 @@ def load_task(name: str, data_root: str | Path | None = None) -> EvalTask:
     """Read and validate a task file; every missing or bad key is an error naming the file and the key."""
     file = resolve_task_file(name)
     root = runconfig.data_root(data_root)
-    try:
-        cfg = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else str(file)
-        raise LmstackError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(cfg, dict):
-        raise LmstackError(f"{file}: expected a mapping at the top level")
+    cfg = runconfig.read_yaml(file)  # one-line errors: file:line for bad YAML, a non-mapping top level
     _check_keys(cfg, KNOWN_KEYS, file)
     task_type = _get(cfg, "type", file)
     if task_type not in TASK_TYPES:

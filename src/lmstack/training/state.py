@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmstack.errors import LmstackError
-from lmstack.io import atomic_write_dir, remove_stale_temps
+from lmstack.io import atomic_write_dir, fsync_path, remove_stale_temps
 
 
 def _sha256(path: Path) -> str:
@@ -33,14 +32,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -82,11 +73,11 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
         hashes = {}
         for name, write in files.items():
             write(tmp / name)
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
             hashes[name] = _sha256(tmp / name)
         full_state = {**state, "step": step, "files": hashes, "python_random": list(random.getstate()[1])}
         (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
-        _fsync(tmp / "state.json")
+        fsync_path(tmp / "state.json")
 
     atomic_write_dir(final, build)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
