@@ -12,8 +12,9 @@ openai = pytest.importorskip("openai")
 
 from lmstack.errors import LmstackError  # noqa: E402
 from lmstack.rag.ingest import ingest  # noqa: E402
-from lmstack.serving.app import ServerThread, create_app  # noqa: E402
+from lmstack.serving.app import create_app  # noqa: E402
 from lmstack.serving.engine import Engine  # noqa: E402
+from lmstack.serving.testing import ServerThread  # noqa: E402
 from lmstack.serving.rag_model import RagModel, rag_model_name  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def client(tmp_path_factory):
     engine.load()
     assert engine.state == "ok", engine.detail
     rag = RagModel(str(db), MODEL)
-    with ServerThread(create_app(engine, load=False, rag=[rag])) as server:
+    with ServerThread(create_app(engine, rag=[rag])) as server:
         yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
     engine.shutdown()
 
