@@ -294,7 +294,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
     if max_seq_len > loaded.config.max_seq_len:
         raise LmstackError(f"max_seq_len {max_seq_len} is longer than the model's context "
                            f"{loaded.config.max_seq_len}")
-    qat_report = []
+    qat_report: list[Any] = []  # quant.quantize.LayerChoice per swapped module
     if qat_scheme is not None:
         from lmstack.quant.qat import prepare_qat_
         qat_report = prepare_qat_(loaded.model, qat_scheme, embedding_scheme=run.get("qat_embedding"))
