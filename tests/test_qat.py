@@ -19,7 +19,7 @@ from lmstack.quant.int4 import Int4Linear, quantize_int4
 from lmstack.quant.int8 import Int8Linear
 from lmstack.quant.qat import (FakeQuantEmbedding, FakeQuantLinear, QatFormat, convert_qat_, fake_quantize,
                                parse_qat_scheme, prepare_qat_)
-from lmstack.quant.quantize import QuantEmbedding, quantize_
+from lmstack.quant.quantize import QuantEmbedding, fuse_projections_, quantize_
 
 torch.set_num_threads(2)
 FAST = ["--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2", "--no-progress",
@@ -186,17 +186,19 @@ def test_finetune_qat_writes_a_quantized_checkpoint(tiny: Path, tmp_path: Path) 
     assert {m["format"] for m in info["metadata"]["quantization"]["modules"].values()} == {"int4-g32"}
     model, tok = load_quantized(out)
     assert isinstance(model.tok_emb, QuantEmbedding)
-    assert isinstance(model.layers[0].attn.q_proj, Int4Linear)
+    assert isinstance(model.layers[0].attn.qkv_proj, Int4Linear)  # fused, as `lmstack quantize` writes it
+    assert info["metadata"]["quantization"]["fused"]
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([tok.encode("repeat hello world")]))).all()
     # The trained float weights moved: the checkpoint differs from quantizing the base model.
     base = load_quantized_base(tiny)
-    assert not torch.equal(model.layers[0].attn.q_proj.codes(), base.layers[0].attn.q_proj.codes())
+    assert not torch.equal(model.layers[0].attn.qkv_proj.codes(), base.layers[0].attn.qkv_proj.codes())
 
 
 def load_quantized_base(tiny: Path) -> nn.Module:
     from lmstack.checkpoints import load_model
     model = load_model(str(tiny), dtype="float32").model
+    fuse_projections_(model)
     quantize_(model, "int4-g32")
     return model
 
@@ -210,3 +212,20 @@ def test_finetune_qat_with_lora_or_a_bad_scheme_is_one_line(tiny: Path, tmp_path
                           "unknown QAT scheme")
     assert_one_line_error(run_cli("finetune", "--method", "full", "--qat-embedding", "int8", *common),
                           "--qat-embedding needs --qat")
+
+
+def test_fused_conversion_packs_the_same_rows() -> None:
+    """convert_qat_(fuse=True) equals fuse_projections_ + quantize_ on the float model (row-wise formats)."""
+    qat, ptq = tiny_llama(), tiny_llama()
+    prepare_qat_(qat, "int4-g32")
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        fake = qat(x)
+        convert_qat_(qat, fuse=True)
+        got = qat(x)
+    assert qat.layers[0].attn.qkv_proj is not None and isinstance(qat.layers[0].mlp.gate_up_proj, Int4Linear)
+    fuse_projections_(ptq)
+    quantize_(ptq, "int4-g32")
+    a, b = qat.state_dict(), ptq.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.testing.assert_close(got, fake, atol=0.05, rtol=0.05)

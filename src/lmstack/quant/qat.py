@@ -3,7 +3,8 @@ real packed layers.
 
     prepare_qat_(model, "int4-g32")   every nn.Linear -> FakeQuantLinear, the token embedding -> FakeQuantEmbedding
     ... train as usual (the float weights are the parameters; the forward sees their quantized values) ...
-    convert_qat_(model)               FakeQuant* -> Int4Linear / Int8Linear / QuantEmbedding (quant/quantize.py)
+    convert_qat_(model, fuse=True)    FakeQuant* -> Int4Linear / Int8Linear / QuantEmbedding (quant/quantize.py),
+                                      q|k|v and gate|up fused first, as `lmstack quantize` does
 
 The forward quantizes the float weight with the real layers' own functions (`quantize_int4`, `quantize_int8_rows`)
 and computes with the dequantized values; the backward passes the gradient straight through to the float weight
@@ -34,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.errors import LmstackError
-from lmstack.models.blocks import TiedHead
+from lmstack.models.blocks import MLP, Block, TiedHead
 from lmstack.quant.int4 import GROUP_SIZES, Int4Linear, int4_fits, quantize_int4
 from lmstack.quant.int8 import quantize_int8_rows
-from lmstack.quant.quantize import LayerChoice, QuantEmbedding, quantized_linear
+from lmstack.quant.quantize import LayerChoice, QuantEmbedding, fuse_projections_, quantized_linear
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,42 @@ def _packed(weight: Tensor, bias: Tensor | None, fmt: QatFormat) -> nn.Module:
     return Int4Linear.from_codes(codes, scales, zeros, fmt.group_size, bias)
 
 
+def _fuse_fake_(model: nn.Module) -> bool:
+    """fuse_projections_ over fake-quant q/k/v and gate/up: exact, because both formats quantize each output row
+    on its own (int8 per row, int4 groups along the input), so the fused weight gets the rows' own codes. Only
+    when each group shares one format; returns whether it fused."""
+    groups: list[tuple[nn.Module, str, list[nn.Module]]] = []  # (owner, fused attribute, members)
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        if block.attn.qkv_proj is None:
+            groups.append((block.attn, "qkv_proj", [block.attn.q_proj, block.attn.k_proj, block.attn.v_proj]))
+        if isinstance(block.mlp, MLP) and block.mlp.gate_proj is not None and block.mlp.gate_up_proj is None:
+            groups.append((block.mlp, "gate_up_proj", [block.mlp.gate_proj, block.mlp.up_proj]))
+    fmts = [{m.fmt if isinstance(m, FakeQuantLinear) else None for m in members} for _, _, members in groups]
+    if not groups or any(len(f) != 1 or None in f for f in fmts):
+        log.warning("QAT: not fusing q|k|v and gate|up (they are not all fake-quant modules of one format each)")
+        return False
+    members = {id(m) for _, _, group in groups for m in group}
+    for name, module in list(model.named_modules()):
+        if id(module) in members:  # back to a plain Linear on the same Parameters, which fuse_projections_ takes
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.weight, plain.bias = module.weight, module.bias
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, plain)
+    fuse_projections_(model)
+    for (owner, attr, _), fmt in zip(groups, fmts):
+        setattr(owner, attr, FakeQuantLinear(getattr(owner, attr), next(iter(fmt))))
+    return True
+
+
 @torch.no_grad()
-def convert_qat_(model: nn.Module) -> int:
+def convert_qat_(model: nn.Module, fuse: bool = False) -> int:
     """Replace each fake-quant module by the packed layer it simulated (Int4Linear, Int8Linear, QuantEmbedding);
-    returns how many were converted. Float parts of the model stay where they are; packed layers are on the CPU."""
+    returns how many were converted. Float parts of the model stay where they are; packed layers are on the CPU.
+
+    fuse: first fuse each block's q|k|v and gate|up (as `lmstack quantize` does for inference speed); the packed
+    values are the same (see _fuse_fake_)."""
+    if fuse:
+        _fuse_fake_(model)
     n = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuantLinear):

@@ -314,7 +314,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
     if qat_scheme is not None:
         from lmstack.compression.quantize import save_quantized
         from lmstack.quant.qat import convert_qat_
-        convert_qat_(net)
+        convert_qat_(net, fuse=True)  # q|k|v and gate|up as one matmul each, as `lmstack quantize` writes them
         info["qat"] = {"scheme": qat_scheme, "embedding_scheme": run.get("qat_embedding") or qat_scheme,
                        "fallbacks": [vars(c) for c in qat_report if c.used != c.scheme]}
         save_quantized(net, loaded.tokenizer or tokenizer, out_dir, {"finetune": info, "scheme": qat_scheme})
