@@ -44,15 +44,18 @@ def int4_fits(out_features: int, in_features: int, group_size: int) -> str | Non
     return None
 
 
-def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric round-to-nearest: weight [N, K] -> (codes [N, K] uint8 in 0..15, scales, zeros [N, K/G] f32)."""
+def quantize_int4(weight: Tensor, group_size: int, bits: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric round-to-nearest: weight [N, K] -> (codes [N, K] uint8 in 0..15, scales, zeros [N, K/G] f32).
+
+    bits < 4 (QAT's int2/int3, quant/qat.py) uses only codes 0..2^bits - 1 of the same int4 layout."""
     N, K = weight.shape
+    levels = 2**bits - 1
     w = weight.detach().float().reshape(N, K // group_size, group_size)  # [N, K/G, G]
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, K/G]
     # Round scale and zero to bf16 first, so the codes are chosen against the values the kernel will use.
-    scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+    scales = ((hi - lo) / levels).clamp(min=1e-8).to(torch.bfloat16).float()
     zeros = (lo + 8 * scales).to(torch.bfloat16).float()
-    codes = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)  # [N, K/G, G]
+    codes = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp(0, levels)  # [N, K/G, G]
     return codes.to(torch.uint8).reshape(N, K), scales, zeros
 
 

@@ -4,12 +4,19 @@
         OUT/adapter.safetensors + OUT/adapter.json   (lora, qlora, prompt, prefix, adapter: the method's weights)
         OUT/adapter_model.safetensors + adapter_config.json  (lora on a Llama-architecture model: peft's format)
         OUT/model.safetensors + OUT/lmstack.json     (full: a native checkpoint, usable as --model OUT)
+                                                     (full --qat SCHEME: the packed quantized checkpoint)
         OUT/metrics.jsonl                            (one record per evaluation, with per-task val loss)
         OUT/checkpoints/                             (the trainer's resumable checkpoints)
 
 The data are one or more JSONL tasks (see lmstack.data.instruct): `--data FILE` repeated mixes them, with
 `--weight` per task (default proportional to size); a YAML `--config` may list `tasks:` with per-task settings.
 Every flag overrides the config's value; `train:` in the config holds the trainer options (TrainOptions).
+
+Quantization-aware training (`--qat int4-g32`, with --method full): the base model's Linears and token
+embedding are swapped for fake-quant modules (lmstack.quant.qat) before training, so every forward sees the
+quantized weights and the float weights learn to sit well on the quantization grid; after training they are
+converted to the packed layers and OUT holds the quantized checkpoint. LoRA over a fake-quant base is refused:
+merging the adapter would move the weights off the grid they were trained on.
 """
 
 from __future__ import annotations
@@ -185,6 +192,8 @@ class FinetuneRun:
     prefix_len: int | None = None
     prefix_hidden: int | None = None
     bottleneck: int | None = None
+    qat: str | None = None  # a QAT scheme (quant.qat.QAT_SCHEMES); full fine-tuning only
+    qat_embedding: str | None = None  # the embedding's (and tied head's) QAT scheme, or "none"; default qat
     train: TrainOptions = dataclasses.field(default_factory=TrainOptions)  # type: ignore[valid-type]
 
 
@@ -198,7 +207,8 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
              val_fraction: float | None = None, rank: int | None = None, alpha: float | None = None,
              dropout: float | None = None, targets: str | None = None, n_virtual: int | None = None,
              prompt_init: str | None = None, prefix_len: int | None = None, prefix_hidden: int | None = None,
-             bottleneck: int | None = None, dtype: Literal["float32", "bfloat16"] | None = None,
+             bottleneck: int | None = None, qat: str | None = None, qat_embedding: str | None = None,
+             dtype: Literal["float32", "bfloat16"] | None = None,
              train: TrainOptions | None = None,  # type: ignore[valid-type]
              resume: bool = True) -> FinetuneResult:
     """Fine-tune a model on instruction / chat JSONL with full, lora, qlora, prompt, prefix or adapter.
@@ -235,6 +245,9 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
         prefix_len: prefix tuning: prefix length.
         prefix_hidden: prefix tuning: width of the reparameterization MLP (default: no MLP).
         bottleneck: adapter: bottleneck width.
+        qat: quantization-aware training with this scheme (int8, int4-g32|g64|g128, int3-gG, int2-gG; full
+            fine-tuning only): OUT is the quantized checkpoint. int3/int2 are stored as int4 codes.
+        qat_embedding: the token embedding's (and tied head's) QAT scheme, or none (default: --qat).
         dtype: dtype of the loaded base weights.
         train: the trainer's options (fine-tuning defaults: 200 steps, batch 8, a per-method learning rate).
         resume: continue from the newest checkpoint in --out.
@@ -246,7 +259,8 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
                  val_data=val_data, template=template, format=format, fields=fields, limit=limit,
                  max_seq_len=max_seq_len, overflow=overflow, pack=pack, val_fraction=val_fraction, rank=rank,
                  alpha=alpha, dropout=dropout, targets=targets, n_virtual=n_virtual, prompt_init=prompt_init,
-                 prefix_len=prefix_len, prefix_hidden=prefix_hidden, bottleneck=bottleneck, dtype=dtype,
+                 prefix_len=prefix_len, prefix_hidden=prefix_hidden, bottleneck=bottleneck, qat=qat,
+                 qat_embedding=qat_embedding, dtype=dtype,
                  train=runconfig.given(train) or None)
     typed = runconfig.load(FinetuneRun, config, given)
     run = {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed) if getattr(typed, f.name) is not None}
@@ -258,6 +272,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
         if not run.get(key):
             raise LmstackError(f"finetune needs --{key} (or `{key}:` in the config file)")
     spec = peft_spec(method, run)
+    qat_scheme = _check_qat(method, run)
     tasks = task_specs(run)
     cfg = train_config(method, run, str(run["out"]))
     max_seq_len = int(run.get("max_seq_len") or 512)
@@ -279,6 +294,10 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
     if max_seq_len > loaded.config.max_seq_len:
         raise LmstackError(f"max_seq_len {max_seq_len} is longer than the model's context "
                            f"{loaded.config.max_seq_len}")
+    qat_report: list[Any] = []  # quant.quantize.LayerChoice per swapped module
+    if qat_scheme is not None:
+        from lmstack.quant.qat import prepare_qat_
+        qat_report = prepare_qat_(loaded.model, qat_scheme, embedding_scheme=run.get("qat_embedding"))
     net = apply_method(loaded.model, spec, loaded.tokenizer or tokenizer)
     net.train()
     trainable, total = count_parameters(net)
@@ -292,7 +311,17 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
     out_dir = Path(cfg.out_dir)
     info = {"base_model": str(run["model"]), "steps": result.step, "val_loss": result.best_val_loss,
             "data": summary}
-    if method == "full":
+    if qat_scheme is not None:
+        from lmstack.compression.quantize import save_quantized
+        from lmstack.quant.qat import convert_qat_
+        convert_qat_(net, fuse=True)  # q|k|v and gate|up as one matmul each, as `lmstack quantize` writes them
+        info["qat"] = {"scheme": qat_scheme, "embedding_scheme": run.get("qat_embedding") or qat_scheme,
+                       "fallbacks": [vars(c) for c in qat_report if c.used != c.scheme]}
+        save_quantized(net, loaded.tokenizer or tokenizer, out_dir, {"finetune": info, "scheme": qat_scheme})
+        atomic_write_json(out_dir / "adapter.json", {"format": ADAPTER_FORMAT, "base_model": str(run["model"]),
+                                                     "peft": dataclasses.asdict(spec), **info})
+        weights_file = out_dir / "model.safetensors"
+    elif method == "full":
         save_native(net, loaded.tokenizer or tokenizer, out_dir, metadata={"finetune": info})
         atomic_write_json(out_dir / "adapter.json", {"format": ADAPTER_FORMAT, "base_model": str(run["model"]),
                                                      "peft": dataclasses.asdict(spec), **info})
@@ -311,6 +340,24 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
                           trainable_params=trainable, total_params=total,
                           trainable_pct=round(100.0 * trainable / total, 4),
                           adapter_bytes=weights_file.stat().st_size, data=summary)
+
+
+def _check_qat(method: str, run: dict[str, Any]) -> str | None:
+    """The QAT scheme, checked before any model loads (None without --qat)."""
+    scheme = run.get("qat")
+    if scheme is None:
+        if run.get("qat_embedding") is not None:
+            raise LmstackError("--qat-embedding needs --qat")
+        return None
+    from lmstack.quant.qat import parse_qat_scheme
+    parse_qat_scheme(scheme)
+    if run.get("qat_embedding") not in (None, "none"):
+        parse_qat_scheme(run["qat_embedding"])
+    if method != "full":
+        raise LmstackError(f"--qat trains the full model (--method full); with --method {method} the adapter "
+                           "would be merged off the quantization grid it trained on (quantize the merged model "
+                           "with `lmstack quantize` instead)")
+    return scheme
 
 
 def _jsonable(value: Any) -> Any:
