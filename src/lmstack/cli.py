@@ -130,6 +130,7 @@ def build_command(name: str, fn: Callable[..., Any], run: Callable[..., None], *
             values = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)}
             kwargs[param] = group(**{k: v for k, v in values.items() if v is not None})
         with user_errors():
+            _check_text_arguments(kwargs)
             run(fn, **kwargs)
 
     summary, _ = parse_docstring(fn.__doc__)
@@ -140,6 +141,15 @@ def build_command(name: str, fn: Callable[..., Any], run: Callable[..., None], *
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     single.command(name, help=summary)(command)
     return typer.main.get_command(single)
+
+
+def _check_text_arguments(kwargs: dict[str, Any]) -> None:
+    """Refuse command-line text that is not UTF-8 (`--prompt $'caf\\xe9'`) before any work, naming the option."""
+    from lmstack.io import check_utf8
+    for name, value in kwargs.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str):
+                check_utf8(item, f"--{name.replace('_', '-')}")
 
 
 def _flag(name: str, decl: str, help: str) -> inspect.Parameter:

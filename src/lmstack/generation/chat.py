@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from lmstack.errors import LmstackError
+from lmstack.io import check_utf8
 
 if TYPE_CHECKING:
     from lmstack.checkpoints import LoadedModel
@@ -204,6 +205,8 @@ def chat(*, model: str | None = None, system: str | None = None, max_new_tokens:
         notices: Where prompts, notices and per-turn errors go (default stderr).
     """
     input, output, notices = input or sys.stdin, output or sys.stdout, notices or sys.stderr
+    if hasattr(input, "reconfigure"):  # a line that is not UTF-8 fails its turn, not the whole chat
+        input.reconfigure(errors="surrogateescape")
     cfg = generation_config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_beams, seed, stop)
     generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
     context = getattr(loaded.model, "config", loaded.config).max_seq_len  # prompt tuning takes N positions
@@ -244,7 +247,7 @@ def chat(*, model: str | None = None, system: str | None = None, max_new_tokens:
                 say(f"[unknown command {command}; {CHAT_HELP}]\n")
             continue
         try:
-            session.ask(text, on_text=write)
+            session.ask(check_utf8(text, "this line"), on_text=write)
         except LmstackError as e:
             failures += 1
             say(f"error: {e}\n")
