@@ -70,6 +70,9 @@ def load_generator(model: str | None, dtype: DType = "float32", compile: bool = 
         loaded = load_with_adapter(model, adapter, dtype)
     else:
         loaded = load_model(model or DEFAULT_MODEL, dtype=dtype)
+    if loaded.tokenizer is None:  # the verbs take text: name the folder and the missing file
+        raise LmstackError(f"{loaded.source}: no tokenizer.json beside the weights, so text cannot be encoded; "
+                           "copy the tokenizer.json of the model it was trained from into the folder")
     generator = Generator(loaded.model, loaded.tokenizer, compile=compile)
     return generator, loaded, time.perf_counter() - start
 
