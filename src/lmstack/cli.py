@@ -30,6 +30,7 @@ from typing import Annotated, Any
 
 import click
 import typer
+from typer._click import exceptions as click_errors  # typer vendors click: its exceptions are these
 from typer.core import TyperGroup
 
 from lmstack.errors import LmstackError
@@ -424,6 +425,25 @@ def verb_summary(target: str) -> str:
     return ""
 
 
+class _UsageError(click_errors.UsageError):
+    """A usage error shown as one `error:` line (exit code 2), like every other error, instead of click's
+    usage block."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+        print(f"error: {_one_line(self.format_message())}{hint}", file=file or sys.stderr, flush=True)
+
+
+@contextmanager
+def _usage_on_one_line() -> Iterator[None]:
+    try:
+        yield
+    except click_errors.UsageError as e:
+        if isinstance(e, _UsageError) or type(e).__name__ == "NoArgsIsHelpError":  # bare `lmstack`: the help
+            raise
+        raise _UsageError(e.format_message(), e.ctx) from None  # keeps "Invalid value for --x:"
+
+
 class LazyGroup(TyperGroup):
     """A click group over a verb table: sub-commands are built (and their modules imported) only when used."""
 
@@ -431,6 +451,14 @@ class LazyGroup(TyperGroup):
         kwargs.setdefault("rich_markup_mode", None)
         super().__init__(**kwargs)
         self.table = VERBS if table is None else table
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _usage_on_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_on_one_line():  # a sub-command's own arguments are parsed in here
+            return super().invoke(ctx)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.table)
@@ -444,7 +472,7 @@ class LazyGroup(TyperGroup):
         try:
             fn = resolve(entry.target)
         except ImportError as e:  # a verb whose module is missing in this install
-            raise click.ClickException(f"{cmd_name}: cannot import {entry.target} ({e})") from None
+            raise click_errors.ClickException(f"{cmd_name}: cannot import {entry.target} ({e})") from None
         return build_command(cmd_name, fn, entry.run, skip=set(entry.skip), extra=[JSON_FLAG] if entry.json else [])
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -219,7 +219,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise LmstackError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise LmstackError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def json_records(path: str | Path, lines: Iterable[tuple[int, str]],
