@@ -226,11 +226,12 @@ def chat(*, model: str | None = None, system: str | None = None, max_new_tokens:
 
     if interactive:
         say(f"loaded {loaded.source} in {load_s:.1f} s; {CHAT_HELP}\n")
-    failures = 0
+    failures, number = 0, 0
     while True:
         if interactive:
             say("> ")
         line = input.readline()
+        number += 1
         if not line:  # EOF
             break
         text = line.rstrip("\r\n")
@@ -250,7 +251,7 @@ def chat(*, model: str | None = None, system: str | None = None, max_new_tokens:
                 say(f"[unknown command {command}; {CHAT_HELP}]\n")
             continue
         try:
-            session.ask(check_utf8(text, "this line"), on_text=write)
+            session.ask(check_utf8(text, f"input line {number}"), on_text=write)
         except LmstackError as e:
             failures += 1
             say(f"error: {e}\n")
