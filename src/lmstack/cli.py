@@ -125,13 +125,14 @@ def build_command(name: str, fn: Callable[..., Any], run: Callable[..., None], *
     params += list(extra)
     # Arguments first (in their order), then options, so the signature is valid and positions are kept.
     params.sort(key=lambda p: not isinstance(typing.get_args(p.annotation)[1], typer.models.ArgumentInfo))
+    arguments = {p.name for p in params if isinstance(typing.get_args(p.annotation)[1], typer.models.ArgumentInfo)}
 
     def command(**kwargs: Any) -> None:
         for param, group in groups.items():  # options not given keep the group's defaults (None: not given)
             values = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)}
             kwargs[param] = group(**{k: v for k, v in values.items() if v is not None})
         with user_errors():
-            _check_text_arguments(kwargs)
+            _check_text_arguments(kwargs, arguments)
             run(fn, **kwargs)
 
     summary, _ = parse_docstring(fn.__doc__)
@@ -144,13 +145,15 @@ def build_command(name: str, fn: Callable[..., Any], run: Callable[..., None], *
     return typer.main.get_command(single)
 
 
-def _check_text_arguments(kwargs: dict[str, Any]) -> None:
-    """Refuse command-line text that is not UTF-8 (`--prompt $'caf\\xe9'`) before any work, naming the option."""
+def _check_text_arguments(kwargs: dict[str, Any], arguments: set[str]) -> None:
+    """Refuse command-line text that is not UTF-8 (`--prompt $'caf\\xe9'`) before any work, naming the option
+    (or the positional argument)."""
     from lmstack.io import check_utf8
     for name, value in kwargs.items():
+        label = f"the {name} argument" if name in arguments else f"--{name.replace('_', '-')}"
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, str):
-                check_utf8(item, f"--{name.replace('_', '-')}")
+                check_utf8(item, label)
 
 
 def _flag(name: str, decl: str, help: str) -> inspect.Parameter:
