@@ -340,7 +340,8 @@ def _rag_search(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
 def _rag_ask(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
     if as_json:  # the contract: answer, citations [{n, source, location, score}], retrieved
         result = fn(**{**kwargs, "stream": False})
-        print(json.dumps({k: result[k] for k in ("answer", "citations", "retrieved", "refused", "reason")},
+        print(json.dumps({k: result[k] for k in ("answer", "citations", "citations_by", "evidence", "retrieved",
+                                                 "refused", "reason")},
                          indent=2, ensure_ascii=False))
     else:
         fn(**kwargs, output=sys.stdout)

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from lmstack.embedding import Embedder, get_embedder  # noqa: F401  (rag's modules import them from here)
 from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
+from lmstack.embedding import Embedder, get_embedder  # noqa: F401  (rag's modules import them from here)
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write, read_text, require_file
 
