@@ -72,7 +72,8 @@ def embedding_text(chunk: Chunk) -> str:
 
 
 class _Batch:
-    """Documents waiting for their embeddings; `flush` embeds them in one call and writes each one."""
+    """Documents waiting for their embeddings; `flush` embeds them batch by batch, advancing `bar`, then writes
+    each one."""
 
     def __init__(self, store: Store, embedder: Embedder, bar: Any) -> None:
         self.store, self.embedder, self.bar = store, embedder, bar  # bar: chunks embedded (tqdm)
@@ -88,12 +89,13 @@ class _Batch:
         return sum(len(chunks) for _, chunks in self.docs)
 
     def flush(self) -> int:
+        texts = [embedding_text(c) for _, chunks in self.docs for c in chunks]
+        step = self.embedder.batch_size  # one embedding batch per call, so the bar moves as it runs
+        parts = [self._encode(texts[i:i + step]) for i in range(0, len(texts), step)]
+        vectors = np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)  # [n, D]
         at = 0
-        for record, chunks in self.docs:  # one document at a time, so the bar moves and each is committed
-            texts = [embedding_text(c) for c in chunks]
-            parts = [self._encode(texts[i:i + EMBED_AT_ONCE]) for i in range(0, len(texts), EMBED_AT_ONCE)]
-            vectors = np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)  # [n, D]
-            self.store.write_document(record, chunks, vectors)
+        for record, chunks in self.docs:  # each document is its own transaction
+            self.store.write_document(record, chunks, vectors[at:at + len(chunks)])
             at += len(chunks)
         self.docs = []
         return at
