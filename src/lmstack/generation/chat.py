@@ -65,11 +65,7 @@ def load_generator(model: str | None, dtype: DType = "float32", compile: bool = 
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
     start = time.perf_counter()
-    if adapter is not None:
-        from lmstack.training.finetune import load_with_adapter
-        loaded = load_with_adapter(model, adapter, dtype)
-    else:
-        loaded = load_model(model or DEFAULT_MODEL, dtype=dtype)
+    loaded = load_model(model if adapter is not None else model or DEFAULT_MODEL, adapter=adapter, dtype=dtype)
     if loaded.tokenizer is None:  # the verbs take text: name the folder and the missing file
         raise LmstackError(f"{loaded.source}: no tokenizer.json beside the weights, so text cannot be encoded; "
                            "copy the tokenizer.json of the model it was trained from into the folder")
