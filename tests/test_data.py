@@ -561,9 +561,9 @@ def test_tail_split_is_a_contiguous_cut_of_the_token_stream(tmp_path):
 
 def test_negative_counts_are_refused_with_one_line(corpus: Path, bpe: Path, tmp_path: Path) -> None:
     with pytest.raises(LmstackError, match="sentinels must be >= 0, got -3"):
-        train_tokenizer([str(corpus)], str(tmp_path / "tok"), sentinels=-3)
+        train_tokenizer([str(corpus)], out=str(tmp_path / "tok"), sentinels=-3)
     with pytest.raises(LmstackError, match="min_chars must be >= 0, got -4"):
-        prepare_data([str(corpus)], str(tmp_path / "out"), str(bpe), min_chars=-4, progress=False)
+        prepare_data([str(corpus)], out=str(tmp_path / "out"), tokenizer=str(bpe), min_chars=-4, progress=False)
     assert not (tmp_path / "tok").exists() and not (tmp_path / "out").exists()
 
 
@@ -571,14 +571,14 @@ def test_a_failed_prepare_leaves_no_new_folder_and_keeps_what_was_there(bpe: Pat
     (tmp_path / "short.txt").write_text("a\n\nb\n", encoding="utf-8")  # every document is too short
     out = tmp_path / "new" / "shards"
     with pytest.raises(LmstackError, match="no documents left"):
-        prepare_data([str(tmp_path / "short.txt")], str(out), str(bpe), min_chars=5, progress=False)
+        prepare_data([str(tmp_path / "short.txt")], out=str(out), tokenizer=str(bpe), min_chars=5, progress=False)
     assert not (tmp_path / "new").exists()
     # a folder that held an earlier run keeps it whole: its manifest, its shards, and unrelated files
     (tmp_path / "c.txt").write_text("hello world, a document long enough\n", encoding="utf-8")
     kept = tmp_path / "kept"
-    prepare_data([str(tmp_path / "c.txt")], str(kept), str(bpe), val_fraction=0.0, progress=False)
+    prepare_data([str(tmp_path / "c.txt")], out=str(kept), tokenizer=str(bpe), val_fraction=0.0, progress=False)
     (kept / "notes.txt").write_text("mine", encoding="utf-8")
     before = {p.name: p.read_bytes() for p in kept.iterdir() if p.is_file()}
     with pytest.raises(LmstackError, match="no documents left"):
-        prepare_data([str(tmp_path / "short.txt")], str(kept), str(bpe), min_chars=5, progress=False)
+        prepare_data([str(tmp_path / "short.txt")], out=str(kept), tokenizer=str(bpe), min_chars=5, progress=False)
     assert {p.name: p.read_bytes() for p in kept.iterdir() if p.is_file()} == before

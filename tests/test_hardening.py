@@ -3,6 +3,8 @@ found, so it cannot come back."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lmstack.errors import LmstackError
@@ -135,3 +137,110 @@ def test_write_errors_name_the_destination_not_the_temp(tmp_path):
         atomic_write(dest, full_disk)
     assert e.value.filename == str(dest) and ".tmp" not in str(e.value) and "No space left" in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ section 2-4: errors, silent behaviour, messages
+
+
+def test_rag_index_skips_binary_and_latin1_text_with_a_warning(tmp_path, capsys):
+    from lmstack.rag.ingest import ingest
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "good.txt").write_text("Volcanoes erupt when magma rises through the crust.\n")
+    (folder / "latin1.txt").write_bytes("Le café est à côté.\n".encode("latin-1"))
+    (folder / "binary.txt").write_bytes(b"\x7fELF\x02\x01\x00\x00\xff\xfe")
+    out = ingest([str(folder)], str(tmp_path / "i.db"), progress=False)
+    assert out["added"] == 1
+    reasons = {Path(s["path"]).name: s["reason"] for s in out["skipped"]}
+    assert "latin1.txt:1: not valid UTF-8 (byte 0xe9" in reasons["latin1.txt"]
+    assert "binary.txt:1: a binary file" in reasons["binary.txt"]
+    assert capsys.readouterr().err.count("warning: skipping") == 2
+
+
+def test_rag_index_shows_embedding_progress_and_commits_each_document(tmp_path, monkeypatch, capsys):
+    """A kill during embedding keeps the documents already written (each is committed after its embedding)."""
+    from lmstack.rag.ingest import ingest
+    from lmstack.rag.store import Store, open_index
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"d{k}.txt").write_text(f"Document {k} is about topic number {k}.\n")
+    writes = []
+    real = Store.write_document
+
+    def write_then_die(self, *args, **kwargs):
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # a kill after two documents were embedded and written
+        writes.append(real(self, *args, **kwargs))
+        return writes[-1]
+
+    monkeypatch.setattr(Store, "write_document", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ingest([str(folder)], str(tmp_path / "i.db"), progress=True)
+    assert "embedding" in capsys.readouterr().err  # the second bar: chunks embedded
+    monkeypatch.undo()
+    with open_index(str(tmp_path / "i.db")) as store:
+        assert store.stats()["documents"] == 2
+
+
+def test_chat_reports_a_non_utf8_line_and_goes_on(tiny):
+    from cli_helpers import run_cli
+
+    result = run_cli("chat", "--model", tiny, "--max-new-tokens", "3", input=b"caf\xe9\nhello\n")
+    assert result.exit_code == 1  # one failed turn
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: input line 1 is not valid UTF-8 (byte 0xe9 at character 4)"]
+    assert result.stdout.endswith("\n")  # the second line was answered (its reply ends with a newline)
+
+
+def test_a_model_folder_without_tokenizer_is_named(tiny, tmp_path):
+    import shutil
+
+    from cli_helpers import assert_one_line_error, run_cli
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("lmstack.json", "model.safetensors"):
+        shutil.copy(tiny / name, bare / name)
+    line = assert_one_line_error(run_cli("generate", "--model", bare, "--prompt", "hi"), "tokenizer.json")
+    assert str(bare) in line and "token ids" not in line
+
+
+def test_no_chat_template_does_not_mention_a_chat_flag():
+    from cli_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(LmstackError) as info:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert "drop --chat" not in str(info.value) and "no chat template" in str(info.value)
+
+
+def test_json_errors_give_the_real_column(tmp_path):
+    from lmstack.io import read_json
+
+    bad = tmp_path / "c.json"
+    bad.write_text('{"family": "decoder", "n_layer": 2, "n_head": 4, "d_model": 64,, "x": 1}')
+    with pytest.raises(LmstackError, match=r"c.json:1: invalid JSON \(.* at column 64\)"):
+        read_json(bad)
+
+
+def test_usage_errors_are_one_line_with_exit_code_2():
+    from cli_helpers import run_cli
+
+    result = run_cli("rag", "index", "docs", "--index", "i.db", "--batch-size", "many")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: Invalid value for '--batch-size': Input should be a valid integer, unable to parse string as an "
+        "integer (see `lmstack rag index --help`)"]
+
+
+def test_finetune_help_says_where_the_required_values_come_from():
+    from cli_helpers import run_cli
+
+    result = run_cli("finetune", "--help")
+    text = " ".join(result.stdout.split())
+    assert "--model, --data (or `tasks:`) and --out are required, from the flags or the config" in text
+    assert "[required]" not in text

@@ -30,6 +30,7 @@ from typing import Annotated, Any
 
 import click
 import typer
+from typer._click import exceptions as click_errors  # typer vendors click: its exceptions are these
 from typer.core import TyperGroup
 
 from lmstack.errors import LmstackError
@@ -124,12 +125,14 @@ def build_command(name: str, fn: Callable[..., Any], run: Callable[..., None], *
     params += list(extra)
     # Arguments first (in their order), then options, so the signature is valid and positions are kept.
     params.sort(key=lambda p: not isinstance(typing.get_args(p.annotation)[1], typer.models.ArgumentInfo))
+    arguments = {p.name for p in params if isinstance(typing.get_args(p.annotation)[1], typer.models.ArgumentInfo)}
 
     def command(**kwargs: Any) -> None:
         for param, group in groups.items():  # options not given keep the group's defaults (None: not given)
             values = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)}
             kwargs[param] = group(**{k: v for k, v in values.items() if v is not None})
         with user_errors():
+            _check_text_arguments(kwargs, arguments)
             run(fn, **kwargs)
 
     summary, _ = parse_docstring(fn.__doc__)
@@ -140,6 +143,17 @@ def build_command(name: str, fn: Callable[..., Any], run: Callable[..., None], *
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     single.command(name, help=summary)(command)
     return typer.main.get_command(single)
+
+
+def _check_text_arguments(kwargs: dict[str, Any], arguments: set[str]) -> None:
+    """Refuse command-line text that is not UTF-8 (`--prompt $'caf\\xe9'`) before any work, naming the option
+    (or the positional argument)."""
+    from lmstack.io import check_utf8
+    for name, value in kwargs.items():
+        label = f"the {name} argument" if name in arguments else f"--{name.replace('_', '-')}"
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str):
+                check_utf8(item, label)
 
 
 def _flag(name: str, decl: str, help: str) -> inspect.Parameter:
@@ -326,7 +340,8 @@ def _rag_search(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
 def _rag_ask(fn: Callable[..., Any], as_json: bool, **kwargs: Any) -> None:
     if as_json:  # the contract: answer, citations [{n, source, location, score}], retrieved
         result = fn(**{**kwargs, "stream": False})
-        print(json.dumps({k: result[k] for k in ("answer", "citations", "retrieved", "refused", "reason")},
+        print(json.dumps({k: result[k] for k in ("answer", "citations", "citations_by", "evidence", "retrieved",
+                                                 "refused", "reason")},
                          indent=2, ensure_ascii=False))
     else:
         fn(**kwargs, output=sys.stdout)
@@ -414,6 +429,25 @@ def verb_summary(target: str) -> str:
     return ""
 
 
+class _UsageError(click_errors.UsageError):
+    """A usage error shown as one `error:` line (exit code 2), like every other error, instead of click's
+    usage block."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+        print(f"error: {_one_line(self.format_message())}{hint}", file=file or sys.stderr, flush=True)
+
+
+@contextmanager
+def _usage_on_one_line() -> Iterator[None]:
+    try:
+        yield
+    except click_errors.UsageError as e:
+        if isinstance(e, _UsageError) or type(e).__name__ == "NoArgsIsHelpError":  # bare `lmstack`: the help
+            raise
+        raise _UsageError(e.format_message(), e.ctx) from None  # keeps "Invalid value for --x:"
+
+
 class LazyGroup(TyperGroup):
     """A click group over a verb table: sub-commands are built (and their modules imported) only when used."""
 
@@ -421,6 +455,14 @@ class LazyGroup(TyperGroup):
         kwargs.setdefault("rich_markup_mode", None)
         super().__init__(**kwargs)
         self.table = VERBS if table is None else table
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _usage_on_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_on_one_line():  # a sub-command's own arguments are parsed in here
+            return super().invoke(ctx)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.table)
@@ -434,7 +476,7 @@ class LazyGroup(TyperGroup):
         try:
             fn = resolve(entry.target)
         except ImportError as e:  # a verb whose module is missing in this install
-            raise click.ClickException(f"{cmd_name}: cannot import {entry.target} ({e})") from None
+            raise click_errors.ClickException(f"{cmd_name}: cannot import {entry.target} ({e})") from None
         return build_command(cmd_name, fn, entry.run, skip=set(entry.skip), extra=[JSON_FLAG] if entry.json else [])
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

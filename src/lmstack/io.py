@@ -179,12 +179,48 @@ def require_path(path: str | Path, what: str = "file") -> Path:
     return path
 
 
+def require_file(path: str | Path, what: str = "file") -> Path:
+    """`path`, which must exist and be a file: a folder is named as such, not reported as missing."""
+    path = require_path(path, what)
+    if path.is_dir():
+        raise LmstackError(f"{path}: is a folder; expected a {what}")
+    return path
+
+
+def decode_utf8(data: bytes, path: str | Path) -> str:
+    """`data` decoded as UTF-8; invalid bytes are a LmstackError naming path:line and the byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LmstackError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}: {e.reason}); "
+                           "convert the file to UTF-8") from None
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of an existing file (a missing file, a folder or bad bytes are one-line errors)."""
+    path = require_file(path, what)
+    return decode_utf8(path.read_bytes(), path)
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text` unchanged, or a LmstackError when it holds bytes that were not UTF-8 (Python keeps them from argv
+    and surrogate-escaped streams as lone surrogates U+DC80..U+DCFF, which no tokenizer accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise LmstackError(f"{what} is not valid UTF-8 ({byte} at character {e.start + 1})") from None
+    return text
+
+
 def read_json(path: str | Path) -> Any:
     path = require_path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise LmstackError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise LmstackError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def json_records(path: str | Path, lines: Iterable[tuple[int, str]],

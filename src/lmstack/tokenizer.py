@@ -134,7 +134,9 @@ class Tokenizer:
                             **kwargs: Any) -> str:
         """Render `messages` with the model's jinja2 template, as transformers' `apply_chat_template` does."""
         if not self.chat_template:
-            raise LmstackError("this tokenizer has no chat template; use a plain prompt (drop --chat)")
+            raise LmstackError("this model's tokenizer has no chat template, so it cannot render chat messages; "
+                               "use a chat (instruct) model, or a plain prompt (`generate` without --chat, "
+                               "`finetune --template alpaca`, `flan` or `plain`)")
         return _compile_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
             eos_token=self.eos_token or "", **kwargs)

@@ -65,7 +65,7 @@ from torch import Tensor
 from lmstack.data.batching import IGNORE_INDEX
 from lmstack.data.prepare import _lines
 from lmstack.errors import LmstackError
-from lmstack.io import json_records
+from lmstack.io import json_records, require_file
 from lmstack.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -210,9 +210,9 @@ def parse_record(record: Any, fmt: str, fields: dict[str, str] | None = None,
 def read_examples(path: str | Path, format: str = "auto", fields: dict[str, str] | None = None,
                   limit: int | None = None) -> tuple[list[Example], str]:
     """(examples, format used) from a JSONL file (.gz too); `limit` caps the records read. Blank lines are skipped."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise LmstackError(f"file not found: {path}")
+    path = require_file(Path(path).expanduser(), "JSONL file")
+    if limit is not None and limit < 1:  # a negative limit must not act as a slice from the end
+        raise LmstackError(f"limit must be >= 1, not {limit}")
     fields = fields or {}
     _check_fields(fields)
     if format != "auto" and format not in FORMATS:
@@ -227,6 +227,11 @@ def read_examples(path: str | Path, format: str = "auto", fields: dict[str, str]
             fmt = detect_format(record, fields) if isinstance(record, dict) else None
             if fmt is None:
                 keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                missing = [f"{name}={key}" for name, key in fields.items()
+                           if isinstance(record, dict) and key not in record]
+                if missing:  # the mapping points at fields this file lacks: say so, not "cannot tell"
+                    raise LmstackError(f"{where}: the field mapping names field(s) this record lacks "
+                                       f"({', '.join(missing)}); its fields: {keys}")
                 raise LmstackError(f"{where}: cannot tell the format from the fields ({keys}); expected "
                                    "instruction/output, messages, prompt/completion or instances, or a field mapping")
         examples.extend(parse_record(record, fmt, fields, where))

@@ -50,7 +50,10 @@ def evaluate(*, model: list[str], tasks: str, adapter: list[str] | None = None, 
     specs = [load_task(n, data_root) for n in names]  # every task file is checked before any model loads
 
     from lmstack.evaluation.report import write_reports
-    from lmstack.evaluation.runner import RunOptions, load_eval_model, run_task, set_seed
+    from lmstack.evaluation.runner import RunOptions, generation_config, load_eval_model, run_task, set_seed
+    for spec in specs:  # sampling settings too: a bad temperature is reported before the first model loads
+        if spec.type == "generate":
+            generation_config(spec, seed or 0)
     opts = RunOptions(limit=limit, num_fewshot=num_fewshot, seed=seed, batch_size=batch_size, stride=stride,
                       progress=progress)
     results: dict[str, Any] = {}

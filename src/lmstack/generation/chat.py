@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 from lmstack.checkpoints.registry import DEFAULT_MODEL
 from lmstack.errors import LmstackError
 from lmstack.generation.sampling import GenerationConfig, SamplingOptions, sampling_config
+from lmstack.io import check_utf8
 
 if TYPE_CHECKING:
     from lmstack.checkpoints import LoadedModel
@@ -59,6 +60,9 @@ def load_generator(model: str | None, dtype: DType = "auto", compile: bool = Fal
     from lmstack.generation import Generator
     start = time.perf_counter()
     loaded = load_model(model or (None if adapter else DEFAULT_MODEL), adapter=adapter, dtype=dtype)
+    if loaded.tokenizer is None:  # the verbs take text: name the folder and the missing file
+        raise LmstackError(f"{loaded.source}: no tokenizer.json beside the weights, so text cannot be encoded; "
+                           "copy the tokenizer.json of the model it was trained from into the folder")
     generator = Generator(loaded.model, loaded.tokenizer, compile=compile)
     return generator, loaded, time.perf_counter() - start
 
@@ -177,6 +181,8 @@ def chat(*, model: str | None = None, system: str | None = None, sampling: Sampl
         notices: Where prompts, notices and per-turn errors go (default stderr).
     """
     input, output, notices = input or sys.stdin, output or sys.stdout, notices or sys.stderr
+    if hasattr(input, "reconfigure"):  # a line that is not UTF-8 fails its turn, not the whole chat
+        input.reconfigure(errors="surrogateescape")
     cfg = sampling_config(sampling, max_new_tokens=256)
     generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
     context = getattr(loaded.model, "config", loaded.config).max_seq_len  # prompt tuning takes N positions
@@ -193,11 +199,12 @@ def chat(*, model: str | None = None, system: str | None = None, sampling: Sampl
 
     if interactive:
         say(f"loaded {loaded.source} ({str(loaded.dtype).removeprefix('torch.')}) in {load_s:.1f} s; {CHAT_HELP}\n")
-    failures = 0
+    failures, number = 0, 0
     while True:
         if interactive:
             say("> ")
         line = input.readline()
+        number += 1
         if not line:  # EOF
             break
         text = line.rstrip("\r\n")
@@ -217,7 +224,7 @@ def chat(*, model: str | None = None, system: str | None = None, sampling: Sampl
                 say(f"[unknown command {command}; {CHAT_HELP}]\n")
             continue
         try:
-            session.ask(text, on_text=write)
+            session.ask(check_utf8(text, f"input line {number}"), on_text=write)
         except LmstackError as e:
             failures += 1
             say(f"error: {e}\n")

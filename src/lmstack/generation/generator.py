@@ -260,7 +260,8 @@ class Generator:
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise LmstackError("this model has no tokenizer; pass token ids instead of text")
+                raise LmstackError("this model has no tokenizer (its folder has no tokenizer.json), so text cannot be "
+                                   "encoded; pass token ids, or copy the tokenizer.json it was trained with")
             return self.tokenizer.encode(prompt)
         ids = [int(i) for i in prompt]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

@@ -9,6 +9,7 @@ A full fine-tune writes a whole native checkpoint instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ class PeftSpec:
             raise LmstackError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.rank < 1 or self.n_virtual < 1 or self.prefix_len < 1 or self.bottleneck < 1:
             raise LmstackError("rank, n_virtual, prefix_len and bottleneck must be >= 1")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:  # the update's scale, alpha / rank
+            raise LmstackError(f"alpha must be a finite number > 0, not {self.alpha}")
+        if not 0 <= self.dropout < 1:  # `not` so that NaN is refused too
+            raise LmstackError(f"dropout must be in [0, 1), not {self.dropout}")
 
 
 def apply_method(model: nn.Module, spec: PeftSpec, tokenizer: Any = None) -> nn.Module:

@@ -49,6 +49,18 @@ def rag_index(paths: list[str], *, index: str, backend: Literal["sqlite", "milvu
                   batch_size, progress)
 
 
+def _check(query: str | None = None, min_score: float | None = None, limit: int | None = None) -> None:
+    """Refuse values that would silently do something else: an empty query, a similarity threshold no cosine
+    reaches (every answer "I don't know"), a negative --limit (a slice from the end)."""
+    from lmstack.errors import LmstackError
+    if query is not None and not query.strip():
+        raise LmstackError("the query is empty; give the text to search for")
+    if min_score is not None and not -1.0 <= min_score <= 1.0:  # `not` so that NaN is refused too
+        raise LmstackError(f"min_score is a cosine similarity, in [-1, 1], not {min_score}")
+    if limit is not None and limit < 1:
+        raise LmstackError(f"limit must be >= 1, not {limit}")
+
+
 def _filters(source: str | None, path_prefix: str | None, since: str | None, until: str | None,
              date_field: str) -> Any:
     from lmstack.rag.store import Filters, parse_date
@@ -97,6 +109,7 @@ def rag_search(query: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         embedding_model: Must be the index's model when given (a mismatch is refused).
     """
     from lmstack.rag.retrieve import search
+    _check(query=query)
     filters = _filters(source, path_prefix, since, until, date_field)
     store, embedder = _open_for_query(index, backend, embedding_model)
     with store:
@@ -157,6 +170,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
     from lmstack.rag.answer import AnswerOptions, answer, answer_config, get_generator, print_result
     from lmstack.rag.retrieve import search
 
+    _check(query=question, min_score=min_score)
     if evidence < 0 or max_sentences < 1:
         from lmstack.errors import LmstackError
         raise LmstackError(f"evidence must be >= 0 and max_sentences >= 1 (got {evidence}, {max_sentences})")
@@ -212,6 +226,7 @@ def rag_eval(qa: str, *, index: str, backend: Literal["sqlite", "milvus"] | None
     """
     from lmstack.rag.evaluate import evaluate
     from lmstack.rag.store import index_uri
+    _check(min_score=min_score, limit=limit)
     return evaluate(qa, index_uri(index, backend), k, modes, generate, limit, model, adapter, max_new_tokens,
                     min_score, out, progress)
 
@@ -265,6 +280,7 @@ def raft_build(*, corpus: str, out: str, qa: str | None = None, model: str = DEF
         progress: Show a progress bar on stderr.
     """
     from lmstack.rag.raft import build
+    _check(limit=limit)
     return build(corpus, out, qa, model, questions_per_chunk, distractors, p, seed, format, chunk_tokens, overlap,
                  limit, max_new_tokens, embedding_model, field, progress)
 

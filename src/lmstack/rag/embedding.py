@@ -8,15 +8,16 @@ from typing import Any
 
 import numpy as np
 
+from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
 from lmstack.embedding import Embedder, get_embedder  # noqa: F401  (rag's modules import them from here)
 from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
 from lmstack.errors import LmstackError
-from lmstack.io import atomic_write, require_path
+from lmstack.io import atomic_write, read_text, require_file
 
 
 def read_texts(path: Path, field: str | None) -> list[str]:
     """One text per line, or with `field` (or a .jsonl suffix) the string `field` of each JSON line."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).splitlines()
     if field is None and path.suffix.lower() != ".jsonl":
         return lines
     from lmstack.rag.extract import json_lines, string_field
@@ -29,7 +30,7 @@ def read_texts(path: Path, field: str | None) -> list[str]:
 def embed_file(input: str, out: str, model: str = DEFAULT_EMBEDDING_MODEL, batch_size: int = 32,
                field: str | None = None) -> dict[str, Any]:
     """Embed the texts of `input` and write them to `out` (.npy, or .safetensors under the key "embeddings")."""
-    src, dst = require_path(input), Path(out)
+    src, dst = require_file(input), Path(out)
     if dst.suffix not in (".npy", ".safetensors"):
         raise LmstackError(f"{out}: the output must end in .npy or .safetensors")
     if batch_size < 1:

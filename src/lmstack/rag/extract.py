@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmstack.errors import LmstackError
-from lmstack.io import json_records
+from lmstack.io import decode_utf8, json_records
 
 SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".html": "html",
             ".htm": "html", ".pdf": "pdf", ".jsonl": "jsonl"}
@@ -59,7 +59,7 @@ def extract(path: Path, data: bytes, jsonl_field: str = "text") -> Document:
     kind = kind_of(path)
     if kind == "pdf":
         return _pdf(path, data)
-    text = data.decode("utf-8", errors="replace")
+    text = _decode(path, data)
     if kind == "markdown":
         return _markdown(path, text)
     if kind == "html":
@@ -69,6 +69,17 @@ def extract(path: Path, data: bytes, jsonl_field: str = "text") -> Document:
     if kind == "text":
         return Document(path, kind, path.stem, text, _paragraphs(text, 0, len(text)))
     raise ExtractError(f"{path}: unsupported file type {path.suffix!r} (supported: {', '.join(sorted(SUFFIXES))})")
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text; a binary or latin-1 file is an ExtractError (skipped with a warning), never mojibake."""
+    if b"\0" in data:  # valid UTF-8 may hold NUL, but no text document does
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        raise ExtractError(f"{path}:{line}: a binary file, not text (NUL byte)")
+    try:
+        return decode_utf8(data, path)
+    except LmstackError as e:
+        raise ExtractError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------ plain text

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
 from lmstack.errors import LmstackError
 from lmstack.rag.chunk import Chunk, chunk_document
@@ -27,7 +29,8 @@ from lmstack.rag.store import DocumentRecord, Store, open_index
 
 DEFAULT_CHUNK_TOKENS = 200
 DEFAULT_OVERLAP = 32
-EMBED_AT_ONCE = 256  # chunks gathered from several documents before one embedding call
+EMBED_AT_ONCE = 64  # chunks gathered from several documents before one embedding call and commit (a kill
+# loses at most these; a few seconds of MiniLM on one CPU core)
 
 
 def warn(message: str) -> None:
@@ -69,11 +72,17 @@ def embedding_text(chunk: Chunk) -> str:
 
 
 class _Batch:
-    """Documents waiting for their embeddings; `flush` embeds them in one call and writes each one."""
+    """Documents waiting for their embeddings; `flush` embeds them batch by batch, advancing `bar`, then writes
+    each one."""
 
-    def __init__(self, store: Store, embedder: Embedder) -> None:
-        self.store, self.embedder = store, embedder
+    def __init__(self, store: Store, embedder: Embedder, bar: Any) -> None:
+        self.store, self.embedder, self.bar = store, embedder, bar  # bar: chunks embedded (tqdm)
         self.docs: list[tuple[DocumentRecord, list[Chunk]]] = []
+
+    def add(self, record: DocumentRecord, chunks: list[Chunk]) -> None:
+        self.docs.append((record, chunks))
+        self.bar.total = (self.bar.total or 0) + len(chunks)
+        self.bar.refresh()
 
     @property
     def n_chunks(self) -> int:
@@ -81,13 +90,20 @@ class _Batch:
 
     def flush(self) -> int:
         texts = [embedding_text(c) for _, chunks in self.docs for c in chunks]
-        vectors = self.embedder.encode(texts)  # [n, D]
+        step = self.embedder.batch_size  # one embedding batch per call, so the bar moves as it runs
+        parts = [self._encode(texts[i:i + step]) for i in range(0, len(texts), step)]
+        vectors = np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)  # [n, D]
         at = 0
-        for record, chunks in self.docs:
+        for record, chunks in self.docs:  # each document is its own transaction
             self.store.write_document(record, chunks, vectors[at:at + len(chunks)])
             at += len(chunks)
         self.docs = []
         return at
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self.embedder.encode(texts)  # [n, D]
+        self.bar.update(len(texts))
+        return vectors
 
 
 def ingest(paths: list[str], index: str, embedding_model: str = DEFAULT_EMBEDDING_MODEL, source: str | None = None,
@@ -98,6 +114,10 @@ def ingest(paths: list[str], index: str, embedding_model: str = DEFAULT_EMBEDDIN
 
     if not paths:
         raise LmstackError("give at least one file or folder to index")
+    if batch_size < 1:
+        raise LmstackError(f"batch_size must be >= 1, not {batch_size}")
+    if chunk_tokens is not None and chunk_tokens < 1:  # before the index is opened, so none is created
+        raise LmstackError(f"chunk_tokens must be >= 1, not {chunk_tokens}")
     files, roots = discover(paths)
     embedder = embedder or get_embedder(embedding_model, batch_size)
     wanted = {"chunk_tokens": chunk_tokens or min(DEFAULT_CHUNK_TOKENS, embedder.max_text_tokens),
@@ -116,8 +136,8 @@ def ingest(paths: list[str], index: str, embedding_model: str = DEFAULT_EMBEDDIN
                                    "build a new index to change it")
         counts = {"added": 0, "updated": 0, "unchanged": 0, "removed": 0, "chunks": 0}
         skipped: list[dict[str, str]] = []
-        batch = _Batch(store, embedder)
         bar = tqdm(files, desc="rag index", unit="file", disable=not progress)
+        batch = _Batch(store, embedder, tqdm(desc="embedding", unit="chunk", total=0, disable=not progress))
         for path in bar:
             try:
                 data = path.read_bytes()
@@ -141,12 +161,13 @@ def ingest(paths: list[str], index: str, embedding_model: str = DEFAULT_EMBEDDIN
             chunks = chunk_document(doc, embedder.backend, store.chunking["chunk_tokens"], store.chunking["overlap"])
             record = DocumentRecord(str(path), source or _default_source(path, roots), doc.title, doc.kind, digest,
                                     stat.st_size, stat.st_mtime)
-            batch.docs.append((record, chunks))
+            batch.add(record, chunks)
             counts["updated" if old is not None else "added"] += 1
             if batch.n_chunks >= EMBED_AT_ONCE:
                 counts["chunks"] += batch.flush()
                 bar.set_postfix(chunks=counts["chunks"])
         counts["chunks"] += batch.flush()
+        batch.bar.close()
         if prune:
             counts["removed"] = store.delete_documents(_gone(store, roots, set(map(str, files))))
         stats = store.stats()
