@@ -307,9 +307,9 @@ STREAMING_SCRIPT = textwrap.dedent("""
     from lmstack.data import prepare_data
     tok, small, big, out = sys.argv[1:5]
     # Warm up on a small file so imports and one-off allocations are in the baseline.
-    prepare_data([small], out + "/warm", tok, progress=False)
+    prepare_data([small], out=out + "/warm", tokenizer=tok, progress=False)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    m = prepare_data([big], out + "/big", tok, progress=False)
+    m = prepare_data([big], out=out + "/big", tokenizer=tok, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"growth_mb": (peak - base) / 1024, "tokens": m["tokens"], "docs": m["documents"]}))
 """)
