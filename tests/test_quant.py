@@ -331,6 +331,49 @@ def test_corrupt_or_mismatched_packed_tensors_are_one_line() -> None:
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("scheme", ["int4-g32", "w8a8"])
+def test_native_checkpoint_round_trip_through_load_model(tmp_path: Path, scheme: str) -> None:
+    """save_native records the scheme in lmstack.json; load_model rebuilds the modules and adopts the packed
+    tensors (the int8 codes stay the file's memory map: no requantization)."""
+    from lmstack.checkpoints import load_model, save_native
+    model = tiny_llama().to(torch.bfloat16)
+    fuse_projections_(model)
+    quantize_(model, scheme, embedding_scheme="int8")
+    path = save_native(model, None, tmp_path / "q", metadata={"note": "x"})
+    info = json.loads((path / "lmstack.json").read_text())
+    assert info["metadata"]["note"] == "x" and info["metadata"]["quantization"]["fused"]
+    loaded = load_model(str(path), dtype="bfloat16")
+    assert loaded.metadata["quantization"]["modules"]["layers.0.mlp.gate_up_proj"]["format"] == scheme
+    assert isinstance(loaded.model.tok_emb, QuantEmbedding) and isinstance(loaded.model.lm_head, TiedHead)
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
+    model.reset_buffers()  # the loader builds the RoPE tables in float32, as for any checkpoint
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    # re-saving the loaded model writes the same tensors
+    again = save_native(loaded.model, None, tmp_path / "again", metadata=loaded.metadata)
+    assert json.loads((again / "lmstack.json").read_text())["metadata"]["quantization"] == info["metadata"][
+        "quantization"]
+
+
+def test_corrupt_quantized_checkpoint_is_one_line(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lmstack.checkpoints import load_model, save_native
+    model = tiny_llama()
+    quantize_(model, "int4-g32")
+    path = save_native(model, None, tmp_path / "q")
+    state = load_file(str(path / "model.safetensors"))
+    key = "layers.1.mlp.down_proj.qweight"
+    save_file({**state, key: state[key][:-1]}, str(path / "model.safetensors"))
+    with pytest.raises(LmstackError, match=f"{key}.*shape") as e:
+        load_model(str(path))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LmstackError, match="corrupt or truncated"):
+        load_model(str(path))
+
+
 # ------------------------------------------------------------------------------------ the verb
 
 
@@ -349,8 +392,8 @@ def _tiny_tokenizer():
 
 
 def test_quantize_verb_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lmstack.checkpoints import save_native
-    from lmstack.compression.quantize import load_quantized, quantize
+    from lmstack.checkpoints import load_model, save_native
+    from lmstack.compression.quantize import quantize
     tok = _tiny_tokenizer()
     torch.manual_seed(0)
     model = build_model(from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
@@ -368,7 +411,7 @@ def test_quantize_verb_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     info = json.loads((tmp_path / "q" / "lmstack.json").read_text())
     assert info["metadata"]["quantization"]["modules"]["layers.0.attn.qkv_proj"]["format"] == "int4-g32"
     assert "int4" not in "".join(p.name for p in (tmp_path / "q").iterdir())  # the scheme is not in a file name
-    reloaded, _ = load_quantized(tmp_path / "q")
+    reloaded = load_model(str(tmp_path / "q")).model
     assert isinstance(reloaded.layers[1].mlp.gate_up_proj, Int4Linear)
     with pytest.raises(LmstackError, match="unknown quantization scheme"):
         quantize(model=str(src), scheme="int5", out=str(tmp_path / "bad"))

@@ -104,7 +104,8 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     else:
         from lmstack.checkpoints.hf import load_hf
         config, state, tokenizer, metadata = load_hf(path)
-    model = instantiate(config, state, dtype=dtype, device=device, source=str(path))
+    model = instantiate(config, state, dtype=dtype, device=device, source=str(path),
+                        quantization=metadata.get("quantization"))
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(path), metadata=metadata,
                        dtype=str(dtype).removeprefix("torch."))
 
@@ -123,10 +124,17 @@ def _load_with_adapter(model: str | None, adapter: str, dtype: torch.dtype, devi
 
 
 def instantiate(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str = "cpu",
-                source: str = "checkpoint") -> nn.Module:
-    """Build the model on the meta device, then adopt the checkpoint's tensors (no double allocation)."""
+                source: str = "checkpoint", quantization: dict[str, Any] | None = None) -> nn.Module:
+    """Build the model on the meta device, then adopt the checkpoint's tensors (no double allocation).
+
+    `quantization` (a quantized checkpoint's metadata, quant.state's format): the quantized modules are rebuilt
+    as it says and adopt the packed tensors as they are (no dequantize-requantize round trip); float tensors
+    (norms, biases, unquantized layers) take `dtype`.
+    """
     with torch.device("meta"), skip_init():
         model = build_model(config)
+    if quantization is not None:
+        return _instantiate_quantized(model, state, quantization, dtype, device, source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -144,6 +152,21 @@ def instantiate(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     # Non-persistent buffers (RoPE tables) were made on meta: every model class rebuilds its own.
+    with torch.device(device):
+        model.reset_buffers()
+    return model.eval()
+
+
+def _instantiate_quantized(model: nn.Module, state: dict[str, torch.Tensor], quantization: dict[str, Any],
+                           dtype: torch.dtype, device: str, source: str) -> nn.Module:
+    from lmstack.quant.state import rebuild_quantized_
+    if torch.device(device).type != "cpu":
+        raise LmstackError(f"{source}: quantized checkpoints run on the CPU kernels only (device {device!r})")
+    try:
+        rebuild_quantized_(model, state, quantization)
+    except LmstackError as e:
+        raise LmstackError(f"{source}: {e}") from None
+    model.to(dtype)  # float tensors only; quantized layers keep their codes and scale dtypes
     with torch.device(device):
         model.reset_buffers()
     return model.eval()

@@ -163,8 +163,9 @@ class Int4Linear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # model.to(float32) must not widen the bf16 scales: the kernel reads them as bf16.
+        scales_and_zeros = self.scales_and_zeros
         super()._apply(fn, recurse)
-        self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+        self.scales_and_zeros = scales_and_zeros.to(device=self.scales_and_zeros.device, dtype=torch.bfloat16)
         return self
 
     # ------------------------------------------------------------------------- the portable state
