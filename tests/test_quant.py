@@ -417,6 +417,31 @@ def test_quantize_verb_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         quantize(model=str(src), scheme="int5", out=str(tmp_path / "bad"))
 
 
+def test_quantize_cli_then_generate(tmp_path: Path) -> None:
+    """`lmstack quantize` from the verb table, then `lmstack generate` and `models show` on its output."""
+    import typing
+
+    from cli_helpers import run_cli
+
+    from lmstack.checkpoints import save_native
+    from lmstack.compression.quantize import Scheme
+    from lmstack.quant.quantize import SCHEMES
+    assert typing.get_args(Scheme) == SCHEMES
+    tok = _tiny_tokenizer()
+    torch.manual_seed(0)
+    src = save_native(build_model(from_name("tiny-llama", vocab_size=tok.vocab_size)).eval(), tok, tmp_path / "s")
+    text = tmp_path / "held_out.txt"
+    text.write_text("the quick brown fox. " * 60)
+    result = run_cli("quantize", "--model", src, "--scheme", "w8a8", "--out", tmp_path / "q", "--eval-text", text,
+                     "--eval-chars", "800", "--window", "64", "--decode-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "MB on disk" in result.stdout and "perplexity" in result.stdout
+    result = run_cli("generate", "--model", tmp_path / "q", "--prompt", "the quick", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    result = run_cli("models", "show", tmp_path / "q")
+    assert result.exit_code == 0 and "w8a8" in result.stdout, result.output
+
+
 # ----------------------------------------------------------------------------------------- SmolLM2
 
 

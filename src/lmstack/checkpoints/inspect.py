@@ -21,15 +21,49 @@ def model_summary(loaded: "LoadedModel") -> dict[str, Any]:
     from lmstack.config import config_to_dict
 
     cfg = loaded.config
+    from lmstack.quant.quantize import QUANTIZED
     n_params = sum(p.numel() for p in loaded.model.parameters())
+    # quantized layers hold their weights in buffers: count the weights they stand for
+    n_params += sum(m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, QUANTIZED))
     out = {"source": loaded.source, "family": cfg.family, "config": config_to_dict(cfg), "parameters": n_params,
            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
-    out.update(loaded.metadata)
+    out.update({k: v for k, v in loaded.metadata.items() if k != "quantization"})  # storage says it shortly
+    for fmt, names in storage_formats(loaded.model).items():
+        out[f"storage {fmt}"] = ", ".join(names)
     if loaded.tokenizer is not None:
         out["tokenizer"] = {"vocab_size": loaded.tokenizer.vocab_size, "bos": loaded.tokenizer.bos_token,
                             "eos": loaded.tokenizer.eos_token, "hash": loaded.tokenizer.hash()}
         out["chat_template"] = loaded.tokenizer.chat_template
     return out
+
+
+def storage_formats(model: Any) -> dict[str, list[str]]:
+    """How each tensor is stored: {format: [module or tensor names, layer numbers folded into "*"]}, e.g.
+    {"int4-g32": ["layers.*.attn.qkv_proj", ...], "int8": ["tok_emb (and the tied lm_head)"], "bfloat16": [...]}."""
+    import re
+
+    from lmstack.models.blocks import TiedHead
+    from lmstack.quant.quantize import QUANTIZED, QuantEmbedding, format_of
+    formats: dict[str, list[str]] = {}
+
+    def add(fmt: str, name: str) -> None:
+        name = re.sub(r"(^|\.)\d+(\.|$)", r"\1*\2", name)
+        if name not in formats.setdefault(fmt, []):
+            formats[fmt].append(name)
+
+    tied = isinstance(getattr(model, "lm_head", None), TiedHead)
+    quantized: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(q + ".") for q in quantized):
+            continue  # inside a quantized module: its packed tensors were named with it
+        if isinstance(module, QuantEmbedding) or isinstance(module, QUANTIZED):
+            quantized.append(name)
+            fmt = format_of(module.table if isinstance(module, QuantEmbedding) else module)
+            add(fmt, name + (" (and the tied lm_head)" if tied and name == "tok_emb" else ""))
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            add(str(param.dtype).removeprefix("torch."), f"{name}.{pname}" if name else pname)
+    return formats
 
 
 # -------------------------------------------------------------------------------------------- models

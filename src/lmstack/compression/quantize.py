@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -43,11 +43,15 @@ def decode_speed(model: nn.Module, tokenizer: Tokenizer, tokens: int, prompt: st
     return result.decode_tokens_per_s
 
 
-def quantize(*, model: str, scheme: str, out: str, embedding_scheme: str | None = None, fuse: bool = True,
+Scheme = Literal["int4-g32", "int4-g64", "int4-g128", "int8", "w8a8", "nf4"]  # quant.quantize.SCHEMES
+
+
+def quantize(*, model: str, scheme: Scheme, out: str, embedding_scheme: Scheme | None = None, fuse: bool = True,
              eval_text: str | None = None,
              eval_chars: int = HELD_OUT_CHARS, window: int = 512, decode_tokens: int = 64,
              compare: bool = True) -> dict[str, Any]:
-    """Quantize a model without calibration data and write a packed native checkpoint.
+    """Quantize a model without calibration data and write a packed native checkpoint; print (and return) its
+    bytes on disk, held-out perplexity and decode tok/s next to the source model's, and any per-layer fallbacks.
 
     Args:
         model: a model name or path (anything `lmstack generate` loads).
@@ -61,9 +65,6 @@ def quantize(*, model: str, scheme: str, out: str, embedding_scheme: str | None 
         window: perplexity window in tokens (stride half of it).
         decode_tokens: greedy tokens for the decode tok/s figure (0 skips it).
         compare: measure the source model too (perplexity and decode tok/s).
-
-    Returns:
-        A report: bytes on disk, perplexity and decode tok/s of the quantized and source models, fallbacks.
     """
     from lmstack.checkpoints import load_model, save_native
     check_scheme(scheme)
