@@ -81,13 +81,22 @@ def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
 # ------------------------------------------------------------------------------------------ loading
 
 
+QUANT_MODES = ("dequantize", "keep", "keep-int8")
+
+
 def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtype: torch.dtype | str = "auto",
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", quant: str = "dequantize") -> LoadedModel:
     """Load any supported checkpoint into an lmstack model in eval mode.
 
     `adapter`: a PEFT output folder (lmstack's adapter.json or Hugging Face peft's adapter_config.json), applied
     unmerged. With an adapter and no `name_or_path`, the base model is the one the adapter names.
+    `quant` (GGUF files): "dequantize" (every tensor to `dtype`), "keep" (Q4_0 / Q4_1 linears stay packed for
+    the int4 kernel; the Q8_0 token embedding and tied head become int4-g32, the fastest head) or "keep-int8"
+    (the same with an int8 embedding and head: closer to the file, slower head). A native quantized checkpoint
+    always loads packed.
     """
+    if quant not in QUANT_MODES:
+        raise LmstackError(f"unknown quant mode {quant!r}; use one of {', '.join(QUANT_MODES)}")
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype, device)
     if adapter is not None:
@@ -100,7 +109,8 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
         config, state, tokenizer, metadata = load_native_parts(path)
     elif fmt == "gguf":
         from lmstack.checkpoints.gguf import load_gguf
-        config, state, tokenizer, metadata = load_gguf(path)
+        config, state, tokenizer, metadata = load_gguf(path, keep=quant != "dequantize",
+                                                       embedding_scheme="int8" if quant == "keep-int8" else "int4-g32")
     else:
         from lmstack.checkpoints.hf import load_hf
         config, state, tokenizer, metadata = load_hf(path)
