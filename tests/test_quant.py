@@ -45,6 +45,15 @@ def assert_bf16_close(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None = Non
 # ------------------------------------------------------------------------------------------- int4
 
 
+@pytest.mark.parametrize("N", [64, 112, 176, 16])
+def test_rowwise_nibbles_move_straight_into_the_kernel_layout(N: int) -> None:
+    from lmstack.quant.int4 import kernel_pack, kernel_pack_rowwise, pack_nibbles_rowwise, unpack_nibbles_rowwise
+    codes = torch.randint(0, 16, (N, 96), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
+    qweight = pack_nibbles_rowwise(codes)
+    assert torch.equal(unpack_nibbles_rowwise(qweight), codes)
+    assert torch.equal(kernel_pack_rowwise(qweight), kernel_pack(codes))
+
+
 @pytest.mark.parametrize("shape,group", [((96, 64), 32), ((128, 256), 64), ((48, 256), 128), ((80, 96), 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_linear_matches_its_dequantized_weight(shape: tuple[int, int], group: int, dtype: torch.dtype) -> None:

@@ -90,10 +90,10 @@ def rebuild_quantized_(model: nn.Module, state: dict[str, Tensor], metadata: dic
         if tuple(have) != shape:
             raise LmstackError(f"{name}: the checkpoint's quantized module is {list(shape)}, the model's "
                                f"{list(have)}")
-        if spec.get("embedding"):
-            new: nn.Module = QuantEmbedding(_empty(spec), getattr(torch, spec["dtype"].removeprefix("torch.")))
-        else:
+        with torch.device("meta"):  # placeholders: load_state_dict(assign=True) adopts the checkpoint's tensors
             new = _empty(spec)
+        if spec.get("embedding"):  # its dtype probe is not in the state: made on the CPU
+            new = QuantEmbedding(new, getattr(torch, spec["dtype"].removeprefix("torch.")))
         setattr(parent, attr, new)
     _check_tensors(model, state)
     model.load_state_dict(state, strict=True, assign=True)  # adopt the tensors (mmapped ones stay mmapped)
