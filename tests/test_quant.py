@@ -46,12 +46,13 @@ def assert_bf16_close(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None = Non
 
 
 @pytest.mark.parametrize("N", [64, 112, 176, 16])
-def test_rowwise_nibbles_move_straight_into_the_kernel_layout(N: int) -> None:
-    from lmstack.quant.int4 import kernel_pack, kernel_pack_rowwise, pack_nibbles_rowwise, unpack_nibbles_rowwise
+def test_blocked_layout_is_the_kernels_and_reads_back(N: int) -> None:
+    """The portable qweight (blocked) is written and read in plain torch; on this CPU it is the kernel's own."""
+    from lmstack.quant.int4 import blocked_pack, blocked_unpack, kernel_pack
     codes = torch.randint(0, 16, (N, 96), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
-    qweight = pack_nibbles_rowwise(codes)
-    assert torch.equal(unpack_nibbles_rowwise(qweight), codes)
-    assert torch.equal(kernel_pack_rowwise(qweight), kernel_pack(codes))
+    qweight = blocked_pack(codes)
+    assert torch.equal(blocked_unpack(qweight, 96), codes)
+    assert torch.equal(qweight, kernel_pack(codes))
 
 
 @pytest.mark.parametrize("shape,group", [((96, 64), 32), ((128, 256), 64), ((48, 256), 128), ((80, 96), 32)])
@@ -117,6 +118,29 @@ def test_int8_weight_only_matches_its_dequantized_weight() -> None:
     torch.testing.assert_close(layer(x), x @ w.t() + linear.bias, atol=1e-4, rtol=1e-4)  # float32 throughout
     xb = x.to(torch.bfloat16)
     assert_bf16_close(layer(xb), xb.float(), w, linear.bias.detach())
+
+
+@pytest.mark.parametrize("known_layout", [True, False])
+def test_int4_load_adopts_aligned_bytes_and_copes_otherwise(known_layout: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """qweight is adopted as it is when 64-byte aligned, copied when not; on a CPU whose kernel packs in another
+    layout (simulated) the codes are unpacked and packed by the kernel: the same outputs every way."""
+    import lmstack.quant.int4 as int4
+    torch.manual_seed(0)
+    layer = Int4Linear.from_float(nn.Linear(64, 112, bias=False))
+    state = layer.state_dict()
+    monkeypatch.setattr(int4, "_layout_is_known", lambda: known_layout)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for offset in (0, 12):
+        raw = torch.empty(state["qweight"].numel() + 64 + offset, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % 64 + offset
+        buffer = raw[start:start + state["qweight"].numel()]
+        buffer.copy_(state["qweight"].reshape(-1))
+        rebuilt = Int4Linear(64, 112, device="meta")
+        rebuilt.load_state_dict({**state, "qweight": buffer.view(112, 32)}, assign=True)
+        adopted = rebuilt.packed.data_ptr() == buffer.data_ptr()
+        assert adopted == (known_layout and offset == 0)
+        assert torch.equal(rebuilt(x), layer(x))
 
 
 def test_int8_adopts_a_misaligned_tensor_safely() -> None:

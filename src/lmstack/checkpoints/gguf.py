@@ -464,7 +464,7 @@ def _keep_int4(t: GGUFTensor, layer_map: dict[str, str]) -> bool:
 def _packed_int4(gf: GGUFFile, t: GGUFTensor, config: DecoderConfig, layer_map: dict[str, str],
                  state: dict[str, Tensor], modules: dict[str, dict[str, Any]]) -> None:
     from lmstack.quant.gguf_pack import BLOCK, gguf_q4_to_codes
-    from lmstack.quant.int4 import pack_nibbles_rowwise
+    from lmstack.quant.int4 import blocked_pack
     N, K = t.shape
     codes, scales, zeros = gguf_q4_to_codes(gf.raw(t), type_name(t.qtype), (N, K))  # [N, K], [N, K/32] x2
     suffix = t.name.split(".", 2)[-1]
@@ -473,7 +473,7 @@ def _packed_int4(gf: GGUFFile, t: GGUFTensor, config: DecoderConfig, layer_map: 
         codes, scales, zeros = (unpermute_qk(x, heads).contiguous() for x in (codes, scales, zeros))
     name = "lm_head" if t.name == "output.weight" else \
         f"layers.{t.name.split('.')[1]}.{layer_map[suffix].removesuffix('.weight')}"
-    state[f"{name}.qweight"] = pack_nibbles_rowwise(codes)  # [N, K/2]
+    state[f"{name}.qweight"] = blocked_pack(codes)  # [N, K/2]
     state[f"{name}.scales_and_zeros"] = torch.stack([scales, zeros], -1).transpose(0, 1).to(
         torch.bfloat16).contiguous()  # [K/32, N, 2]
     modules[name] = {"format": f"int4-g{BLOCK}", "in_features": K, "out_features": N, "bias": False}

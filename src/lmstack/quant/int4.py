@@ -8,9 +8,11 @@ and each value is a 4-bit code q in 0..15 with
 Asymmetric round-to-nearest PTQ sets s = (max - min) / 15 and z = min + 8 s per group. GGUF's Q4_1 blocks
 (w = q d + m) map onto this with s = d, z = m + 8 d, and Q4_0 (w = (q - 8) d) with z = 0 (quant/gguf_pack.py).
 
-The kernel wants its own packed layout, which depends on the CPU's vector width, so the state dict holds a
-portable one instead: `qweight` [N, K/2] uint8 with column 2j in the low nibble and 2j + 1 in the high one, plus
-`scales_and_zeros` [K/G, N, 2] bf16. Loading repacks (a permutation of nibbles, never a requantization).
+The kernel wants its own packed layout, which depends on the CPU's vector width. The state dict holds the AVX512
+kernel's layout ("blocked", written and read by plain torch ops here, so any CPU can use it): `qweight` [N, K/2]
+uint8 plus `scales_and_zeros` [K/G, N, 2] bf16. Where this CPU's kernel uses the blocked layout (checked once
+against the kernel), loading adopts the bytes as they are, memory map included; elsewhere it unpacks the codes
+and lets the kernel pack them (a permutation of nibbles, never a requantization).
 
 Speed (SmolLM2 shapes, 1 thread, contended machine): one row through the kernel is 2-4x faster than bf16
 F.linear; many rows are about 2x slower (64 rows of 1536x576: 2.7 ms against 1.3 ms), but dequantizing the
@@ -56,27 +58,10 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     return codes.to(torch.uint8).reshape(N, K), scales, zeros
 
 
-def pack_nibbles_rowwise(codes: Tensor) -> Tensor:
-    """[N, K] codes 0..15 -> [N, K/2] uint8, column 2j in the low nibble (the portable `qweight` layout)."""
+def blocked_pack(codes: Tensor) -> Tensor:
+    """[N, K] codes 0..15 -> [N, K/2] uint8 in the blocked layout (the AVX512 kernel's own; see kernel_rows):
+    the portable `qweight`, written in plain torch ops, so any CPU can write and read it."""
     codes = codes.to(torch.uint8)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
-def unpack_nibbles_rowwise(qweight: Tensor) -> Tensor:
-    """Inverse of pack_nibbles_rowwise: [N, K/2] uint8 -> [N, K] uint8."""
-    N, half = qweight.shape
-    codes = torch.empty(N, half, 2, dtype=torch.uint8, device=qweight.device)  # one pass each, no stack copy
-    torch.bitwise_and(qweight, 0xF, out=codes[..., 0])
-    torch.bitwise_right_shift(qweight, 4, out=codes[..., 1])
-    return codes.view(N, 2 * half)
-
-
-def kernel_pack_rowwise(qweight: Tensor) -> Tensor:
-    """The portable [N, K/2] nibbles -> the kernel's packed layout, by moving nibbles (on the known AVX512
-    layout: no int32 copy and no call into the kernel's converter, which is most of a load's time)."""
-    codes = unpack_nibbles_rowwise(qweight)  # [N, K]
-    if not _layout_is_known():
-        return kernel_pack(codes)
     N, K = codes.shape
     n_full = N // _BLOCK_N * _BLOCK_N
     full = codes[:n_full].view(-1, 2, 32, K)  # [NB, 2, 32, K]: rows 0..31 (low nibbles), 32..63 (high)
@@ -115,8 +100,13 @@ def kernel_rows(packed: Tensor, rows: Tensor, K: int) -> Tensor:
 
 
 def kernel_unpack(packed: Tensor, K: int) -> Tensor:
-    """All codes of a kernel-packed weight: packed [N, K/2] -> [N, K] uint8 (views and two shifts; no gather)."""
+    """All codes of a kernel-packed weight: packed [N, K/2] -> [N, K] uint8."""
     _check_layout()
+    return blocked_unpack(packed, K)
+
+
+def blocked_unpack(packed: Tensor, K: int) -> Tensor:
+    """Inverse of blocked_pack: [N, K/2] -> [N, K] uint8 (views and two shifts; no gather)."""
     N = packed.shape[0]
     n_full = N // _BLOCK_N * _BLOCK_N
     flat = packed.reshape(-1)
@@ -201,7 +191,8 @@ class Int4Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "qweight"] = pack_nibbles_rowwise(self.codes())  # [N, K/2] uint8
+        # [N, K/2] uint8, blocked: the kernel's own bytes where this CPU's kernel uses that layout
+        destination[prefix + "qweight"] = self.packed if _layout_is_known() else blocked_pack(self.codes())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[override]
@@ -212,7 +203,12 @@ class Int4Linear(nn.Module):
             if qweight.dtype != torch.uint8 or tuple(qweight.shape) != expect:
                 raise LmstackError(f"{key}: expected uint8 {list(expect)}, got {qweight.dtype} "
                                    f"{list(qweight.shape)} (corrupt or mismatched int4 tensor)")
-            self.packed = kernel_pack_rowwise(qweight)
+            if not _layout_is_known():  # another CPU's kernel layout: unpack and let the kernel pack
+                self.packed = kernel_pack(blocked_unpack(qweight, self.in_features))
+            elif qweight.data_ptr() % 64:  # the kernel reads vectors: keep it off unaligned (mmapped) bytes
+                self.packed = qweight.clone()
+            else:
+                self.packed = qweight  # adopted as it is (a memory map stays one)
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}

@@ -1,14 +1,15 @@
 """How a quantized model is saved and rebuilt.
 
 `quantized_state_dict(model)` returns the model's state dict (quantized layers write their portable packed
-tensors: int4 codes as row-wise nibbles with bf16 scales and zeros, int8 codes with float32 scales, NF4 codes
+tensors: int4 codes as blocked nibbles with bf16 scales and zeros, int8 codes with float32 scales, NF4 codes
 with their double-quantized constants) and a metadata dict naming each quantized module's format. The scheme
 lives in that metadata, never in a file name (design note 6).
 
 `rebuild_quantized_(model, state, metadata)` takes an unquantized skeleton of the same config (built on the meta
 device or not), swaps in empty quantized modules as the metadata says, checks every tensor's dtype and shape
 against them (one line per problem, naming the key), and adopts the packed tensors: no dequantize-requantize
-round trip (int4 codes are repacked into the kernel's layout, a permutation).
+round trip (int4 codes are adopted as they are where this CPU's kernel reads the blocked layout, else
+repacked, a permutation).
 
 The checkpoint format is not this module's business: a caller writes `state` with safetensors and `metadata` as
 JSON in the safetensors header (see `METADATA_KEY`).
@@ -29,7 +30,7 @@ from lmstack.quant.int8 import Int8Linear
 from lmstack.quant.nf4_linear import NF4Linear
 from lmstack.quant.quantize import QUANTIZED, QuantEmbedding, format_of, fuse_projections_, is_fused
 
-FORMAT = "lmstack.quant/1"
+FORMAT = "lmstack.quant/2"  # 2: int4 qweight in the blocked layout (quant/int4.py)
 METADATA_KEY = "lmstack.quant"  # the safetensors header key holding json.dumps(metadata)
 
 
