@@ -377,3 +377,15 @@ def test_keep_packed_int4_equals_the_dequantized_weights(tmp_path: Path, qtype: 
     assert all(type(m) is not Int4Linear for m in ref.modules())
     with pytest.raises(LmstackError, match="quant mode"):
         load_model(str(path), quant="pack")
+
+
+def test_convert_keep_writes_a_packed_native_checkpoint(tmp_path: Path) -> None:
+    """`lmstack convert --quant keep`: the kept GGUF as a native checkpoint, which loads to the same model."""
+    from cli_helpers import run_cli
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("tiny-llama"), Q.Q4_1)
+    result = run_cli("convert", path, tmp_path / "native", "--quant", "keep")
+    assert result.exit_code == 0, result.output
+    kept, native = load_model(str(path), quant="keep").model, load_model(str(tmp_path / "native")).model
+    assert torch.equal(logits(native, IDS), logits(kept, IDS))
+    result = run_cli("convert", path, tmp_path / "hf", "--to", "hf", "--quant", "keep")
+    assert result.exit_code != 0 and "--quant dequantize" in result.output

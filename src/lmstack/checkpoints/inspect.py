@@ -128,24 +128,29 @@ def _preset_summary(name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- convert
 
 
-def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype: DType = "float32") -> Path:
+def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype: DType = "float32",
+            quant: Literal["dequantize", "keep", "keep-int8"] = "dequantize") -> Path:
     """Convert a checkpoint (registry name, GGUF, HF or native folder) into a native or an HF folder.
 
     Args:
         src: What to convert: a registry name, a GGUF file, an HF folder or a native folder.
         dst: The output folder (created; files in it are replaced atomically).
         to: Output format: native (lmstack safetensors + JSON) or hf (a transformers folder).
-        dtype: dtype of the saved weights (quantized GGUF weights are dequantized to it).
+        dtype: dtype of the saved weights (quantized GGUF weights are dequantized to it unless kept).
+        quant: GGUF Q4_0 / Q4_1 weights: dequantize, or keep them packed for the int4 kernel (keep: the token
+            embedding and tied head int4-g32; keep-int8: int8). A kept native checkpoint loads in about a second.
     """
     from lmstack.checkpoints.load import load_model
     from lmstack.checkpoints.native import save_native
     out = Path(dst)
     if out.exists() and not out.is_dir():
         raise LmstackError(f"{dst}: exists and is not a folder")
-    loaded = load_model(src, dtype=dtype)
+    loaded = load_model(src, dtype=dtype, quant=quant)
     if to == "native":
         metadata = {**loaded.metadata, "converted_from": loaded.source}
         return save_native(loaded.model, loaded.tokenizer, out, metadata=metadata)
+    if "quantization" in loaded.metadata:
+        raise LmstackError("an HF export needs float weights: convert with --quant dequantize")
     from lmstack.checkpoints.hf import export_hf
     export_hf(loaded.model, loaded.tokenizer, out)
     return out

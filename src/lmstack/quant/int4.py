@@ -205,10 +205,8 @@ class Int4Linear(nn.Module):
                                    f"{list(qweight.shape)} (corrupt or mismatched int4 tensor)")
             if not _layout_is_known():  # another CPU's kernel layout: unpack and let the kernel pack
                 self.packed = kernel_pack(blocked_unpack(qweight, self.in_features))
-            elif qweight.data_ptr() % 64:  # the kernel reads vectors: keep it off unaligned (mmapped) bytes
-                self.packed = qweight.clone()
-            else:
-                self.packed = qweight  # adopted as it is (a memory map stays one)
+            else:  # adopted as it is, a memory map staying one (the kernel reads unaligned bytes correctly:
+                self.packed = qweight  # tests/test_quant.py checks offsets 0 and 12, unlike _weight_int8pack_mm)
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
