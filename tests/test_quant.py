@@ -508,3 +508,35 @@ def test_smollm2_int4_close_to_bf16() -> None:
                 tokens = [Generator(model, tok).generate(p, config).token_ids for p in prompts]
                 same = sum(a == b for t, r in zip(tokens, ref_tokens) for a, b in zip(t, r))
                 assert same >= 0.5 * sum(len(r) for r in ref_tokens), (tokens, ref_tokens)
+
+
+@pytest.mark.slow
+def test_smollm2_quantize_verb_and_gguf_kept(tmp_path: Path) -> None:
+    """`lmstack quantize` on SmolLM2 end to end, and the GGUF kept packed: both reload packed and stay close to
+    the float32 dequantized model (top-1 agreement over a chat prompt)."""
+    from cli_helpers import run_cli
+
+    from lmstack.checkpoints import load_model
+    try:
+        ref = load_model("smollm2-135m-instruct", dtype="float32")
+    except LmstackError as e:
+        pytest.skip(str(e))
+    tok = ref.tokenizer
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(p.read_text() for p in sorted(Path("../shared/data/course-notes").glob("*.txt")))[
+        :6000])
+    result = run_cli("quantize", "--model", "smollm2-135m-instruct", "--scheme", "int4-g32", "--out",
+                     tmp_path / "q", "--eval-text", text, "--eval-chars", "3000", "--window", "256",
+                     "--decode-tokens", "8", "--embedding-scheme", "int8")
+    assert result.exit_code == 0, result.output
+    assert "MB on disk" in result.stdout
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name three colors."}]),
+                                   add_special_tokens=False)])
+    with torch.inference_mode():
+        want = ref.model(ids).argmax(-1)
+        for name, loaded in [("quantize", load_model(str(tmp_path / "q"))),
+                             ("gguf keep", load_model("smollm2-135m-instruct", quant="keep")),
+                             ("gguf keep-int8", load_model("smollm2-135m-instruct", quant="keep-int8"))]:
+            assert loaded.metadata["quantization"]["modules"]
+            agree = (loaded.model(ids).argmax(-1) == want).float().mean().item()
+            assert agree >= 0.8, (name, agree)

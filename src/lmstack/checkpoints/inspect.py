@@ -28,8 +28,10 @@ def model_summary(loaded: "LoadedModel") -> dict[str, Any]:
     out = {"source": loaded.source, "family": cfg.family, "config": config_to_dict(cfg), "parameters": n_params,
            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
     out.update({k: v for k, v in loaded.metadata.items() if k != "quantization"})  # storage says it shortly
-    for fmt, names in storage_formats(loaded.model).items():
-        out[f"storage {fmt}"] = ", ".join(names)
+    formats = storage_formats(loaded.model)
+    if len(formats) > 1:  # mixed storage (a quantized model): name each tensor's format; else "dtype" says it
+        for fmt, names in formats.items():
+            out[f"storage {fmt}"] = ", ".join(names)
     if loaded.tokenizer is not None:
         out["tokenizer"] = {"vocab_size": loaded.tokenizer.vocab_size, "bos": loaded.tokenizer.bos_token,
                             "eos": loaded.tokenizer.eos_token, "hash": loaded.tokenizer.hash()}

@@ -135,6 +135,7 @@ def _print(report: dict[str, Any]) -> None:
             parts = [f"{r['bytes'] / 1e6:.1f} MB" if "bytes" in r else "",
                      f"perplexity {r['perplexity']:.3f}" if "perplexity" in r else "",
                      f"decode {r['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in r else ""]
-            print(f"  {name:9s} " + ", ".join(p for p in parts if p))
+            if any(parts):
+                print(f"  {name:9s} " + ", ".join(p for p in parts if p))
 
 
