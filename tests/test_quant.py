@@ -325,7 +325,7 @@ def test_save_and_rebuild_round_trip(scheme: str) -> None:
     fuse_projections_(model)
     quantize_(model, scheme)
     state, meta = quantized_state_dict(model)
-    meta = json.loads(json.dumps(meta))  # it travels as JSON in the safetensors header
+    meta = json.loads(json.dumps(meta))  # it travels as JSON in lmstack.json
     assert meta["fused"] and meta["modules"]["tok_emb"]["embedding"]
     with torch.device("meta"):
         skeleton = build_model(from_name("tiny-llama"))

@@ -11,8 +11,9 @@ against them (one line per problem, naming the key), and adopts the packed tenso
 round trip (int4 codes are adopted as they are where this CPU's kernel reads the blocked layout, else
 repacked, a permutation).
 
-The checkpoint format is not this module's business: a caller writes `state` with safetensors and `metadata` as
-JSON in the safetensors header (see `METADATA_KEY`).
+The checkpoint format is not this module's business: `checkpoints.save_native` writes `state` to
+model.safetensors and the metadata into lmstack.json's metadata["quantization"]; `checkpoints.load_model` calls
+`rebuild_quantized_` with them (the GGUF importer builds the same state and metadata from Q4 blocks).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from lmstack.quant.nf4_linear import NF4Linear
 from lmstack.quant.quantize import QUANTIZED, QuantEmbedding, format_of, fuse_projections_, is_fused
 
 FORMAT = "lmstack.quant/2"  # 2: int4 qweight in the blocked layout (quant/int4.py)
-METADATA_KEY = "lmstack.quant"  # the safetensors header key holding json.dumps(metadata)
 
 
 def _spec(module: nn.Module) -> dict[str, Any]:
