@@ -367,7 +367,8 @@ def quant_table(args: argparse.Namespace) -> None:
     llama = rows[-1][2]
     n_params = ref["n_params"] if ref else None
     table = ["| engine / scheme | bytes per weight | file MB | load s | peak RSS MB | prefill tok/s | decode tok/s "
-             "| decode × llama.cpp | ppl tinyshakespeare | ppl course notes | same 64 greedy tokens as fp32 |",
+             f"| decode × llama.cpp | ppl tinyshakespeare | ppl course notes "
+             f"| same {args.chat_tokens} greedy tokens as fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, model, r in rows:
         if r is None:
