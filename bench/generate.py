@@ -1,17 +1,29 @@
-"""Generation speed on SmolLM2-135M-Instruct: lmstack against transformers (fp32, bf16) and llama.cpp.
+"""Generation speed on SmolLM2-135M-Instruct: lmstack against transformers (fp32, bf16) and llama.cpp, and the
+quantized lmstack models (int4 kept from the GGUF, quantize_ int4 / int8 / w8a8) against llama.cpp Q4_1.
 
     python bench/generate.py [--threads 2] [--prompt-tokens 512] [--new-tokens 128] [--repeats 3]
+                             [--tables speed quant] [--ppl-tokens 4096] [--chat-prompts 32]
 
 Each engine runs in its own subprocess and reports its own peak RSS (getrusage of that process alone): load the
 model, prefill a 512-token prompt, then 128 greedy tokens, one at a time. Reports load time, peak RSS, prefill tokens/s and decode tokens/s (medians over the
-repeats), and ratios against transformers bf16 measured in the same run. llama-cpp-python is used when
-installed; it is not a dependency.
+repeats), and ratios against transformers bf16 measured in the same run.
+
+The quantization table adds quality, against the float32 dequantized model, on token ids prepared once by the
+parent so every engine scores the same ones: perplexity of the first --ppl-tokens of tinyshakespeare and of the
+course notes (windows of 512, stride 256), and the share of --chat-prompts chat prompts (self-instruct) whose
+64 greedy tokens equal the float32 model's. llama.cpp's perplexity comes from its logits (logits_all=True, a
+second context made after the speed part, so its peak RSS is read before). Peak RSS is read before the quality
+part for every engine.
+
+llama-cpp-python is a peer, not a dependency: when missing it is installed from the wheel cached under
+.venv/wheels (building it takes 5-45 minutes; `pip wheel llama-cpp-python==0.3.36 -w .venv/wheels` once).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -36,7 +48,7 @@ def run_lmstack(args: argparse.Namespace) -> dict:
     from lmstack.checkpoints import load_model
     from lmstack.generation import GenerationConfig, Generator
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype, quant=args.quant)
     gen = Generator(loaded.model, loaded.tokenizer, compile=args.compile)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(loaded.tokenizer.encode, args.prompt_tokens)
@@ -48,8 +60,44 @@ def run_lmstack(args: argparse.Namespace) -> dict:
         prefill.append(res.prefill_tokens_per_s)
         decode.append(res.decode_tokens_per_s)
         tokens.append(res.token_ids)
-    return {"load_s": load_s, "prefill": median(prefill), "decode": median(decode), "tokens": tokens[-1],
-            "new_tokens": len(tokens[-1]), "torch": torch.__version__}
+    from lmstack.quant.quantize import QUANTIZED
+    result = {"load_s": load_s, "prefill": median(prefill), "decode": median(decode), "tokens": tokens[-1],
+              "new_tokens": len(tokens[-1]), "torch": torch.__version__, "peak_rss_mb": peak_rss_mb(),
+              "n_params": sum(p.numel() for p in loaded.model.parameters())
+              + sum(m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, QUANTIZED))}
+    if args.quality:
+        quality = json.loads(Path(args.quality).read_text())
+
+        def logits(window: list[int]):  # [T, V] float64
+            return loaded.model(torch.tensor([window]))[0].double().numpy()
+
+        with torch.inference_mode():
+            result["perplexity"] = {name: window_perplexity(ids, logits) for name, ids in quality["ppl"].items()}
+            chat = GenerationConfig(max_new_tokens=quality["chat_tokens"], temperature=0.0)
+            result["chat"] = [gen.generate(ids, chat).token_ids for ids in quality["chat"]]
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS so far (read before the quality part, which holds logits for whole windows)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def window_perplexity(ids: list[int], logits_fn, window: int = 512, stride: int = 256) -> float:
+    """exp(mean NLL) of ids[1:] over windows of `window` tokens moved by `stride`; each token is scored once,
+    with the longest context a window gives it. `logits_fn(window_ids)` -> [T, V] logits."""
+    import numpy as np
+    nll, count, scored, start = 0.0, 0, 1, 0  # `scored`: the next token index to score
+    while scored < len(ids):
+        end = min(start + window, len(ids))
+        logits = np.asarray(logits_fn(ids[start:end]), dtype=np.float64)  # [T, V]
+        logits = logits - logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        targets = np.arange(max(scored, start + 1), end)  # token positions scored in this window
+        nll -= float(logp[targets - start - 1, np.asarray(ids)[targets]].sum())
+        count += len(targets)
+        scored, start = end, start + stride
+    return math.exp(nll / count)
 
 
 def run_transformers(args: argparse.Namespace) -> dict:
@@ -108,8 +156,37 @@ def run_llamacpp(args: argparse.Namespace) -> dict:
         prefill.append(len(ids) / (t1 - t0))
         decode.append((len(new) - 1) / (t2 - t1))  # as lmstack: the first token comes out of the prefill
         tokens.append(new)
-    return {"load_s": load_s, "prefill": median(prefill), "decode": median(decode), "tokens": tokens[-1],
-            "new_tokens": len(tokens[-1])}
+    result = {"load_s": load_s, "prefill": median(prefill), "decode": median(decode), "tokens": tokens[-1],
+              "new_tokens": len(tokens[-1]), "peak_rss_mb": peak_rss_mb()}
+    if args.quality:
+        quality = json.loads(Path(args.quality).read_text())
+        stops = set(quality["stop"])
+        result["chat"] = [llama_greedy(llm, ids, quality["chat_tokens"], stops) for ids in quality["chat"]]
+        del llm
+        scorer = Llama(model_path=str(resolve(args.model)), n_ctx=2048, n_threads=args.threads, logits_all=True,
+                       verbose=False)
+
+        def logits(window: list[int]):
+            scorer.reset()
+            scorer.eval(window)
+            return scorer.scores[:len(window)]
+
+        result["perplexity"] = {name: window_perplexity(ids, logits) for name, ids in quality["ppl"].items()}
+    return result
+
+
+def llama_greedy(llm, ids: list[int], n: int, stops: set[int]) -> list[int]:
+    """Greedy tokens after `ids`, up to n, ending with the stop token as lmstack's Generator does."""
+    llm.reset()
+    llm.eval(ids)
+    new: list[int] = []
+    while len(new) < n:
+        token = llm.sample(top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
+        new.append(token)
+        if token in stops:
+            break
+        llm.eval([token])
+    return new
 
 
 ENGINES = {"lmstack": run_lmstack, "transformers": run_transformers, "llama.cpp": run_llamacpp}
@@ -119,21 +196,22 @@ def child(args: argparse.Namespace) -> None:
     import torch
     torch.set_num_threads(args.threads)
     result = ENGINES[args.engine](args)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.setdefault("peak_rss_mb", peak_rss_mb())
     print("RESULT " + json.dumps(result))
 
 
 def spawn(args: argparse.Namespace, engine: str, dtype: str, compile: bool = False,
-          model: str | None = None) -> dict | None:
+          model: str | None = None, quant: str = "dequantize", quality: Path | None = None) -> dict | None:
     cmd = [sys.executable, __file__, "--child", "--engine", engine, "--dtype", dtype, "--threads", str(args.threads),
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats), "--model", model or args.model] + (["--compile"] if compile else [])
+           "--repeats", str(args.repeats), "--model", model or args.model, "--quant", quant]
+    cmd += (["--compile"] if compile else []) + (["--quality", str(quality)] if quality else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"{engine} {dtype}: skipped ({tail})", file=sys.stderr)
+        print(f"{engine} {dtype} {quant} {model or ''}: skipped ({tail})", file=sys.stderr)
         return None
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -150,10 +228,39 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--no-compile-row", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--tables", nargs="+", choices=("speed", "quant"), default=["speed", "quant"])
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of each text scored for perplexity")
+    parser.add_argument("--chat-prompts", type=int, default=32)
+    parser.add_argument("--chat-tokens", type=int, default=64)
+    parser.add_argument("--quant", default="dequantize", help="(child) load_model's GGUF quant mode")
+    parser.add_argument("--quality", help="(child) the token ids to score, written by the parent")
     args = parser.parse_args()
     if args.child:
         child(args)
         return
+    ensure_llama_cpp()
+    if "speed" in args.tables:
+        speed_table(args)
+    if "quant" in args.tables:
+        quant_table(args)
+
+
+def ensure_llama_cpp() -> None:
+    """Install llama-cpp-python from the wheel cached under .venv/wheels when it is missing."""
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return
+    wheels = Path(sys.prefix) / "wheels"
+    found = sorted(wheels.glob("llama_cpp_python-0.3.36-*.whl")) if wheels.exists() else []
+    if not found:
+        print(f"llama-cpp-python missing and no wheel under {wheels}: the llama.cpp rows are skipped "
+              f"(build one with `pip wheel llama-cpp-python==0.3.36 -w {wheels}`)", file=sys.stderr)
+        return
+    subprocess.run([sys.executable, "-m", "pip", "install", "--find-links", str(wheels), str(found[-1])],
+                   check=False)
+
+
+def speed_table(args: argparse.Namespace) -> None:
     native = Path("runs/bench/smollm2-native-bf16")  # the same weights, converted once: load time from our format
     if not (native / "lmstack.json").exists():
         from lmstack.checkpoints import convert
@@ -185,6 +292,108 @@ def main() -> None:
     print(body)
     record("Generation: SmolLM2-135M on CPU", body,
            f"python bench/generate.py --threads {args.threads} --repeats {args.repeats}")
+
+
+def quality_inputs(args: argparse.Namespace, path: Path) -> Path:
+    """Token ids every engine scores: the perplexity texts and the chat prompts (self-instruct, chat template
+    applied), with the stop tokens. Written once, so tokenization is the same for all."""
+    from lmstack.checkpoints import load_model
+    tok = load_model(args.model, dtype="bfloat16").tokenizer
+    root = data_root()
+    notes = "\n\n".join(f.read_text() for f in sorted((root / "course-notes").glob("*.txt")))
+    texts = {"tinyshakespeare": PROMPT_TEXT.read_text()[-200_000:], "course-notes": notes}
+    ppl = {name: tok.encode(text, add_special_tokens=False)[: args.ppl_tokens] for name, text in texts.items()}
+    tasks = [json.loads(line) for line in (root / "self-instruct" / "seed_tasks.jsonl").read_text().splitlines()]
+    questions = [t["instruction"] for t in tasks if not t["instances"][0]["input"]][: args.chat_prompts]
+    chat = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
+            for q in questions]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ppl": ppl, "chat": chat, "chat_tokens": args.chat_tokens,
+                                "stop": sorted(tok.stop_token_ids)}))
+    return path
+
+
+def quantized_checkpoints(args: argparse.Namespace) -> dict[str, Path]:
+    """The native checkpoints of the quantized rows, made once under runs/bench (not timed)."""
+    from lmstack.checkpoints import convert
+    from lmstack.compression.quantize import quantize
+    out: dict[str, Path] = {}
+    root = Path("runs/bench")
+    for mode in ("keep", "keep-int8"):
+        path = out[mode] = root / f"smollm2-native-{mode}"
+        if not (path / "lmstack.json").exists():
+            convert(args.model, str(path), to="native", dtype="bfloat16", quant=mode)
+    for scheme in ("int4-g32", "int8", "w8a8"):
+        path = out[scheme] = root / f"smollm2-{scheme}"
+        if not (path / "lmstack.json").exists():
+            quantize(model=args.model, scheme=scheme, out=str(path), eval_chars=0, decode_tokens=0, compare=False)
+    return out
+
+
+def file_bytes(path: Path) -> int:
+    from lmstack.checkpoints import resolve
+    path = resolve(str(path)) if not path.exists() else path
+    return (path / "model.safetensors").stat().st_size if path.is_dir() else path.stat().st_size
+
+
+def same_answer(a: list[int], b: list[int], stops: set[int]) -> bool:
+    strip = lambda t: t[:-1] if t and t[-1] in stops else t  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def quant_table(args: argparse.Namespace) -> None:
+    from lmstack.checkpoints import resolve
+    quality = quality_inputs(args, Path("runs/bench/quality_ids.json"))
+    stops = set(json.loads(quality.read_text())["stop"])
+    ckpt = quantized_checkpoints(args)
+    gguf = resolve(args.model)
+    specs = [  # name, engine, dtype, model, quant
+        ("lmstack fp32 (GGUF dequantized: the reference)", "lmstack", "float32", str(gguf), "dequantize"),
+        ("lmstack bf16", "lmstack", "bfloat16", str(gguf), "dequantize"),
+        ("lmstack int4 kept from the GGUF (int4 head), loaded from the .gguf", "lmstack", "bfloat16", str(gguf),
+         "keep"),
+        ("lmstack int4 kept from the GGUF (int4 head), native", "lmstack", "bfloat16", str(ckpt["keep"]),
+         "dequantize"),
+        ("lmstack int4 kept from the GGUF (int8 head), native", "lmstack", "bfloat16", str(ckpt["keep-int8"]),
+         "dequantize"),
+        ("lmstack quantize int4-g32 (from bf16)", "lmstack", "bfloat16", str(ckpt["int4-g32"]), "dequantize"),
+        ("lmstack quantize int8", "lmstack", "bfloat16", str(ckpt["int8"]), "dequantize"),
+        ("lmstack quantize w8a8", "lmstack", "bfloat16", str(ckpt["w8a8"]), "dequantize"),
+        ("llama.cpp Q4_1 (same GGUF)", "llama.cpp", "q4_1", str(gguf), "dequantize"),
+    ]
+    rows = [(name, Path(model), spawn(args, engine, dtype, model=model, quant=quant, quality=quality))
+            for name, engine, dtype, model, quant in specs]
+    ref = rows[0][2]
+    llama = rows[-1][2]
+    n_params = ref["n_params"] if ref else None
+    table = ["| engine / scheme | bytes per weight | file MB | load s | peak RSS MB | prefill tok/s | decode tok/s "
+             f"| decode × llama.cpp | ppl tinyshakespeare | ppl course notes "
+             f"| same {args.chat_tokens} greedy tokens as fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, model, r in rows:
+        if r is None:
+            table.append(f"| {name} | failed or not installed | | | | | | | | | |")
+            continue
+        size = file_bytes(model)
+        per_weight = f"{size / n_params:.2f}" if n_params else ""
+        vs = f"{r['decode'] / llama['decode']:.2f}" if llama else ""
+        ppl = [f"{r['perplexity'][k]:.3f}" if "perplexity" in r else "" for k in ("tinyshakespeare", "course-notes")]
+        agree = ""
+        if ref and "chat" in r:
+            same = sum(same_answer(a, b, stops) for a, b in zip(r["chat"], ref["chat"]))
+            agree = f"{same}/{len(ref['chat'])}"
+        table.append(f"| {name} | {per_weight} | {size / 1e6:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:,.0f} | "
+                     f"{r['prefill']:,.0f} | {r['decode']:,.1f} | {vs} | {ppl[0]} | {ppl[1]} | {agree} |")
+    body = "\n".join(table) + (
+        f"\n\n{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {args.threads} threads, medians "
+        f"of {args.repeats} runs. Bytes per weight: file bytes / {n_params or 0:,} weights (fp32 row: the GGUF file). "
+        f"Perplexity: the first {args.ppl_tokens} tokens of each text, windows of 512, stride 256. Agreement: "
+        f"{args.chat_prompts} self-instruct chat prompts, {args.chat_tokens} greedy tokens. Targets (issue 14): "
+        "decode >= 1.0x llama.cpp, load <= 1 s, RSS <= 1.3x llama.cpp's, agreement >= 90%, perplexity within 1% "
+        "(int8) / 5% of bf16 (int4).")
+    print(body)
+    record("Quantized generation: SmolLM2-135M on CPU, lmstack vs llama.cpp", body,
+           f"python bench/generate.py --tables quant --threads {args.threads} --repeats {args.repeats}")
 
 
 if __name__ == "__main__":

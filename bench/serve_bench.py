@@ -6,7 +6,11 @@ total tokens/s, p50/p95 time to first token, p50/p95 latency. Then a load test o
 clients for 60 s with a bounded number of requests each; it counts errors and compares the server's RSS
 before and after the load.
 
-    python bench/serve_bench.py [--threads 2] [--load-seconds 60]
+    python bench/serve_bench.py [--threads 2] [--load-seconds 60] [--model M]
+
+--model serves any checkpoint `lmstack serve` loads, e.g. the int4 model kept from the GGUF:
+    python -m lmstack convert smollm2-135m-instruct runs/bench/smollm2-native-keep --quant keep --dtype bfloat16
+    python bench/serve_bench.py --model runs/bench/smollm2-native-keep --clients 1,16
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from common import record  # noqa: E402
 from lmstack.runconfig import data_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "smollm2-135m-instruct"
+MODEL = "smollm2-135m-instruct"  # what is served (--model); requests name it as /v1/models lists it
+SERVED = {"name": MODEL}
 NOTES = sorted((data_root() / "course-notes").glob("*.txt"))
 
 
@@ -39,14 +44,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(max_batch: int, threads: int, port: int) -> subprocess.Popen:
+def start_server(max_batch: int, threads: int, port: int, model: str = MODEL) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--model", MODEL, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--model", model, "--port", str(port),
                              "--max-batch", str(max_batch), "--embedding-model", "", "--context", "256",
                              "--max-tokens", "128"], env=env)
     for _ in range(1200):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
+                SERVED["name"] = models[0]["id"]
                 return proc
         except httpx.TransportError:
             pass
@@ -57,16 +64,16 @@ def start_server(max_batch: int, threads: int, port: int) -> subprocess.Popen:
     raise SystemExit("the server did not become healthy")
 
 
-def prompts(count: int, length: int) -> list[list[int]]:
+def prompts(count: int, length: int, model: str = MODEL) -> list[list[int]]:
     """`count` different prompts of exactly `length` SmolLM2 tokens, from the course notes."""
     from lmstack.checkpoints import load_model
-    tokenizer = load_model(MODEL).tokenizer
+    tokenizer = load_model(model).tokenizer
     ids = tokenizer.encode(" ".join(p.read_text() for p in NOTES[:3]), add_special_tokens=False)
     return [ids[i * length:(i + 1) * length] for i in range(count)]
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], new_tokens: int) -> dict:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+    body = {"model": SERVED["name"], "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first, tokens, error = None, 0, None
@@ -139,9 +146,10 @@ def main() -> None:
     parser.add_argument("--load-seconds", type=float, default=60.0)
     parser.add_argument("--load-requests", type=int, default=6, help="the most requests per load-test client")
     parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--model", default=MODEL, help="what to serve: a registry name or a checkpoint path")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    pool = prompts(max(counts) * args.rounds + args.load_clients, args.prompt_tokens)
+    pool = prompts(max(counts) * args.rounds + args.load_clients, args.prompt_tokens, args.model)
 
     # Both servers are up for the whole run (the idle one costs no CPU) and each concurrency level runs on one
     # and then the other, so both see the same machine load (this machine is shared and noisy).
@@ -152,7 +160,7 @@ def main() -> None:
     try:
         for mode, max_batch in modes.items():
             port = free_port()
-            servers[mode] = (start_server(max_batch, args.threads, port), f"http://127.0.0.1:{port}")
+            servers[mode] = (start_server(max_batch, args.threads, port, args.model), f"http://127.0.0.1:{port}")
             asyncio.run(run_clients(servers[mode][1], 1, 1, pool, 4))  # warm-up
         for c in counts:
             for mode in modes:
@@ -187,7 +195,8 @@ def main() -> None:
                          f"{r['lat_p50']:.2f} | {r['lat_p95']:.2f} | {r['errors']} |")
     ratios = ", ".join(f"{c} clients {table['batched', c]['tok_s'] / table['one at a time', c]['tok_s']:.2f}x"
                        for c in counts)
-    text = "\n".join(lines) + f"\n\nTotal tokens/s, batched / one at a time: {ratios} (target: >= 3x at 16)."
+    text = "\n".join(lines) + (f"\n\nModel: {args.model}. Total tokens/s, batched / one at a time: {ratios} "
+                              "(target: >= 3x at 16).")
     if load:
         g = load["gauges"]
         text += (f"\n\nLoad test: {args.load_clients} streaming clients for up to {args.load_seconds:g} s "
@@ -198,7 +207,8 @@ def main() -> None:
                  f"running sequences {g.get('lmstack_running_sequences')} after.")
     print(text)
     if not args.no_record:
-        record("Serving: continuous batching vs one request at a time", text,
+        title = "Serving: continuous batching vs one request at a time"
+        record(title if args.model == MODEL else f"{title} ({Path(args.model).name})", text,
                "python bench/serve_bench.py " + " ".join(sys.argv[1:]))
 
 

@@ -334,3 +334,58 @@ def test_corrupt_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad_offset.gguf"
     bad.write_bytes(bytes(data[: len(data) // 2]) + os.urandom(16))
     assert_one_line_error(bad)
+
+
+# ------------------------------------------------------------------------------------- kept packed
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("tie", [True, False])
+def test_keep_packed_int4_equals_the_dequantized_weights(tmp_path: Path, qtype: Q, tie: bool) -> None:
+    """quant="keep": Q4 linears become Int4Linear holding the file's own codes (q/k rows un-permuted with their
+    scales and zeros), so each layer's weight equals the dequantized import's up to bf16 scales; the
+    token embedding is requantized (Q8_0 / float has no lossless int4 target) as the metadata says."""
+    from lmstack.checkpoints.inspect import model_summary
+    from lmstack.quant.int4 import Int4Linear
+    from lmstack.quant.quantize import QuantEmbedding
+    base = tiny_model("tiny-llama")
+    model = Decoder(from_name("tiny-llama", vocab_size=base.config.vocab_size, tie_embeddings=tie,
+                              bos_token_id=1, eos_token_id=2)).eval()
+    path = write_gguf(tmp_path / f"{qtype.name}.gguf", model, qtype)
+    ref = load_model(str(path), dtype="float32").model
+    kept = load_model(str(path), dtype="bfloat16", quant="keep")
+    packed = kept.model
+    for n in range(model.config.n_layer):
+        for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                     "mlp.down_proj"):
+            layer = packed.get_submodule(f"layers.{n}.{name}")
+            assert isinstance(layer, Int4Linear) and layer.group_size == 32
+            want = ref.get_submodule(f"layers.{n}.{name}").weight
+            # codes exact; the only loss is rounding d (and m + 8d) to bf16: 2^-8 relative per factor
+            torch.testing.assert_close(layer.dequantize(dtype=torch.float32), want, rtol=0,
+                                       atol=float(want.abs().max()) * 2 ** -7)
+    assert isinstance(packed.tok_emb, QuantEmbedding)
+    if not tie:  # 264 rows: not a multiple of 16, so the Q4 head cannot be int4 and is dequantized
+        assert packed.config.vocab_size % 16 and type(packed.lm_head) is torch.nn.Linear
+    assert kept.metadata["quantization"]["modules"]["layers.0.attn.q_proj"]["format"] == "int4-g32"
+    got, want = logits(packed, IDS).float(), logits(ref, IDS)
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+    storage = model_summary(kept)
+    assert "layers.*.attn.q_proj" in storage["storage int4-g32"]
+    # float32 still dequantizes everything (the parity tests above keep their meaning)
+    assert all(type(m) is not Int4Linear for m in ref.modules())
+    with pytest.raises(LmstackError, match="quant mode"):
+        load_model(str(path), quant="pack")
+
+
+def test_convert_keep_writes_a_packed_native_checkpoint(tmp_path: Path) -> None:
+    """`lmstack convert --quant keep`: the kept GGUF as a native checkpoint, which loads to the same model."""
+    from cli_helpers import run_cli
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("tiny-llama"), Q.Q4_1)
+    result = run_cli("convert", path, tmp_path / "native", "--quant", "keep")
+    assert result.exit_code == 0, result.output
+    kept, native = load_model(str(path), quant="keep").model, load_model(str(tmp_path / "native")).model
+    assert torch.equal(logits(native, IDS), logits(kept, IDS))
+    result = run_cli("convert", path, tmp_path / "hf", "--to", "hf", "--quant", "keep")
+    assert result.exit_code != 0 and "--quant dequantize" in result.output

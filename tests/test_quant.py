@@ -45,6 +45,16 @@ def assert_bf16_close(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None = Non
 # ------------------------------------------------------------------------------------------- int4
 
 
+@pytest.mark.parametrize("N", [64, 112, 176, 16])
+def test_blocked_layout_is_the_kernels_and_reads_back(N: int) -> None:
+    """The portable qweight (blocked) is written and read in plain torch; on this CPU it is the kernel's own."""
+    from lmstack.quant.int4 import blocked_pack, blocked_unpack, kernel_pack
+    codes = torch.randint(0, 16, (N, 96), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
+    qweight = blocked_pack(codes)
+    assert torch.equal(blocked_unpack(qweight, 96), codes)
+    assert torch.equal(qweight, kernel_pack(codes))
+
+
 @pytest.mark.parametrize("shape,group", [((96, 64), 32), ((128, 256), 64), ((48, 256), 128), ((80, 96), 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_linear_matches_its_dequantized_weight(shape: tuple[int, int], group: int, dtype: torch.dtype) -> None:
@@ -108,6 +118,29 @@ def test_int8_weight_only_matches_its_dequantized_weight() -> None:
     torch.testing.assert_close(layer(x), x @ w.t() + linear.bias, atol=1e-4, rtol=1e-4)  # float32 throughout
     xb = x.to(torch.bfloat16)
     assert_bf16_close(layer(xb), xb.float(), w, linear.bias.detach())
+
+
+@pytest.mark.parametrize("known_layout", [True, False])
+def test_int4_load_adopts_aligned_bytes_and_copes_otherwise(known_layout: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """qweight is adopted as it is, aligned to 64 bytes or not (safetensors aligns to 8); on a CPU whose kernel packs in another
+    layout (simulated) the codes are unpacked and packed by the kernel: the same outputs every way."""
+    import lmstack.quant.int4 as int4
+    torch.manual_seed(0)
+    layer = Int4Linear.from_float(nn.Linear(64, 112, bias=False))
+    state = layer.state_dict()
+    monkeypatch.setattr(int4, "_layout_is_known", lambda: known_layout)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for offset in (0, 12):
+        raw = torch.empty(state["qweight"].numel() + 64 + offset, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % 64 + offset
+        buffer = raw[start:start + state["qweight"].numel()]
+        buffer.copy_(state["qweight"].reshape(-1))
+        rebuilt = Int4Linear(64, 112, device="meta")
+        rebuilt.load_state_dict({**state, "qweight": buffer.view(112, 32)}, assign=True)
+        adopted = rebuilt.packed.data_ptr() == buffer.data_ptr()
+        assert adopted == known_layout
+        assert torch.equal(rebuilt(x), layer(x))
 
 
 def test_int8_adopts_a_misaligned_tensor_safely() -> None:
@@ -292,7 +325,7 @@ def test_save_and_rebuild_round_trip(scheme: str) -> None:
     fuse_projections_(model)
     quantize_(model, scheme)
     state, meta = quantized_state_dict(model)
-    meta = json.loads(json.dumps(meta))  # it travels as JSON in the safetensors header
+    meta = json.loads(json.dumps(meta))  # it travels as JSON in lmstack.json
     assert meta["fused"] and meta["modules"]["tok_emb"]["embedding"]
     with torch.device("meta"):
         skeleton = build_model(from_name("tiny-llama"))
@@ -331,6 +364,49 @@ def test_corrupt_or_mismatched_packed_tensors_are_one_line() -> None:
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("scheme", ["int4-g32", "w8a8"])
+def test_native_checkpoint_round_trip_through_load_model(tmp_path: Path, scheme: str) -> None:
+    """save_native records the scheme in lmstack.json; load_model rebuilds the modules and adopts the packed
+    tensors (the int8 codes stay the file's memory map: no requantization)."""
+    from lmstack.checkpoints import load_model, save_native
+    model = tiny_llama().to(torch.bfloat16)
+    fuse_projections_(model)
+    quantize_(model, scheme, embedding_scheme="int8")
+    path = save_native(model, None, tmp_path / "q", metadata={"note": "x"})
+    info = json.loads((path / "lmstack.json").read_text())
+    assert info["metadata"]["note"] == "x" and info["metadata"]["quantization"]["fused"]
+    loaded = load_model(str(path), dtype="bfloat16")
+    assert loaded.metadata["quantization"]["modules"]["layers.0.mlp.gate_up_proj"]["format"] == scheme
+    assert isinstance(loaded.model.tok_emb, QuantEmbedding) and isinstance(loaded.model.lm_head, TiedHead)
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
+    model.reset_buffers()  # the loader builds the RoPE tables in float32, as for any checkpoint
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    # re-saving the loaded model writes the same tensors
+    again = save_native(loaded.model, None, tmp_path / "again", metadata=loaded.metadata)
+    assert json.loads((again / "lmstack.json").read_text())["metadata"]["quantization"] == info["metadata"][
+        "quantization"]
+
+
+def test_corrupt_quantized_checkpoint_is_one_line(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lmstack.checkpoints import load_model, save_native
+    model = tiny_llama()
+    quantize_(model, "int4-g32")
+    path = save_native(model, None, tmp_path / "q")
+    state = load_file(str(path / "model.safetensors"))
+    key = "layers.1.mlp.down_proj.qweight"
+    save_file({**state, key: state[key][:-1]}, str(path / "model.safetensors"))
+    with pytest.raises(LmstackError, match=f"{key}.*shape") as e:
+        load_model(str(path))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LmstackError, match="corrupt or truncated"):
+        load_model(str(path))
+
+
 # ------------------------------------------------------------------------------------ the verb
 
 
@@ -349,8 +425,8 @@ def _tiny_tokenizer():
 
 
 def test_quantize_verb_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lmstack.checkpoints import save_native
-    from lmstack.compression.quantize import load_quantized, quantize
+    from lmstack.checkpoints import load_model, save_native
+    from lmstack.compression.quantize import quantize
     tok = _tiny_tokenizer()
     torch.manual_seed(0)
     model = build_model(from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
@@ -368,10 +444,35 @@ def test_quantize_verb_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     info = json.loads((tmp_path / "q" / "lmstack.json").read_text())
     assert info["metadata"]["quantization"]["modules"]["layers.0.attn.qkv_proj"]["format"] == "int4-g32"
     assert "int4" not in "".join(p.name for p in (tmp_path / "q").iterdir())  # the scheme is not in a file name
-    reloaded, _ = load_quantized(tmp_path / "q")
+    reloaded = load_model(str(tmp_path / "q")).model
     assert isinstance(reloaded.layers[1].mlp.gate_up_proj, Int4Linear)
     with pytest.raises(LmstackError, match="unknown quantization scheme"):
         quantize(model=str(src), scheme="int5", out=str(tmp_path / "bad"))
+
+
+def test_quantize_cli_then_generate(tmp_path: Path) -> None:
+    """`lmstack quantize` from the verb table, then `lmstack generate` and `models show` on its output."""
+    import typing
+
+    from cli_helpers import run_cli
+
+    from lmstack.checkpoints import save_native
+    from lmstack.compression.quantize import Scheme
+    from lmstack.quant.quantize import SCHEMES
+    assert typing.get_args(Scheme) == SCHEMES
+    tok = _tiny_tokenizer()
+    torch.manual_seed(0)
+    src = save_native(build_model(from_name("tiny-llama", vocab_size=tok.vocab_size)).eval(), tok, tmp_path / "s")
+    text = tmp_path / "held_out.txt"
+    text.write_text("the quick brown fox. " * 60)
+    result = run_cli("quantize", "--model", src, "--scheme", "w8a8", "--out", tmp_path / "q", "--eval-text", text,
+                     "--eval-chars", "800", "--window", "64", "--decode-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "MB on disk" in result.stdout and "perplexity" in result.stdout
+    result = run_cli("generate", "--model", tmp_path / "q", "--prompt", "the quick", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    result = run_cli("models", "show", tmp_path / "q")
+    assert result.exit_code == 0 and "w8a8" in result.stdout, result.output
 
 
 # ----------------------------------------------------------------------------------------- SmolLM2
@@ -407,3 +508,35 @@ def test_smollm2_int4_close_to_bf16() -> None:
                 tokens = [Generator(model, tok).generate(p, config).token_ids for p in prompts]
                 same = sum(a == b for t, r in zip(tokens, ref_tokens) for a, b in zip(t, r))
                 assert same >= 0.5 * sum(len(r) for r in ref_tokens), (tokens, ref_tokens)
+
+
+@pytest.mark.slow
+def test_smollm2_quantize_verb_and_gguf_kept(tmp_path: Path) -> None:
+    """`lmstack quantize` on SmolLM2 end to end, and the GGUF kept packed: both reload packed and stay close to
+    the float32 dequantized model (top-1 agreement over a chat prompt)."""
+    from cli_helpers import run_cli
+
+    from lmstack.checkpoints import load_model
+    try:
+        ref = load_model("smollm2-135m-instruct", dtype="float32")
+    except LmstackError as e:
+        pytest.skip(str(e))
+    tok = ref.tokenizer
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(p.read_text() for p in sorted(Path("../shared/data/course-notes").glob("*.txt")))[
+        :6000])
+    result = run_cli("quantize", "--model", "smollm2-135m-instruct", "--scheme", "int4-g32", "--out",
+                     tmp_path / "q", "--eval-text", text, "--eval-chars", "3000", "--window", "256",
+                     "--decode-tokens", "8", "--embedding-scheme", "int8")
+    assert result.exit_code == 0, result.output
+    assert "MB on disk" in result.stdout
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name three colors."}]),
+                                   add_special_tokens=False)])
+    with torch.inference_mode():
+        want = ref.model(ids).argmax(-1)
+        for name, loaded in [("quantize", load_model(str(tmp_path / "q"))),
+                             ("gguf keep", load_model("smollm2-135m-instruct", quant="keep")),
+                             ("gguf keep-int8", load_model("smollm2-135m-instruct", quant="keep-int8"))]:
+            assert loaded.metadata["quantization"]["modules"]
+            agree = (loaded.model(ids).argmax(-1) == want).float().mean().item()
+            assert agree >= 0.8, (name, agree)

@@ -390,6 +390,7 @@ VERBS: dict[str, Verb | Group] = {
         "prepare": Verb("lmstack.data.prepare:prepare_data", _data_prepare),
     }),
     "plan": Verb("lmstack.plan:plan", _plan, json=True),
+    "quantize": Verb("lmstack.compression.quantize:quantize", _call),
     "pretrain": Verb("lmstack.training.pretrain:pretrain"),
     "finetune": Verb("lmstack.training.finetune:finetune", _finetune),
     "merge": Verb("lmstack.training.finetune:merge", _merge),

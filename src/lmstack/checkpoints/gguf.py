@@ -400,15 +400,34 @@ _GLOBAL = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_e
            "output_norm.weight": "norm.weight", "output_norm.bias": "norm.bias", "output.weight": "lm_head.weight"}
 
 
-def gguf_state_dict(gf: GGUFFile, config: DecoderConfig) -> dict[str, Tensor]:
-    """Dequantize every tensor to fp32 and rename it to lmstack's keys (q/k un-permuted, gpt2 qkv split)."""
+KEEP_PACKED = ("Q4_0", "Q4_1")  # repacked into Int4Linear's codes as they are (quant/gguf_pack.py)
+
+
+def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False,
+                    embedding_scheme: str = "int4-g32") -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """Rename every tensor to lmstack's keys (q/k un-permuted, gpt2 qkv split): (state, quantization metadata).
+
+    Default: every tensor dequantized to fp32 (metadata None). `keep`: llama Q4_0 / Q4_1 linears stay packed
+    (the int4 kernel's portable `qweight` + bf16 scales and zeros: codes untouched, q/k rows un-permuted with
+    their scales and zeros), and the token embedding (with a tied head, the head too) is stored as
+    `embedding_scheme` ("int4-g32", "int8", or "none" for float); the metadata is quant.state's, so the loader
+    rebuilds the quantized modules as for a native quantized checkpoint.
+    """
     arch = gf.metadata["general.architecture"]
     layer_map = _LLAMA_LAYER if arch == "llama" else _GPT2_LAYER
     state: dict[str, Tensor] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    keep = keep and arch == "llama"  # gpt2's fused qkv GGUFs dequantize (no packed split written)
     for t in gf.tensors:
+        if keep and _keep_int4(t, layer_map):
+            _packed_int4(gf, t, config, layer_map, state, modules)
+            continue
         w = dequantize(gf.raw(t), t.qtype, t.shape)  # numpy until the end: see the note on dequantization
         if t.name in _GLOBAL:
-            state[_GLOBAL[t.name]] = torch.from_numpy(w)
+            if keep and t.name == "token_embd.weight" and embedding_scheme != "none":
+                _quantized_embedding(torch.from_numpy(w), embedding_scheme, state, modules)
+            else:
+                state[_GLOBAL[t.name]] = torch.from_numpy(w)
             continue
         parts = t.name.split(".", 2)
         if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
@@ -425,7 +444,50 @@ def gguf_state_dict(gf: GGUFFile, config: DecoderConfig) -> dict[str, Tensor]:
         elif suffix == "attn_k.weight":
             w = unpermute_qk(w, config.n_kv_head)
         state[prefix + layer_map[suffix]] = torch.from_numpy(np.ascontiguousarray(w))
-    return state
+    if not keep:
+        return state, None
+    from lmstack.quant.state import FORMAT
+    return state, {"format": FORMAT, "fused": False, "modules": modules}
+
+
+def _keep_int4(t: GGUFTensor, layer_map: dict[str, str]) -> bool:
+    """A block linear (or an untied output head) in Q4_0 / Q4_1 whose shape the int4 kernel takes."""
+    from lmstack.quant.int4 import int4_fits
+    if type_name(t.qtype) not in KEEP_PACKED or len(t.shape) != 2:
+        return False
+    suffix = t.name.split(".", 2)[-1]
+    linear = t.name == "output.weight" or (t.name.startswith("blk.") and suffix in layer_map
+                                           and layer_map[suffix].endswith("_proj.weight"))
+    return linear and int4_fits(t.shape[0], t.shape[1], 32) is None
+
+
+def _packed_int4(gf: GGUFFile, t: GGUFTensor, config: DecoderConfig, layer_map: dict[str, str],
+                 state: dict[str, Tensor], modules: dict[str, dict[str, Any]]) -> None:
+    from lmstack.quant.gguf_pack import BLOCK, gguf_q4_to_codes
+    from lmstack.quant.int4 import blocked_pack
+    N, K = t.shape
+    codes, scales, zeros = gguf_q4_to_codes(gf.raw(t), type_name(t.qtype), (N, K))  # [N, K], [N, K/32] x2
+    suffix = t.name.split(".", 2)[-1]
+    if suffix in ("attn_q.weight", "attn_k.weight"):  # rows of codes, scales and zeros move together
+        heads = config.n_head if suffix == "attn_q.weight" else config.n_kv_head
+        codes, scales, zeros = (unpermute_qk(x, heads).contiguous() for x in (codes, scales, zeros))
+    name = "lm_head" if t.name == "output.weight" else \
+        f"layers.{t.name.split('.')[1]}.{layer_map[suffix].removesuffix('.weight')}"
+    state[f"{name}.qweight"] = blocked_pack(codes)  # [N, K/2]
+    state[f"{name}.scales_and_zeros"] = torch.stack([scales, zeros], -1).transpose(0, 1).to(
+        torch.bfloat16).contiguous()  # [K/32, N, 2]
+    modules[name] = {"format": f"int4-g{BLOCK}", "in_features": K, "out_features": N, "bias": False}
+
+
+def _quantized_embedding(weight: Tensor, scheme: str, state: dict[str, Tensor],
+                         modules: dict[str, dict[str, Any]]) -> None:
+    """token_embd (Q8_0 in SmolLM2's file: no lossless target) requantized as `scheme`, as quant_ would."""
+    from lmstack.quant.quantize import choose_format, quantized_linear
+    fmt, _ = choose_format(scheme, *weight.shape)
+    table = quantized_linear(weight, None, fmt)
+    state.update({f"tok_emb.table.{k}": v.contiguous() for k, v in table.state_dict().items()})
+    modules["tok_emb"] = {"format": fmt, "in_features": weight.shape[1], "out_features": weight.shape[0],
+                          "bias": False, "embedding": True, "dtype": "torch.bfloat16"}
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -508,11 +570,13 @@ def gguf_tokenizer(gf: GGUFFile) -> Tokenizer:
 # ------------------------------------------------------------------------------------------- entry
 
 
-def load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, Tensor], Tokenizer, dict[str, Any]]:
-    """Config, fp32 state dict (lmstack keys), tokenizer and file metadata of a llama / gpt2 GGUF file."""
+def load_gguf(path: Path, keep: bool = False, embedding_scheme: str = "int4-g32"
+              ) -> tuple[DecoderConfig, dict[str, Tensor], Tokenizer, dict[str, Any]]:
+    """Config, state dict (lmstack keys), tokenizer and file metadata of a llama / gpt2 GGUF file: fp32, or with
+    `keep` the Q4 linears kept packed and the metadata's "quantization" saying how (see gguf_state_dict)."""
     gf = read_gguf(path)
     config = gguf_config(gf)
-    state = gguf_state_dict(gf, config)
+    state, quantization = gguf_state_dict(gf, config, keep, embedding_scheme)
     tokenizer = gguf_tokenizer(gf)
     meta = gf.metadata
     file_type = meta.get("general.file_type")
@@ -526,4 +590,6 @@ def load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, Tensor], Tokenizer, 
     info = {"format": "gguf", "gguf_version": gf.version, "architecture": meta["general.architecture"],
             "file_type": file_type, "quant_types": dict(Counter(type_name(t.qtype) for t in gf.tensors)),
             "name": meta.get("general.name")}
+    if quantization is not None:
+        info["quantization"] = quantization
     return config, state, tokenizer, info

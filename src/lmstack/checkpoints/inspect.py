@@ -21,15 +21,51 @@ def model_summary(loaded: "LoadedModel") -> dict[str, Any]:
     from lmstack.config import config_to_dict
 
     cfg = loaded.config
+    from lmstack.quant.quantize import QUANTIZED
     n_params = sum(p.numel() for p in loaded.model.parameters())
+    # quantized layers hold their weights in buffers: count the weights they stand for
+    n_params += sum(m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, QUANTIZED))
     out = {"source": loaded.source, "family": cfg.family, "config": config_to_dict(cfg), "parameters": n_params,
            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
-    out.update(loaded.metadata)
+    out.update({k: v for k, v in loaded.metadata.items() if k != "quantization"})  # storage says it shortly
+    formats = storage_formats(loaded.model)
+    if len(formats) > 1:  # mixed storage (a quantized model): name each tensor's format; else "dtype" says it
+        for fmt, names in formats.items():
+            out[f"storage {fmt}"] = ", ".join(names)
     if loaded.tokenizer is not None:
         out["tokenizer"] = {"vocab_size": loaded.tokenizer.vocab_size, "bos": loaded.tokenizer.bos_token,
                             "eos": loaded.tokenizer.eos_token, "hash": loaded.tokenizer.hash()}
         out["chat_template"] = loaded.tokenizer.chat_template
     return out
+
+
+def storage_formats(model: Any) -> dict[str, list[str]]:
+    """How each tensor is stored: {format: [module or tensor names, layer numbers folded into "*"]}, e.g.
+    {"int4-g32": ["layers.*.attn.qkv_proj", ...], "int8": ["tok_emb (and the tied lm_head)"], "bfloat16": [...]}."""
+    import re
+
+    from lmstack.models.blocks import TiedHead
+    from lmstack.quant.quantize import QUANTIZED, QuantEmbedding, format_of
+    formats: dict[str, list[str]] = {}
+
+    def add(fmt: str, name: str) -> None:
+        name = re.sub(r"(^|\.)\d+(\.|$)", r"\1*\2", name)
+        if name not in formats.setdefault(fmt, []):
+            formats[fmt].append(name)
+
+    tied = isinstance(getattr(model, "lm_head", None), TiedHead)
+    quantized: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(q + ".") for q in quantized):
+            continue  # inside a quantized module: its packed tensors were named with it
+        if isinstance(module, QuantEmbedding) or isinstance(module, QUANTIZED):
+            quantized.append(name)
+            fmt = format_of(module.table if isinstance(module, QuantEmbedding) else module)
+            add(fmt, name + (" (and the tied lm_head)" if tied and name == "tok_emb" else ""))
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            add(str(param.dtype).removeprefix("torch."), f"{name}.{pname}" if name else pname)
+    return formats
 
 
 # -------------------------------------------------------------------------------------------- models
@@ -94,24 +130,29 @@ def _preset_summary(name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- convert
 
 
-def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype: DType = "float32") -> Path:
+def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype: DType = "float32",
+            quant: Literal["dequantize", "keep", "keep-int8"] = "dequantize") -> Path:
     """Convert a checkpoint (registry name, GGUF, HF or native folder) into a native or an HF folder.
 
     Args:
         src: What to convert: a registry name, a GGUF file, an HF folder or a native folder.
         dst: The output folder (created; files in it are replaced atomically).
         to: Output format: native (lmstack safetensors + JSON) or hf (a transformers folder).
-        dtype: dtype of the saved weights (quantized GGUF weights are dequantized to it).
+        dtype: dtype of the saved weights (quantized GGUF weights are dequantized to it unless kept).
+        quant: GGUF Q4_0 / Q4_1 weights: dequantize, or keep them packed for the int4 kernel (keep: the token
+            embedding and tied head int4-g32; keep-int8: int8). A kept native checkpoint loads in about a second.
     """
     from lmstack.checkpoints.load import load_model
     from lmstack.checkpoints.native import save_native
     out = Path(dst)
     if out.exists() and not out.is_dir():
         raise LmstackError(f"{dst}: exists and is not a folder")
-    loaded = load_model(src, dtype=dtype)
+    loaded = load_model(src, dtype=dtype, quant=quant)
     if to == "native":
         metadata = {**loaded.metadata, "converted_from": loaded.source}
         return save_native(loaded.model, loaded.tokenizer, out, metadata=metadata)
+    if "quantization" in loaded.metadata:
+        raise LmstackError("an HF export needs float weights: convert with --quant dequantize")
     from lmstack.checkpoints.hf import export_hf
     export_hf(loaded.model, loaded.tokenizer, out)
     return out

@@ -81,13 +81,22 @@ def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
 # ------------------------------------------------------------------------------------------ loading
 
 
+QUANT_MODES = ("dequantize", "keep", "keep-int8")
+
+
 def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtype: torch.dtype | str = "auto",
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", quant: str = "dequantize") -> LoadedModel:
     """Load any supported checkpoint into an lmstack model in eval mode.
 
     `adapter`: a PEFT output folder (lmstack's adapter.json or Hugging Face peft's adapter_config.json), applied
     unmerged. With an adapter and no `name_or_path`, the base model is the one the adapter names.
+    `quant` (GGUF files): "dequantize" (every tensor to `dtype`), "keep" (Q4_0 / Q4_1 linears stay packed for
+    the int4 kernel; the Q8_0 token embedding and tied head become int4-g32, the fastest head) or "keep-int8"
+    (the same with an int8 embedding and head: closer to the file, slower head). A native quantized checkpoint
+    always loads packed.
     """
+    if quant not in QUANT_MODES:
+        raise LmstackError(f"unknown quant mode {quant!r}; use one of {', '.join(QUANT_MODES)}")
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype, device)
     if adapter is not None:
@@ -100,11 +109,13 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
         config, state, tokenizer, metadata = load_native_parts(path)
     elif fmt == "gguf":
         from lmstack.checkpoints.gguf import load_gguf
-        config, state, tokenizer, metadata = load_gguf(path)
+        config, state, tokenizer, metadata = load_gguf(path, keep=quant != "dequantize",
+                                                       embedding_scheme="int8" if quant == "keep-int8" else "int4-g32")
     else:
         from lmstack.checkpoints.hf import load_hf
         config, state, tokenizer, metadata = load_hf(path)
-    model = instantiate(config, state, dtype=dtype, device=device, source=str(path))
+    model = instantiate(config, state, dtype=dtype, device=device, source=str(path),
+                        quantization=metadata.get("quantization"))
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(path), metadata=metadata,
                        dtype=str(dtype).removeprefix("torch."))
 
@@ -123,10 +134,17 @@ def _load_with_adapter(model: str | None, adapter: str, dtype: torch.dtype, devi
 
 
 def instantiate(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str = "cpu",
-                source: str = "checkpoint") -> nn.Module:
-    """Build the model on the meta device, then adopt the checkpoint's tensors (no double allocation)."""
+                source: str = "checkpoint", quantization: dict[str, Any] | None = None) -> nn.Module:
+    """Build the model on the meta device, then adopt the checkpoint's tensors (no double allocation).
+
+    `quantization` (a quantized checkpoint's metadata, quant.state's format): the quantized modules are rebuilt
+    as it says and adopt the packed tensors as they are (no dequantize-requantize round trip); float tensors
+    (norms, biases, unquantized layers) take `dtype`.
+    """
     with torch.device("meta"), skip_init():
         model = build_model(config)
+    if quantization is not None:
+        return _instantiate_quantized(model, state, quantization, dtype, device, source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -144,6 +162,21 @@ def instantiate(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     # Non-persistent buffers (RoPE tables) were made on meta: every model class rebuilds its own.
+    with torch.device(device):
+        model.reset_buffers()
+    return model.eval()
+
+
+def _instantiate_quantized(model: nn.Module, state: dict[str, torch.Tensor], quantization: dict[str, Any],
+                           dtype: torch.dtype, device: str, source: str) -> nn.Module:
+    from lmstack.quant.state import rebuild_quantized_
+    if torch.device(device).type != "cpu":
+        raise LmstackError(f"{source}: quantized checkpoints run on the CPU kernels only (device {device!r})")
+    try:
+        rebuild_quantized_(model, state, quantization)
+    except LmstackError as e:
+        raise LmstackError(f"{source}: {e}") from None
+    model.to(dtype)  # float tensors only; quantized layers keep their codes and scale dtypes
     with torch.device(device):
         model.reset_buffers()
     return model.eval()

@@ -27,15 +27,23 @@ def save_native(model: nn.Module, tokenizer: Tokenizer | None, out_dir: str | Pa
     """Write model.safetensors, lmstack.json (config + metadata) and the tokenizer files, each atomically.
 
     `state` replaces model.state_dict(), e.g. the full tensors gathered from an FSDP-sharded model.
+    A quantized model (quant.quantize_) writes its portable packed tensors, and the scheme of every quantized
+    module goes to metadata["quantization"], which `load_model` rebuilds the modules from.
     """
+    from lmstack.quant.state import quantization_metadata
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    metadata = dict(metadata or {})
+    metadata.pop("quantization", None)  # a stale scheme (from the loaded source) must not outlive the modules
+    quantization = quantization_metadata(model)
+    if quantization["modules"] or quantization["fused"]:
+        metadata["quantization"] = quantization
     state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": NATIVE_FORMAT}))
     if tokenizer is not None:
         tokenizer.save(out)
     atomic_write_json(out / "lmstack.json", {"format": NATIVE_FORMAT, "config": config_to_dict(model.config),
-                                             "metadata": metadata or {}})
+                                             "metadata": metadata})
     return out
 
 

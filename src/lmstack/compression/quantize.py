@@ -6,69 +6,25 @@ verb then reloads the written checkpoint and reports bytes on disk, perplexity o
 tinyshakespeare, scored with evaluation.scoring's strided windows) and greedy decode tok/s, next to the source
 model's.
 
-Until the native loader learns quantized checkpoints, `load_quantized` here rebuilds one: config from
-lmstack.json, a meta skeleton, `quant.state.rebuild_quantized_` over the memory-mapped safetensors.
+The checkpoint is the native one (`checkpoints.save_native`), and `checkpoints.load_model` reads it back: the
+one loader rebuilds the quantized modules from lmstack.json's metadata and adopts the memory-mapped packed tensors.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmstack.config import config_from_dict, config_to_dict
 from lmstack.errors import LmstackError
-from lmstack.io import atomic_write, atomic_write_json, read_json
 from lmstack.quant.quantize import LayerChoice, check_scheme, fuse_projections_, quantize_
-from lmstack.quant.state import METADATA_KEY, quantized_state_dict, rebuild_quantized_
 from lmstack.tokenizer import Tokenizer
 
 
-NATIVE_FORMAT = "lmstack-native-v1"  # the native checkpoint's format tag (checkpoints/), with quantization metadata
 HELD_OUT_CHARS = 20_000  # the tail of tinyshakespeare scored for perplexity
-
-
-def save_quantized(model: nn.Module, tokenizer: Tokenizer | None, out_dir: str | Path,
-                   extra: dict[str, Any] | None = None) -> Path:
-    """Write model.safetensors (packed tensors; the quantization metadata in its header), lmstack.json (config +
-    metadata, with "quantization") and the tokenizer, each atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state, meta = quantized_state_dict(model)
-    state = {k: v.cpu() for k, v in state.items()}
-    header = {"format": NATIVE_FORMAT, METADATA_KEY: json.dumps(meta)}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=header))
-    if tokenizer is not None:
-        tokenizer.save(out)
-    atomic_write_json(out / "lmstack.json", {"format": NATIVE_FORMAT, "config": config_to_dict(model.config),
-                                             "metadata": {**(extra or {}), "quantization": meta}})
-    return out
-
-
-def load_quantized(path: str | Path) -> tuple[nn.Module, Tokenizer | None]:
-    """Rebuild a quantized native checkpoint: the packed tensors are adopted, never requantized."""
-    from lmstack.checkpoints import skip_init
-    from lmstack.models import build_model
-    path = Path(path)
-    info = read_json(path / "lmstack.json")
-    meta = info.get("metadata", {}).get("quantization")
-    if info.get("format") != NATIVE_FORMAT or meta is None:
-        raise LmstackError(f"{path / 'lmstack.json'}: not a quantized lmstack checkpoint")
-    config = config_from_dict(info["config"])
-    try:
-        state = load_file(str(path / "model.safetensors"))
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise LmstackError(f"{path / 'model.safetensors'}: corrupt or truncated ({str(e).splitlines()[0]})") from None
-    with torch.device("meta"), skip_init():  # wiring: the loader's own skeleton builder replaces this
-        model = build_model(config)
-    rebuild_quantized_(model, state, meta)
-    model.reset_buffers()
-    return model.eval(), (Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None)
 
 
 def held_out_perplexity(model: nn.Module, tokenizer: Tokenizer, text: str, window: int = 512) -> float:
@@ -87,11 +43,15 @@ def decode_speed(model: nn.Module, tokenizer: Tokenizer, tokens: int, prompt: st
     return result.decode_tokens_per_s
 
 
-def quantize(*, model: str, scheme: str, out: str, embedding_scheme: str | None = None, fuse: bool = True,
+Scheme = Literal["int4-g32", "int4-g64", "int4-g128", "int8", "w8a8", "nf4"]  # quant.quantize.SCHEMES
+
+
+def quantize(*, model: str, scheme: Scheme, out: str, embedding_scheme: Scheme | None = None, fuse: bool = True,
              eval_text: str | None = None,
              eval_chars: int = HELD_OUT_CHARS, window: int = 512, decode_tokens: int = 64,
              compare: bool = True) -> dict[str, Any]:
-    """Quantize a model without calibration data and write a packed native checkpoint.
+    """Quantize a model without calibration data and write a packed native checkpoint; print (and return) its
+    bytes on disk, held-out perplexity and decode tok/s next to the source model's, and any per-layer fallbacks.
 
     Args:
         model: a model name or path (anything `lmstack generate` loads).
@@ -105,11 +65,8 @@ def quantize(*, model: str, scheme: str, out: str, embedding_scheme: str | None 
         window: perplexity window in tokens (stride half of it).
         decode_tokens: greedy tokens for the decode tok/s figure (0 skips it).
         compare: measure the source model too (perplexity and decode tok/s).
-
-    Returns:
-        A report: bytes on disk, perplexity and decode tok/s of the quantized and source models, fallbacks.
     """
-    from lmstack.checkpoints import load_model
+    from lmstack.checkpoints import load_model, save_native
     check_scheme(scheme)
     check_scheme(embedding_scheme or scheme)
     loaded = load_model(model, dtype=torch.bfloat16)
@@ -124,12 +81,13 @@ def quantize(*, model: str, scheme: str, out: str, embedding_scheme: str | None 
         fuse_projections_(qmodel)
     choices: list[LayerChoice] = quantize_(qmodel, scheme, embedding_scheme=embedding_scheme)
     t0 = time.perf_counter()
-    path = save_quantized(qmodel, tokenizer, out, {"source": loaded.source, "scheme": scheme,
-                                                          "embedding_scheme": embedding_scheme or scheme})
+    path = save_native(qmodel, tokenizer, out, metadata={"source": loaded.source, "scheme": scheme,
+                                                         "embedding_scheme": embedding_scheme or scheme})
     report["save_s"] = round(time.perf_counter() - t0, 3)
     del qmodel, source, loaded
     t0 = time.perf_counter()
-    reloaded, tokenizer = load_quantized(path)
+    reloaded_model = load_model(str(path), dtype=torch.bfloat16)
+    reloaded, tokenizer = reloaded_model.model, reloaded_model.tokenizer
     report["load_s"] = round(time.perf_counter() - t0, 3)
     report["bytes"] = sum(f.stat().st_size for f in path.iterdir() if f.name == "model.safetensors")
     report["fallbacks"] = [vars(c) for c in choices if c.used != c.scheme]
@@ -177,6 +135,7 @@ def _print(report: dict[str, Any]) -> None:
             parts = [f"{r['bytes'] / 1e6:.1f} MB" if "bytes" in r else "",
                      f"perplexity {r['perplexity']:.3f}" if "perplexity" in r else "",
                      f"decode {r['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in r else ""]
-            print(f"  {name:9s} " + ", ".join(p for p in parts if p))
+            if any(parts):
+                print(f"  {name:9s} " + ", ".join(p for p in parts if p))
 
 

@@ -8,9 +8,11 @@ and each value is a 4-bit code q in 0..15 with
 Asymmetric round-to-nearest PTQ sets s = (max - min) / 15 and z = min + 8 s per group. GGUF's Q4_1 blocks
 (w = q d + m) map onto this with s = d, z = m + 8 d, and Q4_0 (w = (q - 8) d) with z = 0 (quant/gguf_pack.py).
 
-The kernel wants its own packed layout, which depends on the CPU's vector width, so the state dict holds a
-portable one instead: `qweight` [N, K/2] uint8 with column 2j in the low nibble and 2j + 1 in the high one, plus
-`scales_and_zeros` [K/G, N, 2] bf16. Loading repacks (a permutation of nibbles, never a requantization).
+The kernel wants its own packed layout, which depends on the CPU's vector width. The state dict holds the AVX512
+kernel's layout ("blocked", written and read by plain torch ops here, so any CPU can use it): `qweight` [N, K/2]
+uint8 plus `scales_and_zeros` [K/G, N, 2] bf16. Where this CPU's kernel uses the blocked layout (checked once
+against the kernel), loading adopts the bytes as they are, memory map included; elsewhere it unpacks the codes
+and lets the kernel pack them (a permutation of nibbles, never a requantization).
 
 Speed (SmolLM2 shapes, 1 thread, contended machine): one row through the kernel is 2-4x faster than bf16
 F.linear; many rows are about 2x slower (64 rows of 1536x576: 2.7 ms against 1.3 ms), but dequantizing the
@@ -59,15 +61,18 @@ def quantize_int4(weight: Tensor, group_size: int, bits: int = 4) -> tuple[Tenso
     return codes.to(torch.uint8).reshape(N, K), scales, zeros
 
 
-def pack_nibbles_rowwise(codes: Tensor) -> Tensor:
-    """[N, K] codes 0..15 -> [N, K/2] uint8, column 2j in the low nibble (the portable `qweight` layout)."""
+def blocked_pack(codes: Tensor) -> Tensor:
+    """[N, K] codes 0..15 -> [N, K/2] uint8 in the blocked layout (the AVX512 kernel's own; see kernel_rows):
+    the portable `qweight`, written in plain torch ops, so any CPU can write and read it."""
     codes = codes.to(torch.uint8)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
-def unpack_nibbles_rowwise(qweight: Tensor) -> Tensor:
-    """Inverse of pack_nibbles_rowwise: [N, K/2] uint8 -> [N, K] uint8."""
-    return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+    N, K = codes.shape
+    n_full = N // _BLOCK_N * _BLOCK_N
+    full = codes[:n_full].view(-1, 2, 32, K)  # [NB, 2, 32, K]: rows 0..31 (low nibbles), 32..63 (high)
+    parts = [(full[:, 0] | (full[:, 1] << 4)).transpose(1, 2).reshape(-1)]  # [NB, K, 32] bytes
+    if N > n_full:  # a tail of n rows: [K, n/2] bytes, rows 2j low and 2j + 1 high
+        tail = codes[n_full:]
+        parts.append((tail[0::2] | (tail[1::2] << 4)).t().reshape(-1))
+    return torch.cat(parts).view(N, K // 2)
 
 
 def kernel_pack(codes: Tensor) -> Tensor:
@@ -98,8 +103,13 @@ def kernel_rows(packed: Tensor, rows: Tensor, K: int) -> Tensor:
 
 
 def kernel_unpack(packed: Tensor, K: int) -> Tensor:
-    """All codes of a kernel-packed weight: packed [N, K/2] -> [N, K] uint8 (views and two shifts; no gather)."""
+    """All codes of a kernel-packed weight: packed [N, K/2] -> [N, K] uint8."""
     _check_layout()
+    return blocked_unpack(packed, K)
+
+
+def blocked_unpack(packed: Tensor, K: int) -> Tensor:
+    """Inverse of blocked_pack: [N, K/2] -> [N, K] uint8 (views and two shifts; no gather)."""
     N = packed.shape[0]
     n_full = N // _BLOCK_N * _BLOCK_N
     flat = packed.reshape(-1)
@@ -109,6 +119,15 @@ def kernel_unpack(packed: Tensor, K: int) -> Tensor:
         tail = flat[n_full * K // 2:].view(K, (N - n_full) // 2)  # [K, n/2]: rows 2j low, 2j + 1 high
         parts.append(torch.stack([tail & 0xF, tail >> 4], dim=-1).reshape(K, N - n_full).t())
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+@lru_cache(maxsize=1)
+def _layout_is_known() -> bool:
+    try:
+        _check_layout()
+    except NotImplementedError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=1)
@@ -166,15 +185,17 @@ class Int4Linear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # model.to(float32) must not widen the bf16 scales: the kernel reads them as bf16.
+        scales_and_zeros = self.scales_and_zeros
         super()._apply(fn, recurse)
-        self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+        self.scales_and_zeros = scales_and_zeros.to(device=self.scales_and_zeros.device, dtype=torch.bfloat16)
         return self
 
     # ------------------------------------------------------------------------- the portable state
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "qweight"] = pack_nibbles_rowwise(self.codes())  # [N, K/2] uint8
+        # [N, K/2] uint8, blocked: the kernel's own bytes where this CPU's kernel uses that layout
+        destination[prefix + "qweight"] = self.packed if _layout_is_known() else blocked_pack(self.codes())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[override]
@@ -185,7 +206,10 @@ class Int4Linear(nn.Module):
             if qweight.dtype != torch.uint8 or tuple(qweight.shape) != expect:
                 raise LmstackError(f"{key}: expected uint8 {list(expect)}, got {qweight.dtype} "
                                    f"{list(qweight.shape)} (corrupt or mismatched int4 tensor)")
-            self.packed = kernel_pack(unpack_nibbles_rowwise(qweight.to(self.packed.device)))
+            if not _layout_is_known():  # another CPU's kernel layout: unpack and let the kernel pack
+                self.packed = kernel_pack(blocked_unpack(qweight, self.in_features))
+            else:  # adopted as it is, a memory map staying one (the kernel reads unaligned bytes correctly:
+                self.packed = qweight  # tests/test_quant.py checks offsets 0 and 12, unlike _weight_int8pack_mm)
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}

@@ -52,8 +52,11 @@ class Int8Linear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        scales = self.scales
         super()._apply(fn, recurse)
-        self.scales = self.scales.float()  # scales stay float32 whatever dtype the model is cast to
+        # Scales stay float32 whatever dtype the model is cast to: re-move the original values (casting them to
+        # bf16 and back would round them).
+        self.scales = scales.to(device=self.scales.device, dtype=torch.float32)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -1,17 +1,19 @@
 """How a quantized model is saved and rebuilt.
 
 `quantized_state_dict(model)` returns the model's state dict (quantized layers write their portable packed
-tensors: int4 codes as row-wise nibbles with bf16 scales and zeros, int8 codes with float32 scales, NF4 codes
+tensors: int4 codes as blocked nibbles with bf16 scales and zeros, int8 codes with float32 scales, NF4 codes
 with their double-quantized constants) and a metadata dict naming each quantized module's format. The scheme
 lives in that metadata, never in a file name (design note 6).
 
 `rebuild_quantized_(model, state, metadata)` takes an unquantized skeleton of the same config (built on the meta
 device or not), swaps in empty quantized modules as the metadata says, checks every tensor's dtype and shape
 against them (one line per problem, naming the key), and adopts the packed tensors: no dequantize-requantize
-round trip (int4 codes are repacked into the kernel's layout, a permutation).
+round trip (int4 codes are adopted as they are where this CPU's kernel reads the blocked layout, else
+repacked, a permutation).
 
-The checkpoint format is not this module's business: a caller writes `state` with safetensors and `metadata` as
-JSON in the safetensors header (see `METADATA_KEY`).
+The checkpoint format is not this module's business: `checkpoints.save_native` writes `state` to
+model.safetensors and the metadata into lmstack.json's metadata["quantization"]; `checkpoints.load_model` calls
+`rebuild_quantized_` with them (the GGUF importer builds the same state and metadata from Q4 blocks).
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from lmstack.quant.int8 import Int8Linear
 from lmstack.quant.nf4_linear import NF4Linear
 from lmstack.quant.quantize import QUANTIZED, QuantEmbedding, format_of, fuse_projections_, is_fused
 
-FORMAT = "lmstack.quant/1"
-METADATA_KEY = "lmstack.quant"  # the safetensors header key holding json.dumps(metadata)
+FORMAT = "lmstack.quant/2"  # 2: int4 qweight in the blocked layout (quant/int4.py)
 
 
 def _spec(module: nn.Module) -> dict[str, Any]:
@@ -90,10 +91,10 @@ def rebuild_quantized_(model: nn.Module, state: dict[str, Tensor], metadata: dic
         if tuple(have) != shape:
             raise LmstackError(f"{name}: the checkpoint's quantized module is {list(shape)}, the model's "
                                f"{list(have)}")
-        if spec.get("embedding"):
-            new: nn.Module = QuantEmbedding(_empty(spec), getattr(torch, spec["dtype"].removeprefix("torch.")))
-        else:
+        with torch.device("meta"):  # placeholders: load_state_dict(assign=True) adopts the checkpoint's tensors
             new = _empty(spec)
+        if spec.get("embedding"):  # its dtype probe is not in the state: made on the CPU
+            new = QuantEmbedding(new, getattr(torch, spec["dtype"].removeprefix("torch.")))
         setattr(parent, attr, new)
     _check_tensors(model, state)
     model.load_state_dict(state, strict=True, assign=True)  # adopt the tensors (mmapped ones stay mmapped)
