@@ -57,6 +57,49 @@ def generation_config(max_new_tokens: int = 128, temperature: float = 0.0, top_k
     return cfg
 
 
+# The repetition guard of `generate` and `chat` when neither the user nor the model's files set these fields
+# (measured in bench/chat_repetition.py). A penalty, not no_repeat_ngram_size: that rule also forbids copying
+# any n-gram of the prompt (a quoted name, code being edited), which chat needs.
+REPETITION_GUARD: dict[str, Any] = {"repetition_penalty": 1.1}
+# GGUF keys llama.cpp reads as the model's sampling defaults -> GenerationConfig fields
+_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                  "general.sampling.top_p": "top_p", "general.sampling.penalty_repeat": "repetition_penalty"}
+_HF_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def recommended_sampling(source: str) -> dict[str, Any]:
+    """The sampling settings a model's own files recommend, as GenerationConfig fields: `general.sampling.*` in a
+    GGUF file (llama.cpp) or generation_config.json in a model folder (transformers: temperature / top_k / top_p
+    count only with do_sample true, since transformers decodes greedily otherwise). {} when they carry none
+    (SmolLM2-135M-Instruct's GGUF carries none)."""
+    import json
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lmstack.checkpoints.gguf import read_gguf
+
+        meta = read_gguf(path).metadata
+        return {field: meta[key] for key, field in _GGUF_SAMPLING.items() if key in meta}
+    config = path / "generation_config.json"
+    if not config.is_file():
+        return {}
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmstackError(f"{config}: not readable JSON ({e})") from None
+    sampled = bool(values.get("do_sample"))
+    return {k: values[k] for k in _HF_SAMPLING
+            if values.get(k) is not None and (sampled or k in ("repetition_penalty", "no_repeat_ngram_size"))}
+
+
+def sampling_defaults(source: str, given: dict[str, Any]) -> dict[str, Any]:
+    """GenerationConfig fields for a `generate` / `chat` run: what the user set (`given`, the options they passed),
+    else what the model's files recommend, else the repetition guard. Parity tests pass every field explicitly,
+    so they never see these defaults."""
+    return {**REPETITION_GUARD, **recommended_sampling(source), **given}
+
+
 def load_generator(model: str | None, dtype: DType = "float32", compile: bool = False,
                    adapter: str | None = None) -> tuple["Generator", "LoadedModel", float]:
     """Load `model` (registry name or path), with `adapter` applied unmerged when given, and wrap it in a
