@@ -108,7 +108,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
             k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid", stream: bool = True,
             evidence: int = 3, quote: bool = True, max_sentences: int = 2,
-            short: Literal["model", "span", "off"] = "model",
+            short: Literal["model", "span", "off"] = "span",
             max_new_tokens: int = 64,
             temperature: float = 0.0, repetition_penalty: float = 1.1, seed: int | None = None,
             min_score: float = 0.48, bm25_weight: float = 1.0, vector_weight: float = 1.0,
@@ -116,11 +116,12 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             until: str | None = None, date_field: Literal["ingested", "mtime"] = "ingested",
             embedding_model: str | None = None, dtype: Literal["float32", "bfloat16"] = "bfloat16",
             on_text: Callable[[str], None] | None = None, output: TextIO | None = None) -> dict[str, Any]:
-    """Answer a question from the indexed documents in one or two sentences citing them as [n]; "I don't know"
-    when they do not help.
+    """Answer a question from the indexed documents in a few words (or, with short off, one or two sentences)
+    citing them as [n]; "I don't know" when they do not help.
 
-    The model sees the `evidence` retrieved sentences most similar to the question; each sentence it writes
-    must be supported by a retrieved chunk (word overlap), which it then cites. Returns {question, answer,
+    The answer comes from the retrieved statement that best matches the question, and cites its chunk (see
+    rag/answer.py); with short off, each sentence the model writes must be supported by a retrieved chunk
+    (word overlap), which it then cites. Returns {question, answer,
     citations: [{n, source, location, score, similarity}], retrieved: [chunks with scores], evidence, refused,
     reason, citations_by}.
 
