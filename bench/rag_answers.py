@@ -188,7 +188,7 @@ def main() -> None:
     rows = json.loads(ROWS.read_text()) if ROWS.exists() else {}
     rows[args.label] = row
     ROWS.write_text(json.dumps(rows, indent=1) + "\n")
-    body = table(rows) + ("\n\nTimes were taken while other jobs shared the 2 cores (load average 5-8): "
+    body = table(rows) + ("\n\nTimes were taken while other jobs shared the 2 cores (load average 5-12): "
                           "contended, to be rerun alone.")
     print(body)
     record(TITLE, body, "python bench/rag_answers.py --label LABEL --split test --set KEY=VALUE ... --latency 3")

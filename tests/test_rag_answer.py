@@ -62,7 +62,7 @@ def test_rag_ask_json_contract_with_smollm2(notes_index) -> None:
     assert all({"text", "path", "location", "score", "similarity"} <= set(r) for r in out["retrieved"])
     assert [r["score"] for r in out["retrieved"]] == sorted((r["score"] for r in out["retrieved"]), reverse=True)
     assert any("4 byte" in r["text"] for r in out["retrieved"][:3])  # the gold chunk is retrieved high
-    assert out["citations"] and out["citations_by"] in ("pipeline", "quote"), out["answer"]
+    assert out["citations"] and out["citations_by"] in ("span", "model", "pipeline", "quote"), out["answer"]
     assert "4" in out["answer"] and len(out["answer"]) < 300 and not repeated_ngram(out["answer"])
     assert grounded_share(out["answer"], [r["text"] for r in out["retrieved"]]) == 1.0  # every sentence supported
     assert out["evidence"] and {"n", "text", "score"} <= set(out["evidence"][0])
@@ -187,3 +187,51 @@ def test_repetition_is_a_repeated_8_gram() -> None:
     assert repeated_ngram(loop * 2) and not repeated_ngram(loop)
     assert not repeated_ngram("one two three four five six seven eight one two three four five six seven nine")
     assert repeated_ngram("One two three four five six seven eight [1]. one two three four five six seven eight")
+
+
+def test_headings_are_not_evidence() -> None:
+    from lmstack.rag.answer import evidence_candidates, is_heading
+
+    assert is_heading("Steps in a Transformer Decoder", None) and is_heading("Types of attention:", None)
+    assert is_heading("**Fine tuning**", "Fine tuning")  # the chunk's own heading
+    assert not is_heading("Beam Search: Keep track of multiple probable sequences.", None)
+    hit = _hit("Decoder only – Autoregressive models\nThey predict the next token from the previous ones.")
+    assert [s for _, s in evidence_candidates([hit])] == ["They predict the next token from the previous ones."]
+
+
+def test_short_span_is_what_the_question_does_not_restate() -> None:
+    from lmstack.rag.answer import short_span
+
+    q = "Which two models are given as well known examples of decoder-based autoregressive models?"
+    assert short_span(q, "Well known examples of decoder-based autoregressive models are GPT and BLOOM") == \
+        "GPT and BLOOM"
+    # the asked noun right after the answer stays with it; "refers to" introduces the answer
+    assert short_span("How many bytes does one 32-bit float parameter take?",
+                      "1 parameter = 4 bytes (32-bit float)") == "4 bytes"
+    assert short_span("What is a soft prompt?", "A soft prompt refers to a set of trainable tokens.") == \
+        "set of trainable tokens"
+    assert short_span("What is LoRA?", "LoRA") == "LoRA"  # nothing new: the statement itself
+
+
+def test_short_answer_keeps_only_a_phrase_grounded_word_for_word() -> None:
+    from lmstack.rag.answer import Evidence, answer_config, short_answer
+
+    class Fake:  # the model's reply is fixed: what matters is what the pipeline keeps of it
+        def __init__(self, reply: str) -> None:
+            self.reply = reply
+
+        def chat_prompt(self, messages):
+            return [1, 2, 3]
+
+        def generate(self, ids, cfg):
+            assert cfg.max_new_tokens <= 24 and cfg.no_repeat_ngram_size == 0  # it must copy the evidence
+            return type("R", (), {"text": self.reply})()
+
+    q = "Which two models are given as well known examples of decoder-based autoregressive models?"
+    best = Evidence(2, "Well known examples of decoder-based autoregressive models are GPT and BLOOM", 0.8)
+    cfg = answer_config()
+    assert short_answer(q, best, Fake("GPT and BLOOM are the examples."), cfg) == ("GPT and BLOOM", "model")
+    # one invented word: the model's phrase is dropped for the statement's span
+    assert short_answer(q, best, Fake("Grapher and BLOOM"), cfg) == ("GPT and BLOOM", "span")
+    assert short_answer(q, best, Fake("I don't know."), cfg) == (None, "model")
+    assert short_answer(q, best, None, cfg) == ("GPT and BLOOM", "span")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 from lmstack.checkpoints.registry import DEFAULT_MODEL
 from lmstack.errors import LmstackError
 from lmstack.generation.sampling import GenerationConfig, SamplingOptions, sampling_config
+from lmstack.runconfig import given
 from lmstack.io import check_utf8
 
 if TYPE_CHECKING:
@@ -50,6 +51,49 @@ class GenerateOutput:
 def generation_config(**values: Any) -> GenerationConfig:
     """A validated GenerationConfig from keyword values (a LmstackError names a bad value) before any model loads."""
     return sampling_config(SamplingOptions(**values))
+
+
+# The repetition guard of `generate` and `chat` when neither the user nor the model's files set these fields
+# (measured in bench/chat_repetition.py). A penalty, not no_repeat_ngram_size: that rule also forbids copying
+# any n-gram of the prompt (a quoted name, code being edited), which chat needs.
+REPETITION_GUARD: dict[str, Any] = {"repetition_penalty": 1.1}
+# GGUF keys llama.cpp reads as the model's sampling defaults -> GenerationConfig fields
+_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                  "general.sampling.top_p": "top_p", "general.sampling.penalty_repeat": "repetition_penalty"}
+_HF_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def recommended_sampling(source: str) -> dict[str, Any]:
+    """The sampling settings a model's own files recommend, as GenerationConfig fields: `general.sampling.*` in a
+    GGUF file (llama.cpp) or generation_config.json in a model folder (transformers: temperature / top_k / top_p
+    count only with do_sample true, since transformers decodes greedily otherwise). {} when they carry none
+    (SmolLM2-135M-Instruct's GGUF carries none)."""
+    import json
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lmstack.checkpoints.gguf import read_gguf
+
+        meta = read_gguf(path).metadata
+        return {field: meta[key] for key, field in _GGUF_SAMPLING.items() if key in meta}
+    config = path / "generation_config.json"
+    if not config.is_file():
+        return {}
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmstackError(f"{config}: not readable JSON ({e})") from None
+    sampled = bool(values.get("do_sample"))
+    return {k: values[k] for k in _HF_SAMPLING
+            if values.get(k) is not None and (sampled or k in ("repetition_penalty", "no_repeat_ngram_size"))}
+
+
+def sampling_defaults(source: str, given: dict[str, Any]) -> dict[str, Any]:
+    """GenerationConfig fields for a `generate` / `chat` run: what the user set (`given`, the options they passed),
+    else what the model's files recommend, else the repetition guard. Parity tests pass every field explicitly,
+    so they never see these defaults."""
+    return {**REPETITION_GUARD, **recommended_sampling(source), **given}
 
 
 def load_generator(model: str | None, dtype: DType = "auto", compile: bool = False,
@@ -92,17 +136,19 @@ def generate(*, prompt: str, model: str | None = None, chat: bool = False, syste
             (default smollm2-135m-instruct; with --adapter, the adapter's base model).
         chat: Wrap the prompt in the model's chat template as one user turn.
         system: A system message for --chat.
-        sampling: The sampling options (max_new_tokens 128 and greedy decoding unless given).
+        sampling: The sampling options; unset ones come from the model's files (GGUF general.sampling.*,
+            generation_config.json), else greedy decoding, 128 tokens and a repetition penalty of 1.1.
         dtype: Compute dtype of the weights: auto (bfloat16 where the CPU has native bf16 or on a GPU, else
             float32), float32 or bfloat16.
         compile: torch.compile the decode step (slow first call, faster after).
         adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
         on_text: Called with each new piece of text as it is decoded.
     """
-    cfg = sampling_config(sampling)
+    sampling_config(sampling)  # a bad value fails before the model loads
     if system is not None and not chat:
         raise LmstackError("--system needs --chat (a plain prompt has no system message)")
     generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
+    cfg = sampling_config(None, **sampling_defaults(loaded.source, given(sampling)))
     source: str | list[int] = prompt
     if chat:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
@@ -170,8 +216,8 @@ def chat(*, model: str | None = None, system: str | None = None, sampling: Sampl
         model: A registry name (see `lmstack models list`), a GGUF file, an HF folder or a native folder
             (default smollm2-135m-instruct; with --adapter, the adapter's base model).
         system: The system message that starts each conversation.
-        sampling: The sampling options (max_new_tokens 256 per reply and greedy decoding unless given; with
-            beams, replies appear whole).
+        sampling: The sampling options; unset ones come from the model's files, else greedy decoding, 256 tokens
+            per reply and a repetition penalty of 1.1 (with beams, replies appear whole).
         dtype: Compute dtype of the weights: auto (bfloat16 where the CPU has native bf16 or on a GPU, else
             float32), float32 or bfloat16.
         compile: torch.compile the decode step (slow first call, faster after).
@@ -183,8 +229,9 @@ def chat(*, model: str | None = None, system: str | None = None, sampling: Sampl
     input, output, notices = input or sys.stdin, output or sys.stdout, notices or sys.stderr
     if hasattr(input, "reconfigure"):  # a line that is not UTF-8 fails its turn, not the whole chat
         input.reconfigure(errors="surrogateescape")
-    cfg = sampling_config(sampling, max_new_tokens=256)
+    sampling_config(sampling, max_new_tokens=256)  # a bad value fails before the model loads
     generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
+    cfg = sampling_config(None, **sampling_defaults(loaded.source, {"max_new_tokens": 256, **given(sampling)}))
     context = getattr(loaded.model, "config", loaded.config).max_seq_len  # prompt tuning takes N positions
     session = ChatSession(generator, cfg, context=context, system=system)
     interactive = input.isatty()

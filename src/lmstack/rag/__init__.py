@@ -120,18 +120,21 @@ def rag_search(query: str, *, index: str, backend: Literal["sqlite", "milvus"] |
 def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] | None = None,
             model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
             k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid", stream: bool = True,
-            evidence: int = 3, quote: bool = True, max_sentences: int = 2, max_new_tokens: int = 64,
+            evidence: int = 3, quote: bool = True, max_sentences: int = 2,
+            short: Literal["model", "span", "off"] = "span",
+            max_new_tokens: int = 64,
             temperature: float = 0.0, repetition_penalty: float = 1.1, seed: int | None = None,
             min_score: float = 0.48, bm25_weight: float = 1.0, vector_weight: float = 1.0,
             source: str | None = None, path_prefix: str | None = None, since: str | None = None,
             until: str | None = None, date_field: Literal["ingested", "mtime"] = "ingested",
             embedding_model: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto",
             on_text: Callable[[str], None] | None = None, output: TextIO | None = None) -> dict[str, Any]:
-    """Answer a question from the indexed documents in one or two sentences citing them as [n]; "I don't know"
-    when they do not help.
+    """Answer a question from the indexed documents in a few words (or, with short off, one or two sentences)
+    citing them as [n]; "I don't know" when they do not help.
 
-    The model sees the `evidence` retrieved sentences most similar to the question; each sentence it writes
-    must be supported by a retrieved chunk (word overlap), which it then cites. Returns {question, answer,
+    The answer comes from the retrieved statement that best matches the question, and cites its chunk (see
+    rag/answer.py); with short off, each sentence the model writes must be supported by a retrieved chunk
+    (word overlap), which it then cites. Returns {question, answer,
     citations: [{n, source, location, score, similarity}], retrieved: [chunks with scores], evidence, refused,
     reason, citations_by}.
 
@@ -148,6 +151,9 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         evidence: How many of the retrieved sentences the model sees; 0 shows it the whole chunks.
         quote: Drop answer sentences the sources do not support; quote the best evidence when none is left.
         max_sentences: Stop the answer after this many sentences.
+        short: Answer in a few words from the best evidence statement: model = the model's phrase when every
+            content word of it is in that statement, else the span; span = the statement's words that the
+            question does not restate (no model is loaded); off = one or two checked sentences.
         max_new_tokens: The most tokens the model writes.
         temperature: Sampling temperature; 0 means greedy decoding.
         repetition_penalty: Penalty on tokens already in the prompt or answer (1 = none).
@@ -175,7 +181,8 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         from lmstack.errors import LmstackError
         raise LmstackError(f"evidence must be >= 0 and max_sentences >= 1 (got {evidence}, {max_sentences})")
     cfg = answer_config(max_new_tokens, temperature, repetition_penalty, seed)
-    options = AnswerOptions(min_score=min_score, evidence=evidence, quote=quote, max_sentences=max_sentences)
+    options = AnswerOptions(min_score=min_score, evidence=evidence, quote=quote, max_sentences=max_sentences,
+                            short=short)
     filters = _filters(source, path_prefix, since, until, date_field)
     store, embedder = _open_for_query(index, backend, embedding_model)
     with store:
