@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
 
 from lmstack.checkpoints import DEFAULT_MODEL, load_model  # noqa: E402
-from lmstack.compression.quantize import HELD_OUT_CHARS, held_out_perplexity, load_quantized  # noqa: E402
+from lmstack.compression.quantize import HELD_OUT_CHARS, held_out_perplexity  # noqa: E402
 from lmstack.quant.qat import convert_qat_, prepare_qat_  # noqa: E402
 from lmstack.runconfig import data_root  # noqa: E402
 from lmstack.training.finetune import finetune  # noqa: E402
@@ -119,7 +119,7 @@ def main() -> None:
             out = Path(tmp) / f"qat-{scheme}"
             t0 = time.perf_counter()
             finetune(out=str(out), qat=scheme, qat_embedding=args.embedding_scheme, **common)
-            add("QAT", scheme, load_quantized(out)[0], time.perf_counter() - t0)
+            add("QAT", scheme, load_model(str(out), dtype="bfloat16").model, time.perf_counter() - t0)
 
     tokens = args.steps * args.batch_size * args.seq_len
     body = (f"Held-out perplexity on the last {args.eval_chars:,} characters of tinyshakespeare ({args.window}-token "

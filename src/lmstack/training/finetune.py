@@ -312,12 +312,11 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
     info = {"base_model": str(run["model"]), "steps": result.step, "val_loss": result.best_val_loss,
             "data": summary}
     if qat_scheme is not None:
-        from lmstack.compression.quantize import save_quantized
         from lmstack.quant.qat import convert_qat_
         convert_qat_(net, fuse=True)  # q|k|v and gate|up as one matmul each, as `lmstack quantize` writes them
         info["qat"] = {"scheme": qat_scheme, "embedding_scheme": run.get("qat_embedding") or qat_scheme,
                        "fallbacks": [vars(c) for c in qat_report if c.used != c.scheme]}
-        save_quantized(net, loaded.tokenizer or tokenizer, out_dir, {"finetune": info, "scheme": qat_scheme})
+        save_native(net, loaded.tokenizer or tokenizer, out_dir, metadata={"finetune": info, "scheme": qat_scheme})
         atomic_write_json(out_dir / "adapter.json", {"format": ADAPTER_FORMAT, "base_model": str(run["model"]),
                                                      "peft": dataclasses.asdict(spec), **info})
         weights_file = out_dir / "model.safetensors"
