@@ -79,7 +79,11 @@ def run_lmstack(args: argparse.Namespace) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS so far (read before the quality part, which holds logits for whole windows)."""
+    """This process's own peak RSS: VmHWM of its memory map. getrusage's ru_maxrss is not: Linux carries the
+    forking parent's high-water mark across exec, so every child reported the parent's figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
