@@ -38,7 +38,7 @@ from lmstack.errors import LmstackError
 from lmstack.models.blocks import MLP, Block, TiedHead
 from lmstack.quant.int4 import GROUP_SIZES, Int4Linear, int4_fits, quantize_int4
 from lmstack.quant.int8 import quantize_int8_rows
-from lmstack.quant.quantize import LayerChoice, QuantEmbedding, fuse_projections_, quantized_linear
+from lmstack.quant.quantize import LayerChoice, QuantEmbedding, _parent, fuse_projections_, quantized_linear
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,6 @@ class FakeQuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qat={self.fmt.name}"
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
 def prepare_qat_(model: nn.Module, scheme: str, *, embedding_scheme: str | None = None,
