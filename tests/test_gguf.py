@@ -379,6 +379,34 @@ def test_keep_packed_int4_equals_the_dequantized_weights(tmp_path: Path, qtype: 
         load_model(str(path), quant="pack")
 
 
+def test_auto_keeps_q4_packed_where_bf16_runs_and_inference_fuses_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """quant="auto" with dtype "auto": a Q4 GGUF stays int4 (with a float head) on a CPU with native bf16, and
+    dequantizes elsewhere or for an explicit dtype; inference=True fuses the int4 q|k|v and gate|up as they are."""
+    import lmstack.checkpoints.load as load
+    from lmstack.quant.int4 import Int4Linear
+    from lmstack.quant.packed import PackedLinear, packing_available
+    base = tiny_model("tiny-llama")
+    model = Decoder(from_name("tiny-llama", vocab_size=base.config.vocab_size, bos_token_id=1,
+                              eos_token_id=2)).eval()
+    path = write_gguf(tmp_path / "q41.gguf", model, Q.Q4_1)
+    monkeypatch.setattr(load, "auto_dtype", lambda device="cpu": torch.bfloat16)
+    kept = load_model(str(path))
+    assert kept.dtype == "bfloat16" and kept.weights == "int4-g32 + bfloat16"
+    assert isinstance(kept.model.layers[0].attn.q_proj, Int4Linear)
+    assert type(kept.model.tok_emb) is torch.nn.Embedding  # keep-float: the table as the file has it
+    fast = load_model(str(path), inference=True).model
+    assert fast.layers[0].attn.q_proj is None and isinstance(fast.layers[0].attn.qkv_proj, Int4Linear)
+    assert isinstance(fast.layers[0].mlp.gate_up_proj, Int4Linear)
+    assert isinstance(fast.lm_head, PackedLinear) or not packing_available()  # the float head, packed
+    torch.testing.assert_close(logits(fast, IDS), logits(kept.model, IDS), rtol=0.02, atol=0.02)
+    assert fast.num_params() == kept.model.num_params() == model.num_params()
+    explicit = load_model(str(path), dtype="float32")
+    assert explicit.weights == "float32" and not any(isinstance(m, Int4Linear) for m in explicit.model.modules())
+    monkeypatch.setattr(load, "auto_dtype", lambda device="cpu": torch.float32)
+    assert load_model(str(path)).weights == "float32"  # no native bf16: the float model
+
+
 def test_convert_keep_writes_a_packed_native_checkpoint(tmp_path: Path) -> None:
     """`lmstack convert --quant keep`: the kept GGUF as a native checkpoint, which loads to the same model."""
     from cli_helpers import run_cli

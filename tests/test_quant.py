@@ -293,6 +293,20 @@ def test_unsupported_shape_falls_back_and_says_so(caplog: pytest.LogCaptureFixtu
         quantize_(tiny_llama(), "int3")
 
 
+@pytest.mark.parametrize("rows", [(64, 128, 64), (48, 16, 32)], ids=["blocks-of-64", "tails"])
+def test_int4_concat_equals_its_parts(rows: tuple[int, ...]) -> None:
+    """Fusing int4 layers (a kept GGUF's q|k|v): whole blocks of 64 rows are concatenated as bytes, other
+    shapes are unpacked and packed again; either way the codes and outputs are the parts'."""
+    torch.manual_seed(0)
+    layers = [Int4Linear.from_float(nn.Linear(64, n, bias=True)) for n in rows]
+    fused = Int4Linear.concat(layers)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(fused.codes(), torch.cat([m.codes() for m in layers]))
+    torch.testing.assert_close(fused(x), torch.cat([m(x) for m in layers], dim=-1), rtol=0, atol=0)
+    with pytest.raises(LmstackError, match="same in_features"):
+        Int4Linear.concat([layers[0], Int4Linear.from_float(nn.Linear(128, 16))])
+
+
 def test_fused_projections_give_the_same_logits() -> None:
     model = tiny_llama()
     x = torch.randint(0, 256, (2, 12))

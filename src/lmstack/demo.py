@@ -16,6 +16,7 @@ from lmstack.errors import LmstackError
 from lmstack.generation import GenerationResult
 from lmstack.checkpoints.registry import DEFAULT_MODEL
 from lmstack.generation.chat import ChatSession, generation_config, load_generator, run_generation
+from lmstack.models.blocks import count_weights
 
 
 def _rule(title: str) -> None:
@@ -36,11 +37,11 @@ def _stream(piece: str) -> None:
 def tour(model: str, max_new_tokens: int) -> None:
     print(f"Loading {model} ...", flush=True)
     generator, loaded, load_s = load_generator(model)
-    n_params = sum(p.numel() for p in loaded.model.parameters())
-    dtype = str(loaded.dtype).removeprefix("torch.")
+    n_params = count_weights(loaded.model)
     print(f"loaded in {load_s:.1f} s: {loaded.config.n_layer} layers, {n_params / 1e6:.0f}M parameters, "
-          f"{torch.get_num_threads()} CPU threads, dtype {dtype} (--dtype auto: bfloat16 where the CPU has native "
-          "bf16, else float32)", flush=True)
+          f"{torch.get_num_threads()} CPU threads, dtype {loaded.dtype}, weights {loaded.weights} (--dtype auto: "
+          "bfloat16 where the CPU has native bf16, else float32; a GGUF's Q4 weights stay packed in bf16)",
+          flush=True)
 
     def run(title: str, prompt: str | list[int], shown: str, **sampling: object) -> None:
         _rule(title)

@@ -23,7 +23,7 @@ class Embedder:
     def __init__(self, name: str, batch_size: int = 32, dtype: str = "float32") -> None:
         from lmstack.checkpoints import load_model
 
-        loaded = load_model(name, dtype=dtype)
+        loaded = load_model(name, dtype=dtype, inference=True)
         if getattr(loaded.config, "family", None) != "encoder" or loaded.tokenizer is None:
             raise LmstackError(f"{name}: not a sentence encoder (need an encoder model with a tokenizer, "
                                "e.g. minilm-l6)")

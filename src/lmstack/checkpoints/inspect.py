@@ -21,10 +21,8 @@ def model_summary(loaded: "LoadedModel") -> dict[str, Any]:
     from lmstack.config import config_to_dict
 
     cfg = loaded.config
-    from lmstack.quant.quantize import QUANTIZED
-    n_params = sum(p.numel() for p in loaded.model.parameters())
-    # quantized layers hold their weights in buffers: count the weights they stand for
-    n_params += sum(m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, QUANTIZED))
+    from lmstack.models.blocks import count_weights
+    n_params = count_weights(loaded.model)  # quantized layers hold theirs in buffers: counted too
     out = {"source": loaded.source, "family": cfg.family, "config": config_to_dict(cfg), "parameters": n_params,
            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "")}
     out.update({k: v for k, v in loaded.metadata.items() if k != "quantization"})  # storage says it shortly

@@ -37,7 +37,7 @@ class EvalModel:
 def load_eval_model(name: str, adapter: str | None = None, dtype: str = "float32") -> EvalModel:
     """A model by registry name or path, with an optional PEFT adapter folder applied."""
     from lmstack.checkpoints import load_model
-    loaded = load_model(name, adapter=adapter or None, dtype=dtype)
+    loaded = load_model(name, adapter=adapter or None, dtype=dtype, inference=True)
     model, label = loaded.model, name
     if adapter:
         label = f"{name}+{Path(adapter).name}"

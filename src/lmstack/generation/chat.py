@@ -43,6 +43,7 @@ class GenerateOutput:
     decode_tokens_per_s: float
     finish_reason: str
     dtype: str  # the compute dtype the model ran in (what --dtype auto chose)
+    weights: str  # how the weights are stored (e.g. "int4-g32 + bfloat16": a GGUF's Q4 weights kept packed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +104,9 @@ def load_generator(model: str | None, dtype: DType = "auto", compile: bool = Fal
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
     start = time.perf_counter()
-    loaded = load_model(model or (None if adapter else DEFAULT_MODEL), adapter=adapter, dtype=dtype)
+    # oneDNN-packed weights are opaque to torch.compile: a compiled step keeps plain ones
+    loaded = load_model(model or (None if adapter else DEFAULT_MODEL), adapter=adapter, dtype=dtype,
+                        inference=not compile)
     if loaded.tokenizer is None:  # the verbs take text: name the folder and the missing file
         raise LmstackError(f"{loaded.source}: no tokenizer.json beside the weights, so text cannot be encoded; "
                            "copy the tokenizer.json of the model it was trained from into the folder")
@@ -157,7 +160,7 @@ def generate(*, prompt: str, model: str | None = None, chat: bool = False, syste
     return GenerateOutput(text=result.text, prompt_tokens=result.prompt_tokens, new_tokens=result.new_tokens,
                           load_s=round(load_s, 3), prefill_tokens_per_s=round(result.prefill_tokens_per_s, 1),
                           decode_tokens_per_s=round(result.decode_tokens_per_s, 1),
-                          finish_reason=result.finish_reason, dtype=str(loaded.dtype).removeprefix("torch."))
+                          finish_reason=result.finish_reason, dtype=loaded.dtype, weights=loaded.weights)
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -245,7 +248,7 @@ def chat(*, model: str | None = None, system: str | None = None, sampling: Sampl
         output.flush()
 
     if interactive:
-        say(f"loaded {loaded.source} ({str(loaded.dtype).removeprefix('torch.')}) in {load_s:.1f} s; {CHAT_HELP}\n")
+        say(f"loaded {loaded.source} ({loaded.weights}) in {load_s:.1f} s; {CHAT_HELP}\n")
     failures, number = 0, 0
     while True:
         if interactive:

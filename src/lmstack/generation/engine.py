@@ -83,7 +83,8 @@ class DecodeEngine:
 
     def reserve(self, rows: int, slots: int) -> None:
         """Make the pool [rows, slots]; an existing pool of that size (and its compiled graph) is kept."""
-        if self.model.cache_shape() != (rows, slots, self.model.dtype):
+        shape = self.model.cache_shape()
+        if shape is None or shape[:2] != (rows, slots):
             self.model.setup_cache(rows, slots)
             self._view = None
 

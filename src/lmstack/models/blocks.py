@@ -15,6 +15,21 @@ from torch import Tensor, nn
 
 from lmstack.models.attention import Attention, KVCache, apply_rope  # noqa: F401  (the blocks' one attention)
 
+# ------------------------------------------------------------------------------------------- counting
+
+
+def count_weights(module: nn.Module) -> int:
+    """The weights `module` represents, however they are stored: its parameters, plus in x out for every
+    packed or quantized linear whose weight is not a Parameter (int4/int8/NF4 buffers, a oneDNN-packed tensor).
+    A packed copy of a tied embedding table (`tied`) counts once, under the table."""
+    n = sum(p.numel() for p in module.parameters())
+    for m in module.modules():
+        if (hasattr(m, "in_features") and hasattr(m, "out_features") and m._parameters.get("weight") is None
+                and not getattr(m, "tied", False)):
+            n += m.in_features * m.out_features
+    return n
+
+
 # --------------------------------------------------------------------------------------------- norms
 
 
@@ -27,6 +42,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype:  # the fused kernel reduces in float32 already: same result, fewer ops
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -85,10 +102,12 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, T, C]
         if self.gate_up_proj is not None:
             gate, h = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, T, F] each
-            return self.dropout(self.down_proj(self.act(gate) * h))
-        h = self.up_proj(x)
-        h = self.act(self.gate_proj(x)) * h if self.gate_proj is not None else self.act(h)
-        return self.dropout(self.down_proj(h))
+            h = self.act(gate) * h
+        else:
+            h = self.up_proj(x)
+            h = self.act(self.gate_proj(x)) * h if self.gate_proj is not None else self.act(h)
+        y = self.down_proj(h)
+        return self.dropout(y) if self.training else y  # eval: skip the module call (a decode step has 60)
 
 
 def make_mlp(d_model: int, d_ff: int, activation: str, gated: bool, bias: bool, dropout: float = 0.0) -> MLP:
@@ -140,6 +159,10 @@ class TiedHead(nn.Module):
 # -------------------------------------------------------------------------------------------- block
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 class Block(nn.Module):
     """One transformer layer: self-attention, optional cross-attention, MLP; pre-norm or post-norm.
 
@@ -158,9 +181,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _residual(self, x: Tensor, norm: nn.Module, fn) -> Tensor:
+        drop = self.dropout if self.training else _identity
         if self.norm_first:
-            return x + self.dropout(fn(norm(x)))
-        return norm(x + self.dropout(fn(x)))
+            return x + drop(fn(norm(x)))
+        return norm(x + drop(fn(x)))
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None,
                 is_causal: bool = False, input_pos: Tensor | None = None, memory: Tensor | None = None,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lmstack.config import EncoderConfig
 from lmstack.errors import LmstackError
-from lmstack.models.blocks import ACTIVATIONS, Block, make_attention, make_mlp
+from lmstack.models.blocks import ACTIVATIONS, Block, count_weights, make_attention, make_mlp
 
 if TYPE_CHECKING:
     from lmstack.tokenizer import Tokenizer
@@ -115,9 +115,10 @@ class Encoder(nn.Module):
         return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        """Weights however stored (quantized and packed ones too: models.blocks.count_weights)."""
+        n = count_weights(self)
         if exclude_embeddings:
-            n -= sum(e.weight.numel() for e in (self.tok_emb, self.pos_emb, self.type_emb) if e is not None)
+            n -= sum(count_weights(e) for e in (self.tok_emb, self.pos_emb, self.type_emb) if e is not None)
         return n
 
 

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from lmstack.config import Seq2SeqConfig
 from lmstack.errors import LmstackError
 from lmstack.models.attention import Attention, KVCache
-from lmstack.models.blocks import Block, TiedHead, make_attention, make_mlp, make_norm, sinusoidal_table
+from lmstack.models.blocks import (Block, TiedHead, count_weights, make_attention, make_mlp, make_norm,
+                                   sinusoidal_table)
 
 # ------------------------------------------------------------------------------ relative position bias
 
@@ -268,7 +269,8 @@ class Seq2Seq(nn.Module):
         return self.decode(tgt, self.encode(src, src_mask), src_mask)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        """Weights however stored (quantized and packed ones too: models.blocks.count_weights)."""
+        n = count_weights(self)
         if exclude_embeddings:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+            n -= sum(count_weights(e) for e in (self.tok_emb, self.pos_emb) if e is not None)
         return n

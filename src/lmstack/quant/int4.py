@@ -183,6 +183,28 @@ class Int4Linear(nn.Module):
         codes, scales, zeros = quantize_int4(linear.weight, group_size)
         return cls.from_codes(codes, scales, zeros, group_size, linear.bias)
 
+    @classmethod
+    def concat(cls, layers: list[Int4Linear]) -> Int4Linear:
+        """One layer computing [y_1 | y_2 | ...] (fused q|k|v, gate|up): the codes and scales as they are.
+
+        Rows are packed in independent blocks of 64, so where every part has a multiple of 64 rows the packed
+        bytes simply follow each other; otherwise the codes are unpacked and packed again."""
+        first = layers[0]
+        if any(m.in_features != first.in_features or m.group_size != first.group_size for m in layers):
+            raise LmstackError("Int4Linear.concat needs the same in_features and group size in every part")
+        if len({m.bias is None for m in layers}) > 1:
+            raise LmstackError("Int4Linear.concat: some parts have a bias and some do not")
+        N, K = sum(m.out_features for m in layers), first.in_features
+        fused = cls(K, N, first.group_size, bias=first.bias is not None, device=first.packed.device)
+        if all(m.out_features % _BLOCK_N == 0 for m in layers) and _layout_is_known():
+            fused.packed = torch.cat([m.packed.reshape(-1) for m in layers]).view(N, K // 2)
+        else:
+            fused.packed = kernel_pack(torch.cat([m.codes() for m in layers]))
+        fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], dim=1)  # [K/G, N, 2]
+        if first.bias is not None:
+            fused.bias.data = torch.cat([m.bias.detach() for m in layers])
+        return fused
+
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # model.to(float32) must not widen the bf16 scales: the kernel reads them as bf16.
         scales_and_zeros = self.scales_and_zeros

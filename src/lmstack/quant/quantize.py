@@ -146,7 +146,9 @@ def quantize_(model: nn.Module, scheme: str, *, embedding_scheme: str | None = N
 # ------------------------------------------------------------------------------------------ fusing
 
 
-def _fuse(linears: list[nn.Module], what: str) -> nn.Linear:
+def _fuse(linears: list[nn.Module], what: str) -> nn.Module:
+    if all(type(m) is Int4Linear for m in linears):  # int4 kept packed from a GGUF: the codes as they are
+        return Int4Linear.concat(linears)
     if not all(type(m) is nn.Linear for m in linears):
         kinds = sorted({type(m).__name__ for m in linears})
         raise LmstackError(f"fuse_projections_ fuses plain Linears ({what} are {', '.join(kinds)}): fuse before "
@@ -165,7 +167,8 @@ def _fuse(linears: list[nn.Module], what: str) -> nn.Linear:
 def fuse_projections_(model: nn.Module) -> int:
     """Fuse each block's self-attention q, k, v into one `qkv_proj` and a gated MLP's gate, up into one
     `gate_up_proj` (an inference-time transform; checkpoints and LoRA keep them separate). Returns how many
-    modules were fused. Call it before quantize_, so each fused matmul is quantized as one."""
+    modules were fused. Plain Linears, or Int4Linears (a GGUF's Q4 weights, kept packed) with one group size.
+    Call it before quantize_, so each fused matmul is quantized as one."""
     n = 0
     for block in (m for m in model.modules() if isinstance(m, Block)):
         attn = block.attn  # self-attention only: cross-attention reads k, v from the encoder memory
@@ -179,6 +182,17 @@ def fuse_projections_(model: nn.Module) -> int:
             mlp.gate_proj = mlp.up_proj = None
             n += 1
     return n
+
+
+def fusable(model: nn.Module) -> bool:
+    """Whether fuse_projections_ would fuse something and can: some block still has separate plain Linears."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    linears = [p for b in blocks for p in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj) if p is not None]
+    linears += [p for b in blocks if isinstance(b.mlp, MLP) for p in (b.mlp.gate_proj, b.mlp.up_proj)
+                if p is not None]
+    return bool(linears) and (all(type(p) is nn.Linear for p in linears)
+                              or (all(type(p) is Int4Linear for p in linears)
+                                  and len({(p.in_features, p.group_size) for p in linears}) == 1))
 
 
 def is_fused(model: nn.Module) -> bool:

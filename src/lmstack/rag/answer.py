@@ -208,7 +208,7 @@ def get_generator(model: str, adapter: str | None = None, dtype: str = "float32"
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
 
-    loaded = load_model(model, adapter=adapter, dtype=dtype)
+    loaded = load_model(model, adapter=adapter, dtype=dtype, inference=True)
     net = loaded.model
     if loaded.tokenizer is None or loaded.tokenizer.chat_template is None:
         raise LmstackError(f"{model}: answering needs a chat model with a chat template")

@@ -65,7 +65,7 @@ class Engine:
         from lmstack.serving.lora import attach_adapters
         from lmstack.serving.scheduler import Scheduler
         try:
-            loaded = load_model(self.model, dtype=self.dtype)
+            loaded = load_model(self.model, dtype=self.dtype, inference=not self.adapters)  # LoRA wraps plain q/k/v
             if loaded.tokenizer is None:
                 raise LmstackError(f"{self.model} has no tokenizer; serve needs one")
             self.context = min(self.context, loaded.model.config.max_seq_len)
