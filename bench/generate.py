@@ -48,7 +48,8 @@ def run_lmstack(args: argparse.Namespace) -> dict:
     from lmstack.checkpoints import load_model
     from lmstack.generation import GenerationConfig, Generator
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, quant=args.quant)
+    # as the generate verb loads: the inference swaps (packed bf16, fused projections) unless compiling
+    loaded = load_model(args.model, dtype=args.dtype, quant=args.quant, inference=not args.compile)
     gen = Generator(loaded.model, loaded.tokenizer, compile=args.compile)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(loaded.tokenizer.encode, args.prompt_tokens)
@@ -60,11 +61,9 @@ def run_lmstack(args: argparse.Namespace) -> dict:
         prefill.append(res.prefill_tokens_per_s)
         decode.append(res.decode_tokens_per_s)
         tokens.append(res.token_ids)
-    from lmstack.quant.quantize import QUANTIZED
     result = {"load_s": load_s, "prefill": median(prefill), "decode": median(decode), "tokens": tokens[-1],
               "new_tokens": len(tokens[-1]), "torch": torch.__version__, "peak_rss_mb": peak_rss_mb(),
-              "n_params": sum(p.numel() for p in loaded.model.parameters())
-              + sum(m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, QUANTIZED))}
+              "n_params": loaded.model.num_params(), "weights": loaded.weights}
     if args.quality:
         quality = json.loads(Path(args.quality).read_text())
 
@@ -273,6 +272,8 @@ def speed_table(args: argparse.Namespace) -> None:
             ("transformers bf16", spawn(args, "transformers", "bfloat16")),
             ("lmstack fp32", spawn(args, "lmstack", "float32")),
             ("lmstack bf16", spawn(args, "lmstack", "bfloat16")),
+            ("lmstack default (--dtype auto: the GGUF's Q4 kept as int4, bf16 head)",
+             spawn(args, "lmstack", "auto", quant="auto")),
             ("lmstack bf16, native checkpoint", spawn(args, "lmstack", "bfloat16", model=str(native)))]
     if not args.no_compile_row:
         rows.append(("lmstack bf16 + compile", spawn(args, "lmstack", "bfloat16", compile=True)))
@@ -281,21 +282,22 @@ def speed_table(args: argparse.Namespace) -> None:
     same = ""
     if ref and dict(rows).get("lmstack bf16"):
         same = ("identical" if dict(rows)["lmstack bf16"]["tokens"] == ref["tokens"] else "different")
-    table = ["| engine | load s | peak RSS MB | prefill tok/s | decode tok/s | prefill × tf-bf16 | decode × tf-bf16 |",
-             "|---|---|---|---|---|---|---|"]
+    fp32 = dict(rows)["lmstack fp32"]
+    table = ["| engine | load s | peak RSS MB | prefill tok/s | decode tok/s | prefill × tf-bf16 | decode × tf-bf16 "
+             "| decode × lmstack fp32 |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         if r is None:
-            table.append(f"| {name} | not installed / failed | | | | | |")
+            table.append(f"| {name} | not installed / failed | | | | | | |")
             continue
         ratio = (lambda k: f"{r[k] / ref[k]:.2f}") if ref else (lambda k: "")
+        vs_fp32 = f"{r['decode'] / fp32['decode']:.2f}" if fp32 else ""
         table.append(f"| {name} | {r['load_s']:.2f} | {r['peak_rss_mb']:,.0f} | {r['prefill']:,.0f} | "
-                     f"{r['decode']:,.1f} | {ratio('prefill')} | {ratio('decode')} |")
+                     f"{r['decode']:,.1f} | {ratio('prefill')} | {ratio('decode')} | {vs_fp32} |")
     body = "\n".join(table) + (f"\n\n{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, "
                                f"{args.threads} threads, medians of {args.repeats} runs. Greedy tokens of lmstack bf16 "
                                f"vs transformers bf16: {same or 'n/a'}.")
     print(body)
-    record("Generation: SmolLM2-135M on CPU", body,
-           f"python bench/generate.py --threads {args.threads} --repeats {args.repeats}")
+    record("Generation: SmolLM2-135M on CPU", body, "python bench/generate.py " + " ".join(sys.argv[1:]))
 
 
 def quality_inputs(args: argparse.Namespace, path: Path) -> Path:
@@ -345,6 +347,17 @@ def same_answer(a: list[int], b: list[int], stops: set[int]) -> bool:
     return strip(a) == strip(b)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many greedy tokens two answers share before they first differ (a softer agreement than equality:
+    one bf16 rounding flip early in an answer changes everything after it)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def quant_table(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import resolve
     quality = quality_inputs(args, Path("runs/bench/quality_ids.json"))
@@ -354,6 +367,8 @@ def quant_table(args: argparse.Namespace) -> None:
     specs = [  # name, engine, dtype, model, quant
         ("lmstack fp32 (GGUF dequantized: the reference)", "lmstack", "float32", str(gguf), "dequantize"),
         ("lmstack bf16", "lmstack", "bfloat16", str(gguf), "dequantize"),
+        ("lmstack default: int4 kept from the GGUF (bf16 head), loaded from the .gguf", "lmstack", "auto",
+         str(gguf), "auto"),
         ("lmstack int4 kept from the GGUF (int4 head), loaded from the .gguf", "lmstack", "bfloat16", str(gguf),
          "keep"),
         ("lmstack int4 kept from the GGUF (int4 head), native", "lmstack", "bfloat16", str(ckpt["keep"]),
@@ -372,22 +387,23 @@ def quant_table(args: argparse.Namespace) -> None:
     n_params = ref["n_params"] if ref else None
     table = ["| engine / scheme | bytes per weight | file MB | load s | peak RSS MB | prefill tok/s | decode tok/s "
              f"| decode × llama.cpp | ppl tinyshakespeare | ppl course notes "
-             f"| same {args.chat_tokens} greedy tokens as fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| same {args.chat_tokens} greedy tokens as fp32 | tokens before the first difference (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, model, r in rows:
         if r is None:
-            table.append(f"| {name} | failed or not installed | | | | | | | | | |")
+            table.append(f"| {name} | failed or not installed | | | | | | | | | | |")
             continue
         size = file_bytes(model)
         per_weight = f"{size / n_params:.2f}" if n_params else ""
         vs = f"{r['decode'] / llama['decode']:.2f}" if llama else ""
         ppl = [f"{r['perplexity'][k]:.3f}" if "perplexity" in r else "" for k in ("tinyshakespeare", "course-notes")]
-        agree = ""
+        agree = prefix = ""
         if ref and "chat" in r:
             same = sum(same_answer(a, b, stops) for a, b in zip(r["chat"], ref["chat"]))
             agree = f"{same}/{len(ref['chat'])}"
+            prefix = f"{sum(common_prefix(a, b) for a, b in zip(r['chat'], ref['chat'])) / len(ref['chat']):.1f}"
         table.append(f"| {name} | {per_weight} | {size / 1e6:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:,.0f} | "
-                     f"{r['prefill']:,.0f} | {r['decode']:,.1f} | {vs} | {ppl[0]} | {ppl[1]} | {agree} |")
+                     f"{r['prefill']:,.0f} | {r['decode']:,.1f} | {vs} | {ppl[0]} | {ppl[1]} | {agree} | {prefix} |")
     body = "\n".join(table) + (
         f"\n\n{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {args.threads} threads, medians "
         f"of {args.repeats} runs. Bytes per weight: file bytes / {n_params or 0:,} weights (fp32 row: the GGUF file). "
@@ -397,7 +413,7 @@ def quant_table(args: argparse.Namespace) -> None:
         "(int8) / 5% of bf16 (int4).")
     print(body)
     record("Quantized generation: SmolLM2-135M on CPU, lmstack vs llama.cpp", body,
-           f"python bench/generate.py --tables quant --threads {args.threads} --repeats {args.repeats}")
+           "python bench/generate.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def test_generate_json_and_stream_agree(tiny: Path) -> None:
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     assert set(out) == {"text", "prompt_tokens", "new_tokens", "load_s", "prefill_tokens_per_s",
-                        "decode_tokens_per_s", "finish_reason", "dtype"}
+                        "decode_tokens_per_s", "finish_reason", "dtype", "weights"}
     from lmstack.checkpoints.load import auto_dtype
     assert out["dtype"] == str(auto_dtype("cpu")).removeprefix("torch.")  # --dtype auto, the default, says what it chose
     loaded = load_model(str(tiny), dtype="float32")

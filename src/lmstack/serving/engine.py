@@ -65,7 +65,9 @@ class Engine:
         from lmstack.serving.lora import attach_adapters
         from lmstack.serving.scheduler import Scheduler
         try:
-            loaded = load_model(self.model, dtype=self.dtype, inference=not self.adapters)  # LoRA wraps plain q/k/v
+            # LoRA adapters wrap plain float q/k/v: with adapters the model stays float, unfused and unpacked
+            loaded = load_model(self.model, dtype=self.dtype, quant="dequantize" if self.adapters else "auto",
+                                inference=not self.adapters)
             if loaded.tokenizer is None:
                 raise LmstackError(f"{self.model} has no tokenizer; serve needs one")
             self.context = min(self.context, loaded.model.config.max_seq_len)
