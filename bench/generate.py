@@ -263,11 +263,18 @@ def ensure_llama_cpp() -> None:
                    check=False)
 
 
+def warm_page_cache(path: Path) -> None:
+    with path.open("rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
 def speed_table(args: argparse.Namespace) -> None:
     native = Path("runs/bench/smollm2-native-bf16")  # the same weights, converted once: load time from our format
     if not (native / "lmstack.json").exists():
         from lmstack.checkpoints import convert
         convert(args.model, str(native), to="native", dtype="bfloat16")
+    warm_page_cache(native / "model.safetensors")  # as warm as the GGUF the other rows read (else: disk speed)
     rows = [("transformers fp32", spawn(args, "transformers", "float32")),
             ("transformers bf16", spawn(args, "transformers", "bfloat16")),
             ("lmstack fp32", spawn(args, "lmstack", "float32")),

@@ -403,15 +403,16 @@ _GLOBAL = {"token_embd.weight": "tok_emb.weight", "position_embd.weight": "pos_e
 KEEP_PACKED = ("Q4_0", "Q4_1")  # repacked into Int4Linear's codes as they are (quant/gguf_pack.py)
 
 
-def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False,
-                    embedding_scheme: str = "int4-g32") -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False, embedding_scheme: str = "int4-g32",
+                    dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """Rename every tensor to lmstack's keys (q/k un-permuted, gpt2 qkv split): (state, quantization metadata).
 
     Default: every tensor dequantized to fp32 (metadata None). `keep`: llama Q4_0 / Q4_1 linears stay packed
     (the int4 kernel's portable `qweight` + bf16 scales and zeros: codes untouched, q/k rows un-permuted with
     their scales and zeros), and the token embedding (with a tied head, the head too) is stored as
     `embedding_scheme` ("int4-g32", "int8", or "none" for float); the metadata is quant.state's, so the loader
-    rebuilds the quantized modules as for a native quantized checkpoint.
+    rebuilds the quantized modules as for a native quantized checkpoint. Float tensors are cast to `dtype` one
+    at a time, so a bf16 load never holds the whole model in fp32 (peak memory).
     """
     arch = gf.metadata["general.architecture"]
     layer_map = _LLAMA_LAYER if arch == "llama" else _GPT2_LAYER
@@ -427,7 +428,7 @@ def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False,
             if keep and t.name == "token_embd.weight" and embedding_scheme != "none":
                 _quantized_embedding(torch.from_numpy(w), embedding_scheme, state, modules)
             else:
-                state[_GLOBAL[t.name]] = torch.from_numpy(w)
+                state[_GLOBAL[t.name]] = torch.from_numpy(w).to(dtype)
             continue
         parts = t.name.split(".", 2)
         if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
@@ -435,7 +436,7 @@ def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False,
         prefix, suffix = f"layers.{parts[1]}.", parts[2]
         if arch == "gpt2" and suffix.startswith("attn_qkv."):  # fused [3C, C] / [3C] -> q, k, v
             for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), np.split(w, 3, axis=0)):
-                state[f"{prefix}attn.{proj}.{suffix.split('.')[1]}"] = torch.from_numpy(chunk.copy())
+                state[f"{prefix}attn.{proj}.{suffix.split('.')[1]}"] = torch.from_numpy(chunk.copy()).to(dtype)
             continue
         if suffix not in layer_map:
             raise LmstackError(f"{gf.path}: unexpected tensor {t.name!r} for architecture {arch!r}")
@@ -443,7 +444,7 @@ def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False,
             w = unpermute_qk(w, config.n_head)
         elif suffix == "attn_k.weight":
             w = unpermute_qk(w, config.n_kv_head)
-        state[prefix + layer_map[suffix]] = torch.from_numpy(np.ascontiguousarray(w))
+        state[prefix + layer_map[suffix]] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
     if not keep:
         return state, None
     from lmstack.quant.state import FORMAT
@@ -570,13 +571,13 @@ def gguf_tokenizer(gf: GGUFFile) -> Tokenizer:
 # ------------------------------------------------------------------------------------------- entry
 
 
-def load_gguf(path: Path, keep: bool = False, embedding_scheme: str = "int4-g32"
+def load_gguf(path: Path, keep: bool = False, embedding_scheme: str = "int4-g32", dtype: torch.dtype = torch.float32
               ) -> tuple[DecoderConfig, dict[str, Tensor], Tokenizer, dict[str, Any]]:
     """Config, state dict (lmstack keys), tokenizer and file metadata of a llama / gpt2 GGUF file: fp32, or with
     `keep` the Q4 linears kept packed and the metadata's "quantization" saying how (see gguf_state_dict)."""
     gf = read_gguf(path)
     config = gguf_config(gf)
-    state, quantization = gguf_state_dict(gf, config, keep, embedding_scheme)
+    state, quantization = gguf_state_dict(gf, config, keep, embedding_scheme, dtype)
     tokenizer = gguf_tokenizer(gf)
     meta = gf.metadata
     file_type = meta.get("general.file_type")

@@ -129,7 +129,7 @@ def _preset_summary(name: str) -> dict[str, Any]:
 
 
 def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype: DType = "float32",
-            quant: Literal["dequantize", "keep", "keep-int8"] = "dequantize") -> Path:
+            quant: Literal["dequantize", "keep-float", "keep", "keep-int8"] = "dequantize") -> Path:
     """Convert a checkpoint (registry name, GGUF, HF or native folder) into a native or an HF folder.
 
     Args:
@@ -137,8 +137,9 @@ def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype
         dst: The output folder (created; files in it are replaced atomically).
         to: Output format: native (lmstack safetensors + JSON) or hf (a transformers folder).
         dtype: dtype of the saved weights (quantized GGUF weights are dequantized to it unless kept).
-        quant: GGUF Q4_0 / Q4_1 weights: dequantize, or keep them packed for the int4 kernel (keep: the token
-            embedding and tied head int4-g32; keep-int8: int8). A kept native checkpoint loads in about a second.
+        quant: GGUF Q4_0 / Q4_1 weights: dequantize, or keep them packed for the int4 kernel with the token
+            embedding and tied head as bf16 (keep-float), int4-g32 (keep) or int8 (keep-int8). A kept native
+            checkpoint loads in about a second.
     """
     from lmstack.checkpoints.load import load_model
     from lmstack.checkpoints.native import save_native

@@ -25,6 +25,7 @@ from lmstack.checkpoints.registry import detect_format, resolve
 from lmstack.config import ModelConfig
 from lmstack.errors import LmstackError
 from lmstack.models import build_model
+from lmstack.models.blocks import Block
 from lmstack.tokenizer import Tokenizer
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -98,9 +99,9 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     "auto" is keep-float when `dtype` is "auto" and resolves to bfloat16 on the CPU (the int4 kernel runs bf16
     activations), and dequantize otherwise, so an explicit --dtype float32 still gives the float model. A native
     quantized checkpoint always loads packed.
-    `inference`: the model will only run forward (generate, chat, serve, eval, rag): fuse each block's q|k|v and
-    gate|up (when they are plain Linears) and keep bf16 CPU linears in oneDNN's prepacked layout
-    (lmstack.quant.packed). The outputs are the same; training such a model is not supported.
+    `inference`: the model will only run forward (generate, chat, serve, eval, rag): keep bf16 CPU linears in
+    oneDNN's prepacked layout (lmstack.quant.packed), and fuse each block's q|k|v and gate|up where they stay
+    unpacked (int4, float32). The outputs are the same; training such a model is not supported.
     """
     if quant not in QUANT_MODES and quant != "auto":
         raise LmstackError(f"unknown quant mode {quant!r}; use auto or one of {', '.join(QUANT_MODES)}")
@@ -120,7 +121,8 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     elif fmt == "gguf":
         from lmstack.checkpoints.gguf import load_gguf
         config, state, tokenizer, metadata = load_gguf(path, keep=quant != "dequantize",
-                                                       embedding_scheme=EMBEDDING_SCHEMES.get(quant, "none"))
+                                                       embedding_scheme=EMBEDDING_SCHEMES.get(quant, "none"),
+                                                       dtype=dtype if dtype.is_floating_point else torch.float32)
     else:
         from lmstack.checkpoints.hf import load_hf
         config, state, tokenizer, metadata = load_hf(path)
@@ -142,11 +144,15 @@ def _weights(metadata: dict[str, Any], dtype: torch.dtype) -> str:
 
 def _for_inference(loaded: LoadedModel, inference: bool) -> LoadedModel:
     if inference:
-        from lmstack.quant.packed import pack_linears_
+        from lmstack.quant.packed import pack_linears_, packs
         from lmstack.quant.quantize import fusable, fuse_projections_
-        if fusable(loaded.model):
-            fuse_projections_(loaded.model)
-        pack_linears_(loaded.model)
+        model = loaded.model
+        # Packed projections decode as fast fused or not (measured on SmolLM2), and fusing them would copy every
+        # q/k/v/gate/up weight once more at load: fuse only what stays unpacked (int4 kept from a GGUF, float32).
+        first_q = next((m.attn.q_proj for m in model.modules() if isinstance(m, Block)), None)
+        if fusable(model) and not packs(first_q):
+            fuse_projections_(model)
+        pack_linears_(model)
     return loaded
 
 

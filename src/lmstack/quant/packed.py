@@ -86,6 +86,11 @@ def _packable(weight: Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES
 
 
+def packs(module: nn.Module | None) -> bool:
+    """Whether pack_linears_ would pack this module (a plain bf16 CPU Linear, with oneDNN present)."""
+    return type(module) is nn.Linear and _packable(module.weight) and packing_available()
+
+
 def pack_linears_(model: nn.Module, tied_head: bool = True) -> int:
     """Swap every plain bfloat16 CPU `nn.Linear` in `model` for a `PackedLinear`; returns how many.
 
@@ -95,7 +100,7 @@ def pack_linears_(model: nn.Module, tied_head: bool = True) -> int:
     if not packing_available():
         return 0
     swaps = [(parent, name, PackedLinear.from_linear(child)) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) is nn.Linear and _packable(child.weight)]
+             for name, child in parent.named_children() if packs(child)]
     if tied_head:
         swaps += [(parent, name, PackedLinear(child.weight, None, tied=True)) for parent in model.modules()
                   for name, child in parent.named_children()
