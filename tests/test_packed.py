@@ -173,3 +173,18 @@ def test_count_weights_sees_through_quantized_and_packed_layers() -> None:
     packed = tiny_llama()
     pack_linears_(packed)
     assert packed.num_params() == float_n
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_one_token_steps_see_only_written_slots(monkeypatch: pytest.MonkeyPatch, compiling: bool) -> None:
+    """Eager CPU steps attend over the written slots only; a compiled step (static shapes) over the whole
+    cache with a slot mask. Both must equal the uncached forward (unwritten slots never take part)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    model = tiny_llama(torch.float32)
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.inference_mode():
+        full = model(ids)
+        model.setup_cache(1, 64)
+        steps = [model(ids[:, :6], input_pos=torch.arange(6))]
+        steps += [model(ids[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)

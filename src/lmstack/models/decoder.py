@@ -152,17 +152,18 @@ class Decoder(nn.Module):
         # A cached prefill (several queries at shared slots) attends over the slots written so far, not the whole
         # cache; into an empty cache that is plain causal attention, which SDPA's flash kernel does faster than a
         # masked one (SmolLM2 bf16, a 512-token prompt: SDPA 207 -> 155 ms, 38% -> 30% of the prefill).
-        # An eager one-token step does the same: attention reads only the slots written so far instead of the
-        # whole cache (a compiled step keeps the cache's static shape).
+        # An eager one-token step on the CPU does the same: attention reads only the slots written so far instead
+        # of the whole cache (a compiled step keeps the cache's static shape; on a GPU, reading the length back
+        # would synchronize every step).
         kv_len = None
-        if input_pos is not None and ((input_pos.dim() == 1 and T > 1)
-                                      or (T == 1 and not torch.compiler.is_compiling())):
+        one_token_eager = T == 1 and device.type == "cpu" and not torch.compiler.is_compiling()
+        if input_pos is not None and ((input_pos.dim() == 1 and T > 1) or one_token_eager):
             kv_len = int(input_pos.max()) + 1
         if mask is None:
             if input_pos is not None:  # cached: query at slot p sees slots <= p
                 if kv_len == T and key_padding_mask is None and int(input_pos[0]) == 0:
                     is_causal = True
-                elif T == 1 and input_pos.dim() == 1 and key_padding_mask is None:
+                elif kv_len is not None and T == 1 and input_pos.dim() == 1 and key_padding_mask is None:
                     pass  # one query at the last written slot: it sees every slot up to kv_len, no mask needed
                 else:
                     slots = torch.arange(kv_len or self.cache_len, device=device)

@@ -2,6 +2,8 @@
 import it from below.
 
     nf4.py   4-bit NormalFloat with double quantization (QLoRA's frozen base weight)
+    int4.py, int8.py, nf4_linear.py   quantized linears;  quantize.py  quantize_, fuse_projections_
+    packed.py   bf16 linears in oneDNN's prepacked layout (inference, unquantized);  qat.py  fake-quant training
 
 A quantized checkpoint records its scheme in its metadata (lmstack.json `metadata`), never in its file name.
 """
