@@ -274,14 +274,14 @@ def speed_table(args: argparse.Namespace) -> None:
     if not (native / "lmstack.json").exists():
         from lmstack.checkpoints import convert
         convert(args.model, str(native), to="native", dtype="bfloat16")
-    warm_page_cache(native / "model.safetensors")  # as warm as the GGUF the other rows read (else: disk speed)
     rows = [("transformers fp32", spawn(args, "transformers", "float32")),
             ("transformers bf16", spawn(args, "transformers", "bfloat16")),
             ("lmstack fp32", spawn(args, "lmstack", "float32")),
             ("lmstack bf16", spawn(args, "lmstack", "bfloat16")),
             ("lmstack default (--dtype auto: the GGUF's Q4 kept as int4, bf16 head)",
              spawn(args, "lmstack", "auto", quant="auto")),
-            ("lmstack bf16, native checkpoint", spawn(args, "lmstack", "bfloat16", model=str(native)))]
+            ("lmstack bf16, native checkpoint", warm_page_cache(native / "model.safetensors")
+             or spawn(args, "lmstack", "bfloat16", model=str(native)))]  # read just before: as warm as the GGUF
     if not args.no_compile_row:
         rows.append(("lmstack bf16 + compile", spawn(args, "lmstack", "bfloat16", compile=True)))
     rows.append(("llama.cpp Q4_1", spawn(args, "llama.cpp", "q4_1")))
