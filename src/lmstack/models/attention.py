@@ -109,8 +109,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, is_causal: b
     """The one place that picks the attention kernel: q [B, H, T, D], k, v [B, Hkv, S, D] -> [B, H, T, D].
 
     - SDPA (with enable_gqa) everywhere, except on CPU where its kernels are slow for the shape:
-    - cached half-precision decoding (one query per row): SDPA in float32. Its half-precision kernel costs
-      about 3.5x that at SmolLM2's shapes (600 keys: 467 us against 134 us with the conversion, per layer).
+    - cached half-precision decoding (one query per row): SDPA in float32, over the float32 cache
+      (kv_cache_dtype). Its half-precision kernel costs 4-7x that at SmolLM2's shapes (768 keys: 546 us
+      against 102 us per layer).
     - half-precision training steps with at most MATMUL_ATTENTION_MAX_KEYS keys: matmul_attention in the
       autocast (or input) dtype. It keeps the [B, H, T, S] probabilities for backward, which grow with the
       square of the length, so SDPA's flash kernel takes over past that to keep activation memory low.
