@@ -407,13 +407,16 @@ def test_auto_keeps_q4_packed_where_bf16_runs_and_inference_fuses_it(tmp_path: P
     assert load_model(str(path)).weights == "float32"  # no native bf16: the float model
 
 
-def test_convert_keep_writes_a_packed_native_checkpoint(tmp_path: Path) -> None:
-    """`lmstack convert --quant keep`: the kept GGUF as a native checkpoint, which loads to the same model."""
+@pytest.mark.parametrize("mode", ["keep", "keep-float"])
+def test_convert_keep_writes_a_packed_native_checkpoint(tmp_path: Path, mode: str) -> None:
+    """`lmstack convert --quant keep|keep-float`: the kept GGUF as a native checkpoint, which loads to the same
+    model (keep-float: int4 blocks, the embedding and tied head as bf16)."""
     from cli_helpers import run_cli
     path = write_gguf(tmp_path / "m.gguf", tiny_model("tiny-llama"), Q.Q4_1)
-    result = run_cli("convert", path, tmp_path / "native", "--quant", "keep")
+    result = run_cli("convert", path, tmp_path / "native", "--quant", mode)
     assert result.exit_code == 0, result.output
-    kept, native = load_model(str(path), quant="keep").model, load_model(str(tmp_path / "native")).model
+    kept, native = load_model(str(path), quant=mode).model, load_model(str(tmp_path / "native")).model
     assert torch.equal(logits(native, IDS), logits(kept, IDS))
+    assert (type(native.tok_emb) is torch.nn.Embedding) == (mode == "keep-float")
     result = run_cli("convert", path, tmp_path / "hf", "--to", "hf", "--quant", "keep")
     assert result.exit_code != 0 and "--quant dequantize" in result.output
