@@ -279,9 +279,9 @@ def speed_table(args: argparse.Namespace) -> None:
             ("lmstack fp32", spawn(args, "lmstack", "float32")),
             ("lmstack bf16", spawn(args, "lmstack", "bfloat16")),
             ("lmstack default (--dtype auto: the GGUF's Q4 kept as int4, bf16 head)",
-             spawn(args, "lmstack", "auto", quant="auto")),
-            ("lmstack bf16, native checkpoint", warm_page_cache(native / "model.safetensors")
-             or spawn(args, "lmstack", "bfloat16", model=str(native)))]  # read just before: as warm as the GGUF
+             spawn(args, "lmstack", "auto", quant="auto"))]
+    warm_page_cache(native / "model.safetensors")  # read just before its row: as warm as the GGUF the others read
+    rows.append(("lmstack bf16, native checkpoint", spawn(args, "lmstack", "bfloat16", model=str(native))))
     if not args.no_compile_row:
         rows.append(("lmstack bf16 + compile", spawn(args, "lmstack", "bfloat16", compile=True)))
     rows.append(("llama.cpp Q4_1", spawn(args, "llama.cpp", "q4_1")))

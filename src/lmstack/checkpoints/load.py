@@ -105,11 +105,12 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     """
     if quant not in QUANT_MODES and quant != "auto":
         raise LmstackError(f"unknown quant mode {quant!r}; use auto or one of {', '.join(QUANT_MODES)}")
-    if quant == "auto":
-        quant = "keep-float" if dtype == "auto" and auto_dtype(device) == torch.bfloat16 and \
-            torch.device(device).type == "cpu" else "dequantize"
+    asked_auto = dtype == "auto"
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype, device)
+    if quant == "auto":
+        cpu_bf16 = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+        quant = "keep-float" if asked_auto and cpu_bf16 else "dequantize"
     if adapter is not None:
         return _for_inference(_load_with_adapter(name_or_path, str(adapter), dtype, device), inference)
     if not name_or_path:
@@ -122,7 +123,7 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
         from lmstack.checkpoints.gguf import load_gguf
         config, state, tokenizer, metadata = load_gguf(path, keep=quant != "dequantize",
                                                        embedding_scheme=EMBEDDING_SCHEMES.get(quant, "none"),
-                                                       dtype=dtype if dtype.is_floating_point else torch.float32)
+                                                       dtype=dtype)
     else:
         from lmstack.checkpoints.hf import load_hf
         config, state, tokenizer, metadata = load_hf(path)
