@@ -8,6 +8,10 @@ process and adds (or replaces) the row `--label` in bench/rag_answers.rows.json,
 all stored rows. The baseline row was made by running this script with PYTHONPATH pointing at a copy of the
 pipeline before the changes (`git show 9f45d9d:src/...`).
 
+--train-adapter DIR trains the adapter that `rag ask --adapter` answers with (by copying a span of the evidence):
+`raft build --target short` over the dev questions, then `lmstack finetune` with LoRA (FINETUNE below); the test
+questions are never trained on.
+
 Questions: tests/data/course_notes_qa_more.jsonl, split "dev" (tuning) or "test" (held out, the targets); an
 `"answer": null` question is not answerable from the notes. --split dev also adds the 47 questions of
 tests/data/course_notes_qa.jsonl.
@@ -125,6 +129,32 @@ def quality(index: str, items: list[dict[str, Any]], settings: dict[str, Any]) -
             "in_process_p50_s": statistics.median(p["seconds"] for p in per), "per_question": per}
 
 
+FINETUNE = ["--method", "lora", "--rank", "16", "--alpha", "32", "--targets", "all-linear", "--lr", "5e-4",
+            "--batch-size", "4", "--max-steps", "96", "--dtype", "float32"]
+
+
+def train_adapter(out: Path) -> str:
+    """A short-answer adapter from the dev questions only: `raft build --target short` twice (seeds 0 and 1:
+    other distractors), then `lmstack finetune` (LoRA) on both sets; -> the adapter folder."""
+    from lmstack.rag import raft_build
+
+    out.mkdir(parents=True, exist_ok=True)
+    qa = out / "dev_qa.jsonl"
+    qa.write_text("".join(json.dumps({k: q[k] for k in ("question", "answer", "doc", "snippet")}) + "\n"
+                          for q in questions("dev") if q["answer"] is not None))
+    sets = []
+    for seed in (0, 1):
+        path = out / f"raft_short{seed}.jsonl"
+        raft_build(corpus=str(NOTES), out=str(path), qa=str(qa), target="short", seed=seed, progress=False)
+        sets.append(path.read_text())
+    (out / "raft_short.jsonl").write_text("".join(sets))
+    cmd = [sys.executable, "-m", "lmstack", "finetune", "--model", "smollm2-135m-instruct", "--data",
+           str(out / "raft_short.jsonl"), "--out", str(out / "adapter"), *FINETUNE]
+    print(" ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, env=os.environ)
+    return str(out / "adapter")
+
+
 def cli_option(key: str, value: Any) -> list[str]:
     flag = "--" + key.replace("_", "-")
     if isinstance(value, bool):
@@ -173,25 +203,33 @@ def main() -> None:
     parser.add_argument("--index", default=None, help="a course-notes index (built in a temporary folder if absent)")
     parser.add_argument("--note", default="")
     parser.add_argument("--limit", type=int, default=None, help="the first N questions (answerable and not, mixed)")
+    parser.add_argument("--contended", action="store_true", help="label this row's times as contended")
+    parser.add_argument("--train-adapter", metavar="DIR", default=None,
+                        help="first train a short-answer LoRA adapter on the dev questions into DIR, then answer with it")
     args = parser.parse_args()
     settings = dict(kv.split("=", 1) for kv in args.set)
     settings = {k: parse_value(v) for k, v in settings.items()}
+    if args.train_adapter:
+        settings["adapter"] = train_adapter(Path(args.train_adapter))
     index = args.index or str(Path(tempfile.mkdtemp(prefix="rag_answers.")) / "notes.sqlite")
     if not Path(index).exists():
         from lmstack.rag import rag_index
         rag_index([str(NOTES)], index=index, progress=False)
     items = interleave(questions(args.split))[:args.limit]
     split = args.split + (f", first {len(items)}" if args.limit else "")
-    row = {"split": split, "settings": settings, "note": args.note, **quality(index, items, settings)}
+    row = {"split": split, "settings": settings, "note": args.note, "contended": args.contended,
+           **quality(index, items, settings)}
     if args.latency:
         row["latency_p50_s"] = latency(index, items, settings, args.latency)
     rows = json.loads(ROWS.read_text()) if ROWS.exists() else {}
     rows[args.label] = row
     ROWS.write_text(json.dumps(rows, indent=1) + "\n")
-    body = table(rows) + ("\n\nTimes were taken while other jobs shared the 2 cores (load average 5-12): "
-                          "contended, to be rerun alone.")
+    contended = [label.split()[0] for label, r in sorted(rows.items()) if r.get("contended")]
+    body = table(rows) + (f"\n\nRows {', '.join(contended)}: times taken while other jobs shared the 2 cores "
+                          "(load average 5-12), contended." if contended else "")
     print(body)
-    record(TITLE, body, "python bench/rag_answers.py --label LABEL --split test --set KEY=VALUE ... --latency 3")
+    record(TITLE, body, "python bench/rag_answers.py --label LABEL --split test --set KEY=VALUE ... --latency 3` "
+                        "(row 5: `--train-adapter DIR` instead of `--set`)")
 
 
 if __name__ == "__main__":

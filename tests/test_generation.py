@@ -566,6 +566,61 @@ def test_json_mode_through_generator():
         GenerationConfig(num_beams=2, json_mode=True).validate()
 
 
+def test_copy_constraint_copies_a_span_and_ends_at_a_word_end():
+    """Copy mode: the best token that keeps the text a span of a source wins; a stop token only at a word end;
+    the first letter may change case; a source's end completes the span."""
+    from lmstack.generation import CopyConstraint
+
+    texts = ["", "G", "GDPR", " and", " BLOOM", "x", "Gd", " GPT", "<stop>", "\n", "DPR"]
+    stop = {8}
+
+    def run(order: list[int], sources: list[str], steps: int = 6) -> tuple[str, CopyConstraint]:
+        c = CopyConstraint(sources, texts, stop)
+        out = ""
+        for _ in range(steps):
+            logits = torch.full((len(texts),), -1e9)
+            for rank, token in enumerate(order):
+                logits[token] = -rank  # `order` best first
+            token = c.choose(logits, greedy=True, generator=None, budget=10)
+            if token in stop or c.complete:
+                out += "" if token in stop else texts[token]
+                break
+            out += texts[token]
+        return out, c
+
+    # "x" and "Gd" are not spans; "G" is, but the stop after it is refused mid-word ("G|DPR")
+    out, c = run([5, 6, 1, 8, 10, 3, 4], ["comply with GDPR and BLOOM rules"])
+    assert out == "GDPR" and c.source == 0
+    out, c = run([5, 6, 1, 10, 3, 4, 8], ["comply with GDPR and BLOOM rules"])
+    assert out == "GDPR and BLOOM"
+    # " GPT" starts at a word start of the second source, which then ends: complete
+    out, c = run([7, 8], ["no", "GPT"])
+    assert out == " GPT" and c.complete and c.source == 1
+    # the first letter may change case; a line break is never copied
+    c = CopyConstraint(["gDPR rules"], texts, stop)
+    logits = torch.zeros(len(texts))
+    logits[9], logits[2] = 2.0, 1.0
+    assert c.choose(logits, greedy=True, generator=None, budget=5) == 2
+
+
+def test_copy_mode_through_generator_and_validation():
+    """A random model's greedy and sampled output in copy mode is a span of a source starting at a word."""
+    hf = hf_llama(6)
+    gen = Generator(to_lmstack(hf), byte_tokenizer())
+    sources = ["Well known examples are GPT and BLOOM.", "LoRA inserts low-rank matrices"]
+    for cfg in (GenerationConfig(max_new_tokens=12, copy_from=sources),
+                GenerationConfig(max_new_tokens=12, temperature=1.0, seed=4, copy_from=sources)):
+        text = gen.generate("Question: which models?", cfg).text.strip()
+        assert text, "an empty span"
+        assert any(src[i].lower() == text[0].lower() and src.startswith(text[1:], i + 1)
+                   and (i == 0 or not src[i - 1].isalnum()) for src in sources for i in range(len(src))), text
+    for bad, match in ((GenerationConfig(copy_from=["a"], num_beams=2), "beam search"),
+                       (GenerationConfig(copy_from=["a"], json_mode=True), "one of JSON mode"),
+                       (GenerationConfig(copy_from=["", " "]), "copy_from")):
+        with pytest.raises(LmstackError, match=match):
+            bad.validate()
+
+
 # ------------------------------------------------------------------------------ no process-wide switch
 
 

@@ -96,6 +96,26 @@ def test_documents_are_shuffled_and_answers_quote_the_oracle(corpus) -> None:
     assert "basalt" in re.search(rf"{BEGIN_QUOTE}(.*?){END_QUOTE}", basalt["messages"][2]["content"]).group(1)
 
 
+def test_short_target_is_the_rag_ask_prompt_with_the_oracle_statement(corpus) -> None:
+    """target short: `rag ask`'s short-answer chat over evidence statements that include the oracle's quote,
+    answered by the gold phrase; every example shows the oracle (p does not apply)."""
+    from lmstack.rag.answer import SYSTEM_SHORT
+    from lmstack.rag.grounding import overlap
+
+    examples = build(corpus, "short.jsonl", p=0.0, distractors=2, seed=2, target="short", evidence=2, limit=8)
+    assert len(examples) == 8 and all(e["raft"]["oracle_included"] for e in examples)
+    for e in examples:
+        system, user, assistant = (m["content"] for m in e["messages"])
+        assert system == SYSTEM_SHORT and assistant == e["raft"]["answer"]
+        statements = [line[2:] for line in user.split("\n\nQuestion: ")[0].splitlines()[1:]]
+        assert user.startswith("Evidence:\n- ") and len(statements) <= 2
+        snippet = next(s for q, a, d, s in QUESTIONS if a == assistant)
+        if snippet:
+            assert any(overlap(snippet, t) >= 0.7 for t in statements), (snippet, statements)
+    with pytest.raises(LmstackError, match="target must be cot or short"):
+        build(corpus, "bad.jsonl", target="long")
+
+
 def test_without_the_oracle_no_overlapping_chunk_leaks_it(corpus, tmp_path) -> None:
     from lmstack.rag.embedding import get_embedder
     from lmstack.rag.raft import corpus_chunks

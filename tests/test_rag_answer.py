@@ -74,6 +74,35 @@ def test_rag_ask_json_contract_with_smollm2(notes_index) -> None:
                                                           by_n[c["n"]]["score"])
 
 
+@pytest.mark.slow
+def test_rag_ask_with_an_adapter_copies_its_answer_from_the_evidence(notes_index, tmp_path, monkeypatch) -> None:
+    """An adapter is used, not silently ignored: with one, the default short mode loads the model with it and
+    the answer is a span copied from a cited evidence statement."""
+    import lmstack.rag.answer as answer_mod
+    from lmstack.checkpoints import load_model
+    from lmstack.checkpoints.registry import DEFAULT_MODEL
+    from lmstack.peft.methods import PeftSpec, apply_method, save_adapter
+
+    spec = PeftSpec(method="lora", rank=4, alpha=8.0)
+    base = load_model(DEFAULT_MODEL, dtype="float32").model
+    save_adapter(apply_method(base, spec), spec, tmp_path / "adapter", DEFAULT_MODEL)
+    loads = []
+    real = answer_mod.get_generator
+
+    def recording(model, adapter=None, dtype="float32"):
+        loads.append(adapter)
+        return real(model, adapter, dtype)
+
+    monkeypatch.setattr(answer_mod, "get_generator", recording)
+    out = rag_ask("How many bytes does one 32-bit float parameter take?", index=str(notes_index),
+                  adapter=str(tmp_path / "adapter"), stream=False)
+    assert loads == [str(tmp_path / "adapter")] and not out["refused"]
+    assert out["citations_by"] in ("model", "span") and len(out["citations"]) == 1
+    n = out["citations"][0]["n"]
+    span = " ".join(strip_citations(out["answer"]).split()).lower()
+    assert any(e["n"] == n and span in " ".join(e["text"].split()).lower() for e in out["evidence"]), out
+
+
 def test_off_topic_question_is_i_dont_know_without_loading_the_model(notes_index, monkeypatch) -> None:
     import lmstack.rag.answer as answer_mod
 
@@ -195,8 +224,10 @@ def test_headings_are_not_evidence() -> None:
     assert is_heading("Steps in a Transformer Decoder", None) and is_heading("Types of attention:", None)
     assert is_heading("**Fine tuning**", "Fine tuning")  # the chunk's own heading
     assert not is_heading("Beam Search: Keep track of multiple probable sequences.", None)
-    hit = _hit("Decoder only – Autoregressive models\nThey predict the next token from the previous ones.")
-    assert [s for _, s in evidence_candidates([hit])] == ["They predict the next token from the previous ones."]
+    text = ("Decoder only – Autoregressive models\nThey predict the next token from the previous ones.\n"
+            "Question 12: Which of the following best describes how LoRA works?")
+    assert [s for _, s in evidence_candidates([(text, None)])] == [
+        "They predict the next token from the previous ones."]  # no heading, no quiz question
 
 
 def test_short_span_is_what_the_question_does_not_restate() -> None:
@@ -213,25 +244,29 @@ def test_short_span_is_what_the_question_does_not_restate() -> None:
     assert short_span("What is LoRA?", "LoRA") == "LoRA"  # nothing new: the statement itself
 
 
-def test_short_answer_keeps_only_a_phrase_grounded_word_for_word() -> None:
+def test_short_answer_is_a_copied_span_that_says_more_than_the_question() -> None:
     from lmstack.rag.answer import Evidence, answer_config, short_answer
 
-    class Fake:  # the model's reply is fixed: what matters is what the pipeline keeps of it
+    class Fake:  # the model's reply is fixed: what matters is what the pipeline asks and keeps
         def __init__(self, reply: str) -> None:
             self.reply = reply
 
         def chat_prompt(self, messages):
+            assert "- Well known examples" in messages[-1]["content"]  # every statement is shown
             return [1, 2, 3]
 
         def generate(self, ids, cfg):
-            assert cfg.max_new_tokens <= 24 and cfg.no_repeat_ngram_size == 0  # it must copy the evidence
+            assert cfg.max_new_tokens <= 24 and cfg.repetition_penalty == 1.0  # it must copy the evidence
+            assert cfg.copy_from == [e.text for e in evidence]  # copy mode: a span of a statement
             return type("R", (), {"text": self.reply})()
 
     q = "Which two models are given as well known examples of decoder-based autoregressive models?"
-    best = Evidence(2, "Well known examples of decoder-based autoregressive models are GPT and BLOOM", 0.8)
+    evidence = [Evidence(2, "Well known examples of decoder-based autoregressive models are GPT and BLOOM", 0.8),
+                Evidence(4, "Encoder models such as BERT read the whole input.", 0.6)]
     cfg = answer_config()
-    assert short_answer(q, best, Fake("GPT and BLOOM are the examples."), cfg) == ("GPT and BLOOM", "model")
-    # one invented word: the model's phrase is dropped for the statement's span
-    assert short_answer(q, best, Fake("Grapher and BLOOM"), cfg) == ("GPT and BLOOM", "span")
-    assert short_answer(q, best, Fake("I don't know."), cfg) == (None, "model")
-    assert short_answer(q, best, None, cfg) == ("GPT and BLOOM", "span")
+    assert short_answer(q, evidence, Fake("GPT and BLOOM"), cfg) == ("GPT and BLOOM", evidence[0], "model")
+    # the span cites the statement it was copied from
+    assert short_answer(q, evidence, Fake("BERT."), cfg) == ("BERT", evidence[1], "model")
+    # a copy of the question's own words says nothing: the best statement's span instead
+    assert short_answer(q, evidence, Fake("autoregressive models"), cfg) == ("GPT and BLOOM", evidence[0], "span")
+    assert short_answer(q, evidence, None, cfg) == ("GPT and BLOOM", evidence[0], "span")

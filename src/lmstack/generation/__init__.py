@@ -2,7 +2,7 @@
 
 - `sampling`: GenerationConfig, the pure logit operations, and `Sequence` (tokens, streamed text, stop
   strings, finish reason, log-probs, its own sampler, an optional constraint);
-- `constraints`: the `Constraint` protocol and JSON mode;
+- `constraints`: the `Constraint` protocol, JSON mode and copy mode;
 - `engine`: `DecodeEngine`, the one prefill / decode step over a pool of KV-cache rows with per-row positions,
   which `Generator` and the serving scheduler both drive;
 - `generator`: `Generator` (generate, stream, generate_batch, beam search);
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 _WHERE = {
     "Constraint": "constraints", "JsonConstraint": "constraints", "JsonPrefix": "constraints",
+    "CopyConstraint": "constraints",
     "token_texts": "constraints",
     "DecodeEngine": "engine",
     "GenerationResult": "generator", "Generator": "generator",
@@ -30,7 +31,8 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:
-    from lmstack.generation.constraints import Constraint, JsonConstraint, JsonPrefix, token_texts  # noqa: F401
+    from lmstack.generation.constraints import (  # noqa: F401
+        Constraint, CopyConstraint, JsonConstraint, JsonPrefix, token_texts)
     from lmstack.generation.engine import DecodeEngine  # noqa: F401
     from lmstack.generation.generator import GenerationResult, Generator  # noqa: F401
     from lmstack.generation.sampling import (GenerationConfig, Sequence, TokenLogprob,  # noqa: F401

@@ -19,12 +19,18 @@ distribution restricted to the valid tokens.
 
 from __future__ import annotations
 
-from typing import Protocol
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
+from lmstack.errors import LmstackError
 from lmstack.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lmstack.generation.sampling import GenerationConfig
 
 
 class Constraint(Protocol):
@@ -294,6 +300,106 @@ class JsonConstraint:
                 return token, state
             probs[token] = 0.0  # masked; the next draw is from the renormalized rest
         return -1, None
+
+
+class CopyConstraint:
+    """Constrains one sequence to a span copied from one of `sources` (extractive answering).
+
+    The text, less leading whitespace, must start at a word start of some source and continue it exactly (the
+    first letter may change case; runs of spaces match one space, and no line break is copied); a stop token
+    is allowed once the text ends at a word end.
+    The model still chooses where the span starts and ends: candidate tokens are checked best-first (greedy),
+    or drawn and masked out on failure (sampling), as in JSON mode. `sources[self.source]` is the one the text
+    was copied from (the first, in the given order, that holds it).
+    """
+
+    def __init__(self, sources: list[str], token_texts: list[str], stop_ids: set[int]) -> None:
+        self.sources = [_SPACES.sub(" ", s).strip() for s in sources]
+        self.texts, self.stop_ids = token_texts, stop_ids
+        self.stop = min(stop_ids) if stop_ids else None
+        self.text = ""  # the span so far, whitespace collapsed
+        self.matches: list[tuple[int, int]] = []  # (source, start) of each place the span is copied from
+
+    @property
+    def complete(self) -> bool:
+        """Every place the span is copied from is at the end of its source."""
+        return bool(self.matches) and all(start + len(self.text) >= len(self.sources[i])
+                                          for i, start in self.matches)
+
+    @property
+    def source(self) -> int | None:
+        return self.matches[0][0] if self.matches else None
+
+    def _grow(self, piece: str) -> tuple[str, list[tuple[int, int]]] | None:
+        """(text, matches) after appending `piece`, or None when it leaves every source."""
+        if not piece or "\ufffd" in piece or "\n" in piece:
+            return None
+        text = _SPACES.sub(" ", self.text + piece).lstrip()
+        if not text:
+            return None
+        if self.matches:
+            found = [(i, st) for i, st in self.matches if self.sources[i].startswith(text[1:], st + 1)]
+        else:
+            found = [(i, st) for i, src in enumerate(self.sources) for first in {text[0].lower(), text[0].upper()}
+                     for st in _occurrences(src, first + text[1:]) if st == 0 or not src[st - 1].isalnum()]
+        return (text, found) if found else None
+
+    def _can_stop(self) -> bool:
+        """The span is not empty and ends at a word end in some source."""
+        n = len(self.text.rstrip())
+        return n > 0 and any(st + n >= len(self.sources[i]) or not self.sources[i][st + n].isalnum()
+                             for i, st in self.matches)
+
+    def choose(self, logits: Tensor, greedy: bool, generator: torch.Generator | None, budget: int) -> int:
+        """The next token from processed logits [V] (float32): the best (or a drawn) one that keeps the copy."""
+        if greedy:
+            finite = torch.isfinite(logits)
+            for token in torch.argsort(logits, descending=True).tolist():  # usually found in the first few
+                if not finite[token]:
+                    break
+                if self._take(token):
+                    return token
+        else:
+            probs = logits.softmax(dim=-1)  # [V]
+            while float(probs.sum()) > 0:
+                token = int(torch.multinomial(probs, 1, generator=generator))
+                if self._take(token):
+                    return token
+                probs[token] = 0.0
+        if self.stop is None:
+            raise LmstackError("copy mode needs a stop token to end the span")
+        return self.stop  # no token continues the copy (a masked vocabulary): end the span here
+
+    def _take(self, token: int) -> bool:
+        if token in self.stop_ids:
+            return self._can_stop()
+        grown = self._grow(self.texts[token] if token < len(self.texts) else "")
+        if grown is None:
+            return False
+        self.text, self.matches = grown
+        return True
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def _occurrences(text: str, part: str) -> Iterator[int]:
+    at = text.find(part)
+    while at >= 0:
+        yield at
+        at = text.find(part, at + 1)
+
+
+def constraint_for(config: GenerationConfig, tokenizer: Tokenizer | None, texts: list[str] | None,
+                   stop_ids: set[int]) -> Constraint | None:
+    """The constraint a GenerationConfig asks for (json_mode, copy_from), given every token's text; or None."""
+    if not (config.json_mode or config.copy_from):
+        return None
+    if tokenizer is None or texts is None:
+        raise LmstackError("JSON and copy modes need a tokenizer")
+    if config.json_mode:
+        return JsonConstraint(tokenizer, texts)
+    return CopyConstraint(config.copy_from, texts, stop_ids)
 
 
 def token_texts(tokenizer: Tokenizer) -> list[str]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.errors import LmstackError
-from lmstack.generation.constraints import JsonConstraint, token_texts
+from lmstack.generation.constraints import constraint_for, token_texts
 from lmstack.generation.engine import CACHE_BUCKET, DecodeEngine, _compile, cache_len, pad_id
 from lmstack.generation.sampling import (GenerationConfig, Sequence, apply_no_repeat_ngram,
                                          apply_repetition_penalty, banned_ngram_tokens, choose_tokens, find_stop,
@@ -234,15 +234,12 @@ class Generator:
     def sequence(self, prompt: list[int], config: GenerationConfig, budget: int, *, index: int = 0,
                  logprobs: int | None = None, stop_ids: set[int] | None = None) -> Sequence:
         """The state of one sequence generated from `prompt` (what the decode loops drive)."""
-        constraint = None
-        if config.json_mode:
-            if self.tokenizer is None:
-                raise LmstackError("JSON mode needs a tokenizer")
-            if self._token_texts is None:
-                self._token_texts = token_texts(self.tokenizer)
-            constraint = JsonConstraint(self.tokenizer, self._token_texts)
+        stop_ids = stop_ids if stop_ids is not None else self.stop_ids(config)
+        if config.json_mode or config.copy_from:
+            self.prepare_json_mode()
+        constraint = constraint_for(config, self.tokenizer, self._token_texts, stop_ids)
         return Sequence(config, context=self.adapter.context_tokens(prompt), tokenizer=self.tokenizer,
-                        stop_ids=stop_ids if stop_ids is not None else self.stop_ids(config), budget=budget,
+                        stop_ids=stop_ids, budget=budget,
                         vocab_size=self.vocab_size, device=self.adapter.device, index=index, logprobs=logprobs,
                         constraint=constraint)
 

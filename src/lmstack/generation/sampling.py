@@ -41,6 +41,7 @@ class GenerationConfig:
         stop: Stop when the text contains this string; repeat the option for more strings.
         seed: Random seed for sampling, for reproducible output.
         json_mode: Constrain the output to one JSON object.
+        copy_from: Constrain the output to a span copied from one of these texts (extractive answers).
     """
 
     max_new_tokens: int = 128
@@ -54,6 +55,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # stop strings, not included in the output text
     seed: int | None = None
     json_mode: bool = False  # constrain the output to one JSON object (constraints.JsonConstraint)
+    copy_from: list[str] = field(default_factory=list)  # output = a span of one of these (constraints.CopyConstraint)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -73,8 +75,13 @@ class GenerationConfig:
             raise LmstackError(f"num_beams must be >= 1, not {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise LmstackError("beam search is deterministic: use num_beams=1 to sample, or temperature=0")
-        if self.num_beams > 1 and self.json_mode:
-            raise LmstackError("JSON mode works with greedy decoding or sampling, not beam search")
+        if self.num_beams > 1 and (self.json_mode or self.copy_from):
+            raise LmstackError("JSON and copy modes work with greedy decoding or sampling, not beam search")
+        if self.json_mode and self.copy_from:
+            raise LmstackError("choose one of JSON mode and copy mode")
+        if any(not isinstance(s, str) for s in self.copy_from) or (self.copy_from and not any(
+                s.strip() for s in self.copy_from)):
+            raise LmstackError("copy_from must be a list of texts, at least one not empty")
         if not math.isfinite(self.length_penalty):
             raise LmstackError(f"length_penalty must be a finite number, not {self.length_penalty}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -341,7 +348,7 @@ def choose_tokens(seqs: list[Sequence], logits: Tensor) -> list[int | None]:
 
 # The sampling options of every generating verb (generate, chat): GenerationConfig's fields as CLI options / YAML
 # keys / keyword arguments, each None until given.
-SamplingOptions = option_group(GenerationConfig, exclude={"json_mode"}, name="SamplingOptions")
+SamplingOptions = option_group(GenerationConfig, exclude={"json_mode", "copy_from"}, name="SamplingOptions")
 
 
 def sampling_config(options: Any = None, **defaults: Any) -> GenerationConfig:

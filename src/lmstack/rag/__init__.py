@@ -121,7 +121,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
             k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid", stream: bool = True,
             evidence: int = 3, quote: bool = True, max_sentences: int = 2,
-            short: Literal["model", "span", "off"] = "span",
+            short: Literal["model", "span", "off"] | None = None,
             max_new_tokens: int = 64,
             temperature: float = 0.0, repetition_penalty: float = 1.1, seed: int | None = None,
             min_score: float = 0.48, bm25_weight: float = 1.0, vector_weight: float = 1.0,
@@ -151,9 +151,10 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         evidence: How many of the retrieved sentences the model sees; 0 shows it the whole chunks.
         quote: Drop answer sentences the sources do not support; quote the best evidence when none is left.
         max_sentences: Stop the answer after this many sentences.
-        short: Answer in a few words from the best evidence statement: model = the model's phrase when every
-            content word of it is in that statement, else the span; span = the statement's words that the
-            question does not restate (no model is loaded); off = one or two checked sentences.
+        short: Answer in a few words from the evidence statements: model = a span the model copies from one
+            of them (the default with an adapter, e.g. one trained on `raft build --target short` data); span =
+            the best statement's words that the question does not restate (the default without an adapter: no
+            model is loaded); off = one or two sentences, each checked against the sources.
         max_new_tokens: The most tokens the model writes.
         temperature: Sampling temperature; 0 means greedy decoding.
         repetition_penalty: Penalty on tokens already in the prompt or answer (1 = none).
@@ -182,7 +183,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         raise LmstackError(f"evidence must be >= 0 and max_sentences >= 1 (got {evidence}, {max_sentences})")
     cfg = answer_config(max_new_tokens, temperature, repetition_penalty, seed)
     options = AnswerOptions(min_score=min_score, evidence=evidence, quote=quote, max_sentences=max_sentences,
-                            short=short)
+                            short=short or ("model" if adapter else "span"))
     filters = _filters(source, path_prefix, since, until, date_field)
     store, embedder = _open_for_query(index, backend, embedding_model)
     with store:
@@ -260,6 +261,7 @@ def raft_build(*, corpus: str, out: str, qa: str | None = None, model: str = DEF
                format: Literal["chat", "alpaca"] = "chat", chunk_tokens: int = 200, overlap: int = 0,
                limit: int | None = None, max_new_tokens: int = 96,
                embedding_model: str = DEFAULT_EMBEDDING_MODEL, field: str = "text",
+               target: Literal["cot", "short"] = "cot", evidence: int = 3,
                progress: bool = True) -> dict[str, Any]:
     """Build a RAFT fine-tuning set: questions with oracle + distractor chunks and quoting CoT answers.
 
@@ -284,12 +286,16 @@ def raft_build(*, corpus: str, out: str, qa: str | None = None, model: str = DEF
         max_new_tokens: The most tokens per generated question/answer reply.
         embedding_model: The tokenizer for chunking and the encoder that locates oracles without a snippet.
         field: The text field of .jsonl documents.
+        target: cot (quote the oracle, reason, then `<ANSWER>:`) or short (`rag ask`'s short-answer prompt
+            over the evidence statements of the shown chunks, answered by the gold phrase: an adapter trained
+            on it is what `rag ask --adapter` copies answers with; every example shows the oracle).
+        evidence: With target short, the evidence statements per example (as `rag ask --evidence`).
         progress: Show a progress bar on stderr.
     """
     from lmstack.rag.raft import build
     _check(limit=limit)
     return build(corpus, out, qa, model, questions_per_chunk, distractors, p, seed, format, chunk_tokens, overlap,
-                 limit, max_new_tokens, embedding_model, field, progress)
+                 limit, max_new_tokens, embedding_model, field, progress, target, evidence)
 
 
 __all__ = ["rag_index", "rag_search", "rag_ask", "rag_eval", "embed", "raft_build"]

@@ -4,11 +4,12 @@
    MiniLM cosine with the question plus a share-of-question-words prior; the best `evidence` (default 3) are
    kept (`evidence=0`: the whole chunks, numbered).
 2. "I don't know" without loading the model when nothing is retrieved or the best evidence statement's cosine
-   (the best chunk's, with whole chunks) is under `min_score`; also when the model says so.
-3. `short="model"`: the model sees only the best statement and answers in a few words; the
-   phrase is kept only when every content word of it is in that statement, trimmed of the question's own
-   words; otherwise the answer is the statement's span that the question does not restate. `short="span"`
-   (the default: measured best for time and quality in docs/benchmarks.md) gives that span without a model. The citation is the chunk the statement comes from.
+   (the best chunk's, with whole chunks) is under `min_score`; with short off, also when the model says so.
+3. `short="model"` (the default with an adapter): the model sees the evidence statements and copies a span of
+   one of them (copy mode in the generation engine), kept when it says more than the question; otherwise the
+   answer is the best statement's span that the question does not restate. `short="span"` (the default
+   without an adapter: the base model copies worse than that rule, docs/benchmarks.md) gives that span with no
+   model. The citation is the chunk of the statement the answer comes from.
 4. `short="off"`: the model (greedy, a repetition penalty, stopping at a line break) writes one or two
    sentences; each is checked against the retrieved chunks (rag/grounding.py word overlap) as soon as it is
    complete. A supported sentence cites the chunk that supports it best, [n] after the sentence (the model's
@@ -40,8 +41,7 @@ LEXICAL_WEIGHT = 0.6
 RANK_PRIOR = 0.03
 SYSTEM = ("Answer the question in one short sentence, using only the evidence. If the evidence does not "
           "contain the answer, reply exactly: I don't know.")
-SYSTEM_SHORT = ("Answer the question with a few words copied from the evidence. If the evidence does not "
-                "answer it, reply exactly: I don't know.")
+SYSTEM_SHORT = "Answer the question with the shortest phrase copied from the evidence."
 SHORT_TOKENS = 24  # a short answer is a phrase; the span fallback covers a longer one
 SYSTEM_CHUNKS = ("You answer questions using only the numbered sources you are given, in one or two short "
                  "sentences. If the sources do not contain the answer, reply exactly: I don't know.")
@@ -61,7 +61,7 @@ class AnswerOptions:
     evidence: int = 3  # evidence sentences shown to the model; 0 = the whole chunks
     quote: bool = True  # drop unsupported sentences; quote the best evidence when none is left
     max_sentences: int = 2  # stop after this many sentences
-    short: Literal["model", "span", "off"] = "span"  # a few words from the best evidence statement (short_answer)
+    short: Literal["model", "span", "off"] = "span"  # a few words copied from the evidence (short_answer)
 
 
 @dataclass
@@ -104,29 +104,30 @@ def is_heading(line: str, heading: str | None) -> bool:
     return line.rstrip("* ").endswith(":") or (len(words) < 6 and not re.search(r"[.!?]$", line))
 
 
-def evidence_candidates(hits: list[Hit]) -> list[tuple[int, str]]:
-    """(chunk number, sentence) for each distinct statement of the hits' chunks: a line of notes is a unit
-    too; headings and lines of fewer than three content words are left out."""
+def evidence_candidates(passages: list[tuple[str, str | None]]) -> list[tuple[int, str]]:
+    """(passage number, sentence) for each distinct statement of the (text, heading) passages: a line of notes
+    is a unit too; headings, questions (a quiz line answers nothing) and lines of fewer than three content
+    words are left out."""
     out: dict[tuple[int, str], None] = {}
-    for n, h in enumerate(hits, start=1):
-        for s in sentences(h.chunk.text):
+    for n, (text, heading) in enumerate(passages, start=1):
+        for s in sentences(text):
             for line in s.splitlines():
                 line = _BULLET.sub("", line).strip()
-                if len(content_words(line)) >= 3 and not is_heading(line, h.chunk.heading):
+                if len(content_words(line)) >= 3 and not is_heading(line, heading) and not line.endswith("?"):
                     out[(n, line)] = None
     return list(out)
 
 
-def select_evidence(question: str, hits: list[Hit], embedder: Embedder, top: int,
+def select_evidence(question: str, passages: list[tuple[str, str | None]], embedder: Embedder, top: int,
                     lexical: float = LEXICAL_WEIGHT, rank_prior: float = RANK_PRIOR) -> list[Evidence]:
-    """The `top` statements of the hits' chunks that best match the question, best first: MiniLM cosine plus
-    `lexical` x the share of the question's content words the statement holds (the answer line restates the
-    question's terms; a merely on-topic line does not), less `rank_prior` per place its chunk is retrieved
-    below the first (retrieval already weighed the whole chunk). A statement found in several chunks counts once, from
-    the first (best retrieved) chunk."""
+    """The `top` statements of the (text, heading) passages, in retrieval order, that best match the question,
+    best first: MiniLM cosine plus `lexical` x the share of the question's content words the statement holds
+    (the answer line restates the question's terms; a merely on-topic line does not), less `rank_prior` per
+    place its passage is retrieved below the first (retrieval already weighed the whole chunk). A statement
+    found in several passages counts once, from the first."""
     seen: set[str] = set()
     candidates = []
-    for n, s in evidence_candidates(hits):
+    for n, s in evidence_candidates(passages):
         if s not in seen:
             seen.add(s)
             candidates.append((n, s))
@@ -260,32 +261,37 @@ def model_sentences(generator: Generator, ids: list[int], cfg: GenerationConfig,
         pieces.close()
 
 
-def short_answer(question: str, best: Evidence, generator: Generator | None, cfg: GenerationConfig
-                 ) -> tuple[str | None, str]:
-    """A few words answering `question` from the best evidence statement -> (answer or None for "the model
-    says the evidence does not answer", how it was found: "model" or "span").
+def short_messages(question: str, evidence: list[str]) -> list[dict[str, str]]:
+    """The chat for a short answer copied from the evidence statements (also RAFT's `target="short"` examples,
+    so that an adapter trained on them sees this prompt)."""
+    body = "\n".join(f"- {text}" for text in evidence)
+    return [{"role": "system", "content": SYSTEM_SHORT},
+            {"role": "user", "content": f"Evidence:\n{body}\n\nQuestion: {question}"}]
 
-    The model sees only that statement and is asked to copy a few words from it. Its phrase is kept when it is
-    grounded in the statement (SUPPORT_MIN of its content words occur there) and says something the question
-    does not; otherwise the answer is the statement's span that the question does not restate (short_span).
-    No no_repeat_ngram_size here: it would forbid copying the evidence's n-grams from the prompt."""
+
+def short_answer(question: str, evidence: list[Evidence], generator: Generator | None, cfg: GenerationConfig
+                 ) -> tuple[str, Evidence, str]:
+    """A few words answering `question` from the evidence statements -> (answer, the statement it comes from,
+    how it was found: "model" or "span").
+
+    The model sees the statements and writes a span copied from one of them (copy mode: the generation engine
+    allows only tokens that continue a span of some statement, so the answer is grounded word for word); the
+    span is kept when it says something the question does not (a small model often copies the asked term
+    back). Otherwise, and without a model, the answer is the best statement's span that the question does not
+    restate (short_span)."""
     from dataclasses import replace
 
-    if generator is None:
-        return short_span(question, best.text), "span"
-    ids = generator.chat_prompt([{"role": "system", "content": SYSTEM_SHORT},
-                                 {"role": "user", "content": f"Evidence: {best.text}\n\nQuestion: {question}"}])
-    text = generator.generate(ids, replace(cfg, max_new_tokens=min(cfg.max_new_tokens, SHORT_TOKENS),
-                                           repetition_penalty=1.0)).text
-    text = _BULLET.sub("", strip_citations(text.strip().splitlines()[0] if text.strip() else "")).strip(" .")
-    if is_refusal(text):
-        return None, "model"
-    # every content word must be in the statement: one invented word ("Grapher and BLOOM") is a wrong answer
-    if content_words(text) and overlap(text, best.text) == 1.0:
-        phrase = short_span(question, text)  # drop the question's restatement ("X is ...")
-        if content_words(phrase) - content_words(question):
-            return phrase, "model"
-    return short_span(question, best.text), "span"
+    if generator is not None:
+        texts = [e.text for e in evidence]
+        ids = generator.chat_prompt(short_messages(question, texts))
+        run = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, SHORT_TOKENS), repetition_penalty=1.0,
+                      no_repeat_ngram_size=0, stop=[], copy_from=texts)  # copying repeats the prompt's words
+        text = generator.generate(ids, run).text.strip(" .,;:")
+        plain = " ".join(text.split()).lower()
+        source = next((e for e in evidence if plain and plain in " ".join(e.text.split()).lower()), None)
+        if source is not None and content_words(text) - content_words(question):
+            return text, source, "model"
+    return short_span(question, evidence[0].text), evidence[0], "span"
 
 
 def _citation(n: int, hits: list[Hit]) -> dict[str, Any]:
@@ -310,7 +316,8 @@ def answer(question: str, hits: list[Hit], generator: Callable[[], Generator], c
     if not hits:
         result["reason"] = "no_sources"
         return result
-    evidence = select_evidence(question, hits, embedder, max(options.evidence, 1))
+    evidence = select_evidence(question, [(h.chunk.text, h.chunk.heading) for h in hits], embedder,
+                               max(options.evidence, 1))
     result["evidence"] = [{"n": e.n, "text": e.text, "score": round(e.score, 6)} for e in evidence]
     gate = (evidence[0].score if evidence else float("-inf")) if options.evidence else best
     if gate < options.min_score:
@@ -318,14 +325,12 @@ def answer(question: str, hits: list[Hit], generator: Callable[[], Generator], c
         return result
 
     if options.short != "off" and evidence:
-        text, how = short_answer(question, evidence[0], generator() if options.short == "model" else None, cfg)
-        if text is None:
-            result["reason"] = "the model found no answer in the evidence"
-            return result
-        text = f"{text} [{evidence[0].n}]"  # the chunk holding the statement the answer comes from
+        text, source, how = short_answer(question, evidence, generator() if options.short == "model" else None,
+                                         cfg)
+        text = f"{text} [{source.n}]"  # the chunk holding the statement the answer comes from
         if on_text is not None:
             on_text(text)
-        result.update(answer=text, refused=False, citations_by=how, citations=[_citation(evidence[0].n, hits)])
+        result.update(answer=text, refused=False, citations_by=how, citations=[_citation(source.n, hits)])
         return result
     model = generator()
     ids, used = prompt_ids(model, question, hits, evidence[:options.evidence] or None, cfg.max_new_tokens)

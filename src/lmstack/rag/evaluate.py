@@ -186,7 +186,7 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
                 hits = hits_by_mode.get("hybrid") or search(store, embedder, item["question"], k, "hybrid",
                                                             query_vector=qvec)
                 result = answer(item["question"], hits, lambda: generator, cfg, embedder,
-                                AnswerOptions(min_score=min_score))
+                                AnswerOptions(min_score=min_score, short="model" if adapter else "span"))
                 row.update(answer=result["answer"], refused=result["refused"],
                            exact_match=exact_match(result["answer"], item["answer"]),
                            f1=token_f1(result["answer"], item["answer"]),

@@ -199,28 +199,56 @@ def cot_answer(question: str, answer: str, quote: str) -> str:
             f"{END_QUOTE} Based on this passage, the answer is: {answer}\n{ANSWER} {answer}")
 
 
+def short_example(q: RaftQuestion, chunks: list[CorpusChunk], shown: list[int], embedder: Embedder,
+                  evidence: int, rng: random.Random) -> list[dict[str, str]]:
+    """The chat of a `target="short"` example: `rag ask`'s short-answer prompt over the evidence statements of
+    the shown chunks (the oracle's quote among them), and the gold answer."""
+    from lmstack.rag.answer import select_evidence, short_messages
+    from lmstack.rag.grounding import SUPPORT_MIN, overlap
+
+    picked = select_evidence(q.question, [(chunks[i].text, None) for i in shown], embedder, evidence)
+    texts = [e.text for e in picked]
+    quote = best_quote(chunks[q.oracle].text, q.question, q.answer, q.snippet)
+    if not any(overlap(quote, t) >= SUPPORT_MIN for t in texts):  # the model learns to copy, not to rank
+        if len(texts) < evidence:
+            texts.append(quote)
+        else:
+            texts[rng.randrange(len(texts))] = quote
+    return short_messages(q.question, texts) + [{"role": "assistant", "content": q.answer}]
+
+
 def build_example(q: RaftQuestion, chunks: list[CorpusChunk], distractors: int, p: float, rng: random.Random,
-                  fmt: Literal["chat", "alpaca"] = "chat") -> dict[str, Any]:
-    """One RAFT example: the oracle (with probability p) and distractors, shuffled, and the CoT answer."""
+                  fmt: Literal["chat", "alpaca"] = "chat", target: Literal["cot", "short"] = "cot",
+                  embedder: Embedder | None = None, evidence: int = 3) -> dict[str, Any]:
+    """One RAFT example: the oracle (with probability p; always with target short) and distractors, shuffled,
+    and the CoT answer (target cot) or the short answer over their evidence statements (target short)."""
     oracle = chunks[q.oracle]
     pool = [i for i, c in enumerate(chunks)
             if i != q.oracle and not (c.path == oracle.path and c.start < oracle.end and oracle.start < c.end)]
-    with_oracle = rng.random() < p
+    with_oracle = target == "short" or rng.random() < p
     n_distractors = distractors if with_oracle else distractors + 1
     if len(pool) < n_distractors:
         raise LmstackError(f"the corpus has {len(pool)} chunks that can be distractors for {oracle.id}, "
                            f"{n_distractors} are needed; lower --distractors")
     shown = rng.sample(pool, n_distractors) + ([q.oracle] if with_oracle else [])
     rng.shuffle(shown)
-    documents = "\n".join(f"<DOCUMENT>{chunks[i].text}</DOCUMENT>" for i in shown)
-    target = cot_answer(q.question, q.answer, best_quote(oracle.text, q.question, q.answer, q.snippet))
     meta = {"oracle": oracle.id, "oracle_included": with_oracle, "documents": [chunks[i].id for i in shown],
             "answer": q.answer}
+    if target == "short":
+        if embedder is None:
+            raise LmstackError("short RAFT examples need the embedder that ranks the evidence")
+        messages = short_example(q, chunks, shown, embedder, evidence, rng)
+        if fmt == "alpaca":
+            return {"system": messages[0]["content"], "instruction": messages[1]["content"], "input": "",
+                    "output": q.answer, "raft": meta}
+        return {"messages": messages, "raft": meta}
+    documents = "\n".join(f"<DOCUMENT>{chunks[i].text}</DOCUMENT>" for i in shown)
+    answer = cot_answer(q.question, q.answer, best_quote(oracle.text, q.question, q.answer, q.snippet))
     if fmt == "alpaca":
-        return {"system": SYSTEM, "instruction": q.question, "input": documents, "output": target, "raft": meta}
+        return {"system": SYSTEM, "instruction": q.question, "input": documents, "output": answer, "raft": meta}
     return {"messages": [{"role": "system", "content": SYSTEM},
                          {"role": "user", "content": f"{documents}\n\nQuestion: {q.question}"},
-                         {"role": "assistant", "content": target}], "raft": meta}
+                         {"role": "assistant", "content": answer}], "raft": meta}
 
 
 def final_answer(text: str) -> str:
@@ -239,7 +267,8 @@ def build(corpus: str, out: str, qa: str | None = None, model: str = DEFAULT_MOD
           questions_per_chunk: int = 1, distractors: int = 4, p: float = 0.8, seed: int = 0,
           format: Literal["chat", "alpaca"] = "chat", chunk_tokens: int = 200, overlap: int = 0,
           limit: int | None = None, max_new_tokens: int = 96, embedding_model: str = DEFAULT_EMBEDDING_MODEL,
-          field: str = "text", progress: bool = True) -> dict[str, Any]:
+          field: str = "text", progress: bool = True, target: Literal["cot", "short"] = "cot",
+          evidence: int = 3) -> dict[str, Any]:
     from lmstack.rag.embedding import get_embedder
 
     if not 0.0 <= p <= 1.0:
@@ -250,6 +279,10 @@ def build(corpus: str, out: str, qa: str | None = None, model: str = DEFAULT_MOD
         raise LmstackError(f"questions_per_chunk must be >= 1, not {questions_per_chunk}")
     if format not in ("chat", "alpaca"):
         raise LmstackError(f"format must be chat or alpaca, not {format!r}")
+    if target not in ("cot", "short"):
+        raise LmstackError(f"target must be cot or short, not {target!r}")
+    if evidence < 1:
+        raise LmstackError(f"evidence must be >= 1, not {evidence}")
     if Path(out).suffix != ".jsonl":
         raise LmstackError(f"{out}: the output must be a .jsonl file")
     embedder = get_embedder(embedding_model)
@@ -277,10 +310,11 @@ def build(corpus: str, out: str, qa: str | None = None, model: str = DEFAULT_MOD
     if not questions:
         raise LmstackError("no questions: the model's replies did not parse; give a QA file with --qa")
     rng = random.Random(seed)
-    examples = [build_example(q, chunks, distractors, p, rng, format) for q in questions]
+    examples = [build_example(q, chunks, distractors, p, rng, format, target, embedder, evidence) for q in questions]
     atomic_write_text(out, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     shown = sum(e["raft"]["oracle_included"] for e in examples)
     return {"out": out, "examples": len(examples), "format": format, "chunks": len(chunks),
             "oracle_included": shown, "oracle_fraction": round(shown / len(examples), 4),
-            "distractors": distractors, "p": p, "questions_from": "qa" if qa else model,
+            "distractors": distractors, "p": 1.0 if target == "short" else p, "target": target,
+            "questions_from": "qa" if qa else model,
             "unparsed_replies": failed}

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lmstack.errors import LmstackError
-from lmstack.generation.constraints import JsonConstraint, token_texts
+from lmstack.generation.constraints import JsonConstraint, constraint_for, token_texts
 from lmstack.generation.engine import DecodeEngine, pad_id
 from lmstack.generation.generator import chat_prompt
 from lmstack.generation.sampling import GenerationConfig, Sequence, TokenLogprob, choose_tokens, stop_token_ids
@@ -148,7 +148,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job (the caller validated its sizes); LmstackError when the queue is full."""
-        if job.json_mode or job.config.json_mode:
+        if job.json_mode or job.config.json_mode or job.config.copy_from:
             self.prepare_json_mode()
         with self.lock:
             if len(self.waiting) >= self.max_queue:
@@ -202,8 +202,9 @@ class Scheduler:
     def _sequence(self, job: Job, index: int) -> Sequence:
         """Choice `index` of `job`: the shared per-sequence state, with the job's settings."""
         cfg = job.config
-        constraint = JsonConstraint(self.tokenizer, self._texts) if job.json_mode or cfg.json_mode else None
         stop_ids = stop_token_ids(self.tokenizer, getattr(self.model.config, "eos_token_id", None), cfg.stop)
+        constraint = (JsonConstraint(self.tokenizer, self._texts) if job.json_mode
+                      else constraint_for(cfg, self.tokenizer, self._texts, stop_ids))
         return Sequence(cfg, context=job.prompt_ids, tokenizer=self.tokenizer, stop_ids=stop_ids,
                         budget=min(cfg.max_new_tokens, self.context - len(job.prompt_ids)),
                         vocab_size=self.vocab_size, device=self.device, index=index, logprobs=job.logprobs,
