@@ -48,21 +48,24 @@ def run_lmstack(args: argparse.Namespace) -> dict:
     from lmstack.checkpoints import load_model
     from lmstack.generation import GenerationConfig, Generator
     t0 = time.perf_counter()
-    # as the generate verb loads: the inference swaps (packed bf16, fused projections) unless compiling
-    loaded = load_model(args.model, dtype=args.dtype, quant=args.quant, inference=not args.compile)
+    # as the generate verb loads: the inference swaps (packed bf16, fused projections; the head only when
+    # compiling)
+    loaded = load_model(args.model, dtype=args.dtype, quant=args.quant, inference=True, compile=args.compile)
     gen = Generator(loaded.model, loaded.tokenizer, compile=args.compile)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(loaded.tokenizer.encode, args.prompt_tokens)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop=[])
+    t0 = time.perf_counter()
     gen.generate(ids, GenerationConfig(max_new_tokens=8))  # warm-up (and compilation when --compile)
+    warmup_s = time.perf_counter() - t0
     prefill, decode, tokens = [], [], []
     for _ in range(args.repeats):
         res = gen.generate(ids, cfg)
         prefill.append(res.prefill_tokens_per_s)
         decode.append(res.decode_tokens_per_s)
         tokens.append(res.token_ids)
-    result = {"load_s": load_s, "prefill": median(prefill), "decode": median(decode), "tokens": tokens[-1],
-              "new_tokens": len(tokens[-1]), "torch": torch.__version__, "peak_rss_mb": peak_rss_mb(),
+    result = {"load_s": load_s, "warmup_s": warmup_s, "prefill": median(prefill), "decode": median(decode),
+              "tokens": tokens[-1], "new_tokens": len(tokens[-1]), "torch": torch.__version__, "peak_rss_mb": peak_rss_mb(),
               "n_params": loaded.model.num_params(), "weights": loaded.weights}
     if args.quality:
         quality = json.loads(Path(args.quality).read_text())
@@ -237,6 +240,8 @@ def main() -> None:
     parser.add_argument("--chat-tokens", type=int, default=64)
     parser.add_argument("--quant", default="dequantize", help="(child) load_model's GGUF quant mode")
     parser.add_argument("--quality", help="(child) the token ids to score, written by the parent")
+    parser.add_argument("--rows", nargs="+", default=[], help="quant table: only the rows whose names contain one "
+                        "of these (the fp32 reference always runs)")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -365,6 +370,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+COMPILED_ROW = ("lmstack default + --compile (int4 blocks compiled with torch.compile, the packed bf16 head after "
+                "the graph)")
+LLAMA_ROW = "llama.cpp Q4_1 (same GGUF)"
+
+
 def quant_table(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import resolve
     quality = quality_inputs(args, Path("runs/bench/quality_ids.json"))
@@ -376,6 +386,7 @@ def quant_table(args: argparse.Namespace) -> None:
         ("lmstack bf16", "lmstack", "bfloat16", str(gguf), "dequantize"),
         ("lmstack default: int4 kept from the GGUF (bf16 head), loaded from the .gguf", "lmstack", "auto",
          str(gguf), "auto"),
+        (COMPILED_ROW, "lmstack", "auto", str(gguf), "auto"),
         ("lmstack int4 kept from the GGUF (int4 head), loaded from the .gguf", "lmstack", "bfloat16", str(gguf),
          "keep"),
         ("lmstack int4 kept from the GGUF (int4 head), native", "lmstack", "bfloat16", str(ckpt["keep"]),
@@ -385,20 +396,24 @@ def quant_table(args: argparse.Namespace) -> None:
         ("lmstack quantize int4-g32 (from bf16)", "lmstack", "bfloat16", str(ckpt["int4-g32"]), "dequantize"),
         ("lmstack quantize int8", "lmstack", "bfloat16", str(ckpt["int8"]), "dequantize"),
         ("lmstack quantize w8a8", "lmstack", "bfloat16", str(ckpt["w8a8"]), "dequantize"),
-        ("llama.cpp Q4_1 (same GGUF)", "llama.cpp", "q4_1", str(gguf), "dequantize"),
+        (LLAMA_ROW, "llama.cpp", "q4_1", str(gguf), "dequantize"),
     ]
-    rows = [(name, Path(model), spawn(args, engine, dtype, model=model, quant=quant, quality=quality))
+    # --rows: a subset by name (the fp32 reference, which agreement is measured against, always runs)
+    specs = [spec for i, spec in enumerate(specs) if i == 0 or not args.rows or any(r in spec[0] for r in args.rows)]
+    rows = [(name, Path(model), spawn(args, engine, dtype, model=model, quant=quant, quality=quality,
+                                      compile=name == COMPILED_ROW))
             for name, engine, dtype, model, quant in specs]
     ref = rows[0][2]
-    llama = rows[-1][2]
+    llama = dict((name, r) for name, _, r in rows).get(LLAMA_ROW)
     n_params = ref["n_params"] if ref else None
-    table = ["| engine / scheme | bytes per weight | file MB | load s | peak RSS MB | prefill tok/s | decode tok/s "
+    table = ["| engine / scheme | bytes per weight | file MB | load s | first 8 tokens s | peak RSS MB | prefill tok/s "
+             "| decode tok/s "
              f"| decode × llama.cpp | ppl tinyshakespeare | ppl course notes "
              f"| same {args.chat_tokens} greedy tokens as fp32 | tokens before the first difference (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, model, r in rows:
         if r is None:
-            table.append(f"| {name} | failed or not installed | | | | | | | | | | |")
+            table.append(f"| {name} | failed or not installed | | | | | | | | | | | |")
             continue
         size = file_bytes(model)
         per_weight = f"{size / n_params:.2f}" if n_params else ""
@@ -409,7 +424,9 @@ def quant_table(args: argparse.Namespace) -> None:
             same = sum(same_answer(a, b, stops) for a, b in zip(r["chat"], ref["chat"]))
             agree = f"{same}/{len(ref['chat'])}"
             prefix = f"{sum(common_prefix(a, b) for a, b in zip(r['chat'], ref['chat'])) / len(ref['chat']):.1f}"
-        table.append(f"| {name} | {per_weight} | {size / 1e6:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:,.0f} | "
+        warmup = f"{r['warmup_s']:.2f}" if "warmup_s" in r else "-"
+        table.append(f"| {name} | {per_weight} | {size / 1e6:.1f} | {r['load_s']:.2f} | {warmup} | "
+                     f"{r['peak_rss_mb']:,.0f} | "
                      f"{r['prefill']:,.0f} | {r['decode']:,.1f} | {vs} | {ppl[0]} | {ppl[1]} | {agree} | {prefix} |")
     body = "\n".join(table) + (
         f"\n\n{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {args.threads} threads, medians "
@@ -419,7 +436,8 @@ def quant_table(args: argparse.Namespace) -> None:
         "decode >= 1.0x llama.cpp, load <= 1 s, RSS <= 1.3x llama.cpp's, agreement >= 90%, perplexity within 1% "
         "(int8) / 5% of bf16 (int4).")
     print(body)
-    record("Quantized generation: SmolLM2-135M on CPU, lmstack vs llama.cpp", body,
+    title = "Quantized generation: SmolLM2-135M on CPU, lmstack vs llama.cpp"
+    record(title + (f" (rows: {', '.join(args.rows)})" if args.rows else ""), body,
            "python bench/generate.py " + " ".join(sys.argv[1:]))
 
 

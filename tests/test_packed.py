@@ -88,6 +88,38 @@ def test_pack_linears_keeps_logits_and_state_dict() -> None:
     assert count_weights(model) == count_weights(tiny_llama())
 
 
+def test_pack_head_only_for_a_compiled_step() -> None:
+    """load_model(compile=True): the blocks stay traceable (no oneDNN tensor), the head alone is packed."""
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.inference_mode():
+        ref = model(ids)
+        assert pack_linears_(model, blocks=False) == 1
+        assert isinstance(model.lm_head, PackedLinear) and model.lm_head.tied
+        assert not any(isinstance(m, PackedLinear) for m in model.layers.modules())
+        assert torch.equal(model(ids), ref)
+
+
+@pytest.mark.slow
+def test_compiled_int4_step_with_packed_head_equals_eager() -> None:
+    """The --compile model of an int4 GGUF: fused int4 blocks traced by torch.compile, the packed head run after
+    the graph. Its per-step logits equal the eager model's within bf16 rounding (inductor fuses the norms,
+    RoPE and residuals, which rounds differently from eager ops)."""
+    model = tiny_llama()
+    quantize_(model, "int4-g32", skip=("tok_emb",))
+    fuse_projections_(model)
+    assert pack_linears_(model, blocks=False) == 1
+    eager, compiled = Generator(copy.deepcopy(model), None), Generator(model, None, compile=True, max_len=64)
+    p = torch.randint(0, 256, (7,), generator=torch.Generator().manual_seed(3)).tolist()
+    tokens = eager.generate(p, GenerationConfig(max_new_tokens=8)).token_ids
+    with torch.inference_mode():
+        steps = {}
+        for name, gen in (("eager", eager), ("compiled", compiled)):
+            first = gen.adapter.prefill([p], len(tokens))[0]
+            steps[name] = torch.stack([first] + [gen.adapter.step(torch.tensor([[t]]))[0] for t in tokens[:-1]])
+    torch.testing.assert_close(steps["compiled"], steps["eager"], atol=0.05, rtol=0.02)
+
+
 def test_pack_leaves_float32_and_lora_alone() -> None:
     model = tiny_llama(torch.float32)
     assert pack_linears_(model) == 0  # float32 stays on MKL: packing measured no faster there

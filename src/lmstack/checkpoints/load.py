@@ -88,7 +88,8 @@ EMBEDDING_SCHEMES = {"keep": "int4-g32", "keep-int8": "int8", "keep-float": "non
 
 
 def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtype: torch.dtype | str = "auto",
-               device: str = "cpu", quant: str = "auto", inference: bool = False) -> LoadedModel:
+               device: str = "cpu", quant: str = "auto", inference: bool = False,
+               compile: bool = False) -> LoadedModel:
     """Load any supported checkpoint into an lmstack model in eval mode.
 
     `adapter`: a PEFT output folder (lmstack's adapter.json or Hugging Face peft's adapter_config.json), applied
@@ -102,6 +103,9 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     `inference`: the model will only run forward (generate, chat, serve, eval, rag): keep bf16 CPU linears in
     oneDNN's prepacked layout (lmstack.quant.packed), and fuse each block's q|k|v and gate|up where they stay
     unpacked (int4, float32). The outputs are the same; training such a model is not supported.
+    `compile` (with `inference`): the decode step will be torch.compiled, which cannot trace oneDNN-packed
+    weights, so only the head (run outside the compiled graph) is packed and every block's q|k|v and gate|up
+    are fused instead.
     """
     if quant not in QUANT_MODES and quant != "auto":
         raise LmstackError(f"unknown quant mode {quant!r}; use auto or one of {', '.join(QUANT_MODES)}")
@@ -112,7 +116,8 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
         cpu_bf16 = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
         quant = "keep-float" if asked_auto and cpu_bf16 else "dequantize"
     if adapter is not None:
-        return _for_inference(_load_with_adapter(name_or_path, str(adapter), dtype, device), inference)
+        return _for_inference(_load_with_adapter(name_or_path, str(adapter), dtype, device), inference,
+                              compile)
     if not name_or_path:
         raise LmstackError("no model given: pass a registry name or a checkpoint path")
     path = resolve(name_or_path)
@@ -131,7 +136,7 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
                         quantization=metadata.get("quantization"))
     loaded = LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(path), metadata=metadata,
                          dtype=str(dtype).removeprefix("torch."), weights=_weights(metadata, dtype))
-    return _for_inference(loaded, inference)
+    return _for_inference(loaded, inference, compile)
 
 
 def _weights(metadata: dict[str, Any], dtype: torch.dtype) -> str:
@@ -143,7 +148,7 @@ def _weights(metadata: dict[str, Any], dtype: torch.dtype) -> str:
     return " + ".join([*formats, name])
 
 
-def _for_inference(loaded: LoadedModel, inference: bool) -> LoadedModel:
+def _for_inference(loaded: LoadedModel, inference: bool, compile: bool = False) -> LoadedModel:
     if inference:
         from lmstack.quant.packed import pack_linears_, packs
         from lmstack.quant.quantize import fusable, fuse_projections_
@@ -151,9 +156,9 @@ def _for_inference(loaded: LoadedModel, inference: bool) -> LoadedModel:
         # Packed projections decode as fast fused or not (measured on SmolLM2), and fusing them would copy every
         # q/k/v/gate/up weight once more at load: fuse only what stays unpacked (int4 kept from a GGUF, float32).
         first_q = next((m.attn.q_proj for m in model.modules() if isinstance(m, Block)), None)
-        if fusable(model) and not packs(first_q):
+        if fusable(model) and (compile or not packs(first_q)):
             fuse_projections_(model)
-        pack_linears_(model)
+        pack_linears_(model, blocks=not compile)
     return loaded
 
 

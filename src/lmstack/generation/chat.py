@@ -104,9 +104,8 @@ def load_generator(model: str | None, dtype: DType = "auto", compile: bool = Fal
     from lmstack.checkpoints import load_model
     from lmstack.generation import Generator
     start = time.perf_counter()
-    # oneDNN-packed weights are opaque to torch.compile: a compiled step keeps plain ones
     loaded = load_model(model or (None if adapter else DEFAULT_MODEL), adapter=adapter, dtype=dtype,
-                        inference=not compile)
+                        inference=True, compile=compile)
     if loaded.tokenizer is None:  # the verbs take text: name the folder and the missing file
         raise LmstackError(f"{loaded.source}: no tokenizer.json beside the weights, so text cannot be encoded; "
                            "copy the tokenizer.json of the model it was trained from into the folder")

@@ -91,16 +91,19 @@ def packs(module: nn.Module | None) -> bool:
     return type(module) is nn.Linear and _packable(module.weight) and packing_available()
 
 
-def pack_linears_(model: nn.Module, tied_head: bool = True) -> int:
+def pack_linears_(model: nn.Module, tied_head: bool = True, blocks: bool = True) -> int:
     """Swap every plain bfloat16 CPU `nn.Linear` in `model` for a `PackedLinear`; returns how many.
 
     `tied_head`: a `TiedHead` over a plain embedding table gets a packed copy of the table (the head is the
     largest matmul of a small model; the copy costs vocab x dim more memory, 57 MB for SmolLM2-135M). Other
-    modules (LoRA, quantized) keep their own kernels. A no-op where oneDNN is missing."""
+    modules (LoRA, quantized) keep their own kernels. A no-op where oneDNN is missing.
+    `blocks=False` packs the head (`lm_head`) only: a torch.compiled decode step traces the blocks, and cannot
+    trace an opaque oneDNN weight, while the head runs outside the compiled graph."""
     if not packing_available():
         return 0
+    head = getattr(model, "lm_head", None)
     swaps = [(parent, name, PackedLinear.from_linear(child)) for parent in model.modules()
-             for name, child in parent.named_children() if packs(child)]
+             for name, child in parent.named_children() if packs(child) and (blocks or child is head)]
     if tied_head:
         swaps += [(parent, name, PackedLinear(child.weight, None, tied=True)) for parent in model.modules()
                   for name, child in parent.named_children()
