@@ -16,7 +16,7 @@ from lmstack.checkpoints import instantiate, load_model
 from lmstack.errors import LmstackError
 from lmstack.generation import (GenerationConfig, Generator, apply_repetition_penalty, apply_top_k, apply_top_p,
                                 held_back)
-from lmstack.models.attention import Attention, _training_half_dtype, matmul_attention
+from lmstack.models.attention import Attention, _training_half_dtype, matmul_attention, one_query_attention
 from lmstack.tokenizer import StreamDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -166,6 +166,23 @@ def test_matmul_attention_matches_sdpa(dtype, compute, T):
                                0.3, is_causal=causal, dtype=torch.float32 if compute == "float32" else None)
         assert got.dtype == (torch.float32 if compute == "float32" else dtype)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_query_attention_matches_sdpa(dtype):
+    """The compiled decode step's attention over a half-precision cache: one query per row, grouped heads, the
+    per-row slot mask of the cache pool (or none), against SDPA in float32 over the same (rounded) keys."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, h, s, 16, generator=g).to(dtype) for h, s in ((6, 1), (2, 40), (2, 40)))
+    keep = torch.rand(3, 1, 1, 40, generator=g) > 0.3
+    keep[..., 0] = True
+    for mask in (None, keep):
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3,
+                                              enable_gqa=True)
+        got = one_query_attention(q, k, v, mask, 0.3)
+        assert got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 

@@ -104,7 +104,7 @@ def test_pack_head_only_for_a_compiled_step() -> None:
 def test_compiled_int4_step_with_packed_head_equals_eager() -> None:
     """The --compile model of an int4 GGUF: fused int4 blocks traced by torch.compile, the packed head run after
     the graph. Its per-step logits equal the eager model's within bf16 rounding (inductor fuses the norms,
-    RoPE and residuals, which rounds differently from eager ops)."""
+    RoPE and residuals, which rounds differently from eager ops, and its cache holds bf16 keys and values)."""
     model = tiny_llama()
     quantize_(model, "int4-g32", skip=("tok_emb",))
     fuse_projections_(model)
@@ -117,6 +117,9 @@ def test_compiled_int4_step_with_packed_head_equals_eager() -> None:
         for name, gen in (("eager", eager), ("compiled", compiled)):
             first = gen.adapter.prefill([p], len(tokens))[0]
             steps[name] = torch.stack([first] + [gen.adapter.step(torch.tensor([[t]]))[0] for t in tokens[:-1]])
+    # the compiled step reads a cache in the model's dtype (one_query_attention); eager decoding keeps float32
+    assert compiled.adapter.engine.model.cache_shape()[2] == torch.bfloat16
+    assert eager.adapter.engine.model.cache_shape()[2] == torch.float32
     torch.testing.assert_close(steps["compiled"], steps["eager"], atol=0.05, rtol=0.02)
 
 

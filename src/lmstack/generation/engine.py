@@ -106,7 +106,9 @@ class DecodeEngine:
         """Make the pool [rows, slots]; an existing pool of that size (and its compiled graph) is kept."""
         shape = self.model.cache_shape()
         if shape is None or shape[:2] != (rows, slots):
-            self.model.setup_cache(rows, slots)
+            # A compiled step reads the cache in the model's dtype (models.attention.one_query_attention); the
+            # eager one picks its own (kv_cache_dtype: float32 for a half-precision model on the CPU).
+            self.model.setup_cache(rows, slots, dtype=self.model.dtype if self.compiled else None)
             self._view = None
 
     def _use(self, rows: slice, slots: int) -> None:

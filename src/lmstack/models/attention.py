@@ -101,6 +101,26 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
     return (probs @ v).view(B, H, T, D)
 
 
+def one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    """One query per row as elementwise products and sums: q [B, H, 1, D], k, v [B, Hkv, S, D] (any float
+    dtype, read as float32) -> [B, H, 1, D] in q's dtype; mask None or bool [B|1, 1, 1, S] (True = attend).
+
+    For a torch.compiled CPU decode step (`attend` decides): inductor fuses this into loops that read a bf16
+    cache once, converting as they go, where SDPA stays an opaque call that wants a float32 cache, twice the
+    bytes. SmolLM2 int4 with --compile decoded about 13% faster this way than with SDPA over a float32 cache
+    (the median of six alternating runs).
+    """
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    qf = (q.float() * scale).view(B, Hkv, H // Hkv, 1, D)  # the G query heads of each kv head
+    scores = (qf * k.float()[:, :, None]).sum(-1)  # [B, Hkv, G, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, S), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return (probs[..., None] * v.float()[:, :, None]).sum(-2).view(B, H, 1, D).to(q.dtype)  # [B, H, 1, D]
+
+
 MATMUL_ATTENTION_MAX_KEYS = 256  # training steps attend with matmul_attention up to this many keys (below)
 
 
@@ -109,6 +129,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, is_causal: b
     """The one place that picks the attention kernel: q [B, H, T, D], k, v [B, Hkv, S, D] -> [B, H, T, D].
 
     - SDPA (with enable_gqa) everywhere, except on CPU where its kernels are slow for the shape:
+    - a torch.compiled decode step over a half-precision cache: one_query_attention (the compiled engine
+      keeps its cache in the model's dtype, generation/engine.py).
     - cached half-precision decoding (one query per row): SDPA in float32, over the float32 cache
       (kv_cache_dtype). Its half-precision kernel costs 4-7x that at SmolLM2's shapes (768 keys: 546 us
       against 102 us per layer).
@@ -119,6 +141,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, is_causal: b
     CPU" and "Decode attention on CPU").
     """
     if q.device.type == "cpu" and not dropout:
+        if (q.shape[2] == 1 and k.dtype in (torch.bfloat16, torch.float16) and not is_causal
+                and torch.compiler.is_compiling()
+                and (mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1))):
+            return one_query_attention(q, k, v, mask, scale)
         if q.shape[2] == 1 and q.dtype != torch.float32 and not is_causal:
             mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
