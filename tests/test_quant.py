@@ -22,8 +22,8 @@ from lmstack.config import from_name
 from lmstack.errors import LmstackError
 from lmstack.models import build_model
 from lmstack.models.blocks import TiedHead
-from lmstack.quant.gguf_pack import gguf_q4_to_codes, int4_from_gguf
-from lmstack.quant.int4 import Int4Linear, quantize_int4
+from lmstack.quant.gguf_pack import BLOCK_BYTES, gguf_q4_to_codes, int4_from_gguf, q4_blocks, q4_blocks_to_int4
+from lmstack.quant.int4 import Int4Linear, blocked_pack, quantize_int4
 from lmstack.quant.int8 import Int8Linear
 from lmstack.quant.nf4_linear import NF4Linear
 from lmstack.quant.quantize import QuantEmbedding, fuse_projections_, quantize_
@@ -208,6 +208,21 @@ def test_gguf_q4_repacks_block_by_block(qtype: str) -> None:
         assert bool(((got[:, cols] - ref[:, cols]).abs() <= bound).all()), f"block {block}"
     x = torch.randn(2, K, dtype=torch.bfloat16)
     assert_bf16_close(layer(x), x.float(), got.float())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("N,K", [(128, 96), (80, 96), (64, 64)])
+def test_gguf_blocks_go_straight_to_the_blocked_layout(qtype: str, N: int, K: int) -> None:
+    """load_gguf's repack (block bytes -> blocked layout, no codes array) equals blocked_pack of the codes, for
+    whole blocks of 64 rows, a tail (80 = 64 + 16) and one block of 64 x 64 (where a reshape can come back as a
+    transposed view: the kernel needs it contiguous), with the same scales and zeros."""
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, N * K // 32 * BLOCK_BYTES[qtype], dtype=np.uint8)
+    raw.reshape(N, K // 32, -1)[..., :4] = np.frombuffer(np.float16([0.01, -0.02]).tobytes(), np.uint8)
+    codes, d, zeros = gguf_q4_to_codes(raw, qtype, (N, K))
+    qweight, d2, zeros2 = q4_blocks_to_int4(q4_blocks(raw, qtype, (N, K)), qtype)
+    assert torch.equal(qweight, blocked_pack(codes)) and qweight.is_contiguous()
+    assert torch.equal(d2, d) and torch.equal(zeros2, zeros)
 
 
 def test_gguf_q4_wrong_size_is_one_line() -> None:

@@ -464,17 +464,16 @@ def _keep_int4(t: GGUFTensor, layer_map: dict[str, str]) -> bool:
 
 def _packed_int4(gf: GGUFFile, t: GGUFTensor, config: DecoderConfig, layer_map: dict[str, str],
                  state: dict[str, Tensor], modules: dict[str, dict[str, Any]]) -> None:
-    from lmstack.quant.gguf_pack import BLOCK, gguf_q4_to_codes
-    from lmstack.quant.int4 import blocked_pack
+    from lmstack.quant.gguf_pack import BLOCK, q4_blocks, q4_blocks_to_int4
     N, K = t.shape
-    codes, scales, zeros = gguf_q4_to_codes(gf.raw(t), type_name(t.qtype), (N, K))  # [N, K], [N, K/32] x2
+    blocks = q4_blocks(gf.raw(t), type_name(t.qtype), (N, K))  # [N, K/32, bytes]
     suffix = t.name.split(".", 2)[-1]
-    if suffix in ("attn_q.weight", "attn_k.weight"):  # rows of codes, scales and zeros move together
-        heads = config.n_head if suffix == "attn_q.weight" else config.n_kv_head
-        codes, scales, zeros = (unpermute_qk(x, heads).contiguous() for x in (codes, scales, zeros))
+    if suffix in ("attn_q.weight", "attn_k.weight"):  # whole rows move: codes, scale and zero together
+        blocks = unpermute_qk(blocks, config.n_head if suffix == "attn_q.weight" else config.n_kv_head)
+    qweight, scales, zeros = q4_blocks_to_int4(blocks, type_name(t.qtype))  # [N, K/2], [N, K/32] x2
     name = "lm_head" if t.name == "output.weight" else \
         f"layers.{t.name.split('.')[1]}.{layer_map[suffix].removesuffix('.weight')}"
-    state[f"{name}.qweight"] = blocked_pack(codes)  # [N, K/2]
+    state[f"{name}.qweight"] = qweight
     state[f"{name}.scales_and_zeros"] = torch.stack([scales, zeros], -1).transpose(0, 1).to(
         torch.bfloat16).contiguous()  # [K/32, N, 2]
     modules[name] = {"format": f"int4-g{BLOCK}", "in_features": K, "out_features": N, "bias": False}
