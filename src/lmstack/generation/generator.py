@@ -185,7 +185,7 @@ class Generator:
             raise LmstackError(f"cannot generate text with a {family!r} model; use a decoder or seq2seq model")
         self.vocab_size: int = cfg.vocab_size
         self.last_result: GenerationResult | None = None
-        self._token_texts: list[str] | None = None  # every token's text, built at the first JSON-mode call
+        self._token_texts: list[str] | None = None  # every token's text, built at the first JSON- or copy-mode call
 
     # ------------------------------------------------------------------------------------- public
 
@@ -236,15 +236,15 @@ class Generator:
         """The state of one sequence generated from `prompt` (what the decode loops drive)."""
         stop_ids = stop_ids if stop_ids is not None else self.stop_ids(config)
         if config.json_mode or config.copy_from:
-            self.prepare_json_mode()
+            self.prepare_token_texts()
         constraint = constraint_for(config, self.tokenizer, self._token_texts, stop_ids)
         return Sequence(config, context=self.adapter.context_tokens(prompt), tokenizer=self.tokenizer,
                         stop_ids=stop_ids, budget=budget,
                         vocab_size=self.vocab_size, device=self.adapter.device, index=index, logprobs=logprobs,
                         constraint=constraint)
 
-    def prepare_json_mode(self) -> None:
-        """Decode every token's text once (about a second for a 50k vocabulary), for JSON-mode calls."""
+    def prepare_token_texts(self) -> None:
+        """Decode every token's text once (about a second for a 50k vocabulary), for JSON- and copy-mode calls."""
         if self._token_texts is None and self.tokenizer is not None:
             self._token_texts = token_texts(self.tokenizer)
 

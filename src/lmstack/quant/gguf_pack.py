@@ -50,9 +50,13 @@ def block_scales(blocks: Tensor, qtype: str) -> tuple[Tensor, Tensor]:
 def gguf_q4_to_codes(raw: np.ndarray | bytes, qtype: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """Raw Q4_0 / Q4_1 bytes of a [N, K] tensor -> (codes [N, K] uint8, scales [N, NB] f32, zeros [N, NB] f32)."""
     blocks = q4_blocks(raw, qtype, shape)
-    qs = blocks[..., BLOCK_BYTES[qtype] - 16:]  # [N, NB, 16]
-    codes = torch.cat([qs & 0xF, qs >> 4], dim=-1)  # [N, NB, 32]: values 0..15, then 16..31
-    return (codes.reshape(shape), *block_scales(blocks, qtype))
+    return (_codes(blocks).reshape(shape), *block_scales(blocks, qtype))
+
+
+def _codes(blocks: Tensor) -> Tensor:
+    """blocks [N, NB, bytes] -> their codes [N, NB, 32] uint8: values 0..15 (low nibbles), then 16..31."""
+    qs = blocks[..., blocks.shape[-1] - 16:]  # [N, NB, 16]
+    return torch.cat([qs & 0xF, qs >> 4], dim=-1)
 
 
 def q4_blocks_to_int4(blocks: Tensor, qtype: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,11 +68,9 @@ def q4_blocks_to_int4(blocks: Tensor, qtype: str) -> tuple[Tensor, Tensor, Tenso
     32 b + j (low) and 32 b + 16 + j (high) of one row.
     """
     N, NB, size = blocks.shape
-    qs = blocks[..., size - 16:]  # [N, NB, 16]
     if N % 64:  # tails pack in pairs of rows: through the codes
-        return (blocked_pack(torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(N, NB * BLOCK)),
-                *block_scales(blocks, qtype))
-    qs = qs.reshape(N // 64, 2, 32, NB, 16)  # row 64 r + 32 h + i
+        return blocked_pack(_codes(blocks).reshape(N, NB * BLOCK)), *block_scales(blocks, qtype)
+    qs = blocks[..., size - 16:].reshape(N // 64, 2, 32, NB, 16)  # row 64 r + 32 h + i
     lo, hi = qs[:, 0], qs[:, 1]  # [R, 32, NB, 16]: the rows bound for the low and the high nibbles
     # [R, 32 (i), NB (b), 2 (columns 32 b + j, then 32 b + 16 + j), 16 (j)]
     out = torch.stack([(lo & 0xF) | (hi << 4), (lo >> 4) | (hi & 0xF0)], dim=3)

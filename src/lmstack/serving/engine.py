@@ -81,7 +81,7 @@ class Engine:
                     self.embedder = Embedder(self.embedding_model)
                 except LmstackError as e:
                     raise LmstackError(f"--embedding-model {e}") from None
-            self.scheduler.prepare_json_mode()  # the token texts JSON mode checks, built once here
+            self.scheduler.prepare_token_texts()  # the token texts JSON and copy modes check, built once here
             self.scheduler.start()
             self.created = int(time.time())
             self.state = "ok"

@@ -122,7 +122,7 @@ class Scheduler:
         self.active: list[tuple[Job, Sequence]] = []  # row i of the pool holds active[i]
         self.waiting: collections.deque[Job] = collections.deque()
         self.lock = threading.Condition()
-        self._texts: list[str] | None = None  # token texts, built at the first JSON-mode request
+        self._texts: list[str] | None = None  # token texts, built at the first JSON- or copy-mode request
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="lmstack-scheduler", daemon=True)
 
@@ -141,15 +141,16 @@ class Scheduler:
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         return chat_prompt(self.tokenizer, messages)
 
-    def prepare_json_mode(self) -> None:
-        """Decode every token's text once (about a second for a 50k vocabulary), for JSON-mode requests."""
+    def prepare_token_texts(self) -> None:
+        """Decode every token's text once (about a second for a 50k vocabulary), for JSON- and copy-mode
+        requests."""
         if self._texts is None:
             self._texts = token_texts(self.tokenizer)
 
     def submit(self, job: Job) -> None:
         """Queue a job (the caller validated its sizes); LmstackError when the queue is full."""
         if job.json_mode or job.config.json_mode or job.config.copy_from:
-            self.prepare_json_mode()
+            self.prepare_token_texts()
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise LmstackError("the request queue is full")
