@@ -370,8 +370,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-COMPILED_ROW = ("lmstack default + --compile (int4 blocks compiled with torch.compile, the packed bf16 head after "
-                "the graph)")
+COMPILED_ROW = ("lmstack default + --compile (int4 blocks and the file's Q8_0 head kept, torch.compile with the "
+                "C++ wrapper)")
 LLAMA_ROW = "llama.cpp Q4_1 (same GGUF)"
 
 

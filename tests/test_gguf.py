@@ -407,6 +407,27 @@ def test_auto_keeps_q4_packed_where_bf16_runs_and_inference_fuses_it(tmp_path: P
     assert load_model(str(path)).weights == "float32"  # no native bf16: the float model
 
 
+def test_keep_q8_holds_the_files_q8_0_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quant="keep-q8": a Q8_0 token embedding (and tied head) keeps the file's codes and scales (int8-g32), so
+    its table equals the float32 import bit for bit; "auto" picks it for a compiled model on a bf16 CPU."""
+    import lmstack.checkpoints.load as load
+    from lmstack.quant.int8 import Int8Linear
+    from lmstack.quant.quantize import QuantEmbedding
+    path = write_gguf(tmp_path / "q8.gguf", tiny_model("tiny-llama"), Q.Q8_0)
+    ref = load_model(str(path), dtype="float32").model
+    kept = load_model(str(path), dtype="bfloat16", quant="keep-q8")
+    table = kept.model.tok_emb
+    assert isinstance(table, QuantEmbedding) and isinstance(table.table, Int8Linear) and table.table.group_size == 32
+    assert torch.equal(table.table.dequantize(dtype=torch.float32), ref.tok_emb.weight)
+    assert kept.metadata["quantization"]["modules"]["tok_emb"]["format"] == "int8-g32"
+    got, want = logits(kept.model, IDS).float(), logits(ref, IDS)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    monkeypatch.setattr(load, "auto_dtype", lambda device="cpu": torch.bfloat16)
+    compiled = load_model(str(path), inference=True, compile=True).model
+    assert isinstance(compiled.tok_emb, QuantEmbedding) and compiled.tok_emb.table.group_size == 32
+    assert type(load_model(str(path), inference=True).model.tok_emb) is not QuantEmbedding  # eager: keep-float
+
+
 @pytest.mark.parametrize("mode", ["keep", "keep-float"])
 def test_convert_keep_writes_a_packed_native_checkpoint(tmp_path: Path, mode: str) -> None:
     """`lmstack convert --quant keep|keep-float`: the kept GGUF as a native checkpoint, which loads to the same

@@ -101,14 +101,22 @@ def test_pack_head_only_for_a_compiled_step() -> None:
 
 
 @pytest.mark.slow
-def test_compiled_int4_step_with_packed_head_equals_eager() -> None:
-    """The --compile model of an int4 GGUF: fused int4 blocks traced by torch.compile, the packed head run after
-    the graph. Its per-step logits equal the eager model's within bf16 rounding (inductor fuses the norms,
-    RoPE and residuals, which rounds differently from eager ops, and its cache holds bf16 keys and values)."""
+@pytest.mark.parametrize("head", ["packed bf16", "int8-g32"])
+def test_compiled_int4_step_equals_eager(head: str) -> None:
+    """The --compile model of an int4 GGUF: fused int4 blocks traced by torch.compile (C++ wrapper), then the head
+    as its own step: a packed bf16 head run eagerly, or the kept Q8_0 table (int8-g32) compiled on its own. Its
+    per-step logits equal the eager model's within bf16 rounding (inductor fuses the norms, RoPE and
+    residuals, which rounds differently from eager ops, and its cache holds bf16 keys and values)."""
+    from lmstack.quant.quantize import QuantEmbedding, quantized_linear
+    torch._dynamo.reset()
     model = tiny_llama()
     quantize_(model, "int4-g32", skip=("tok_emb",))
     fuse_projections_(model)
-    assert pack_linears_(model, blocks=False) == 1
+    if head == "packed bf16":
+        assert pack_linears_(model, blocks=False) == 1
+    else:
+        model.tok_emb = QuantEmbedding(quantized_linear(model.tok_emb.weight, None, "int8-g32"), torch.bfloat16)
+        assert pack_linears_(model, blocks=False) == 0
     eager, compiled = Generator(copy.deepcopy(model), None), Generator(model, None, compile=True, max_len=64)
     p = torch.randint(0, 256, (7,), generator=torch.Generator().manual_seed(3)).tolist()
     tokens = eager.generate(p, GenerationConfig(max_new_tokens=8)).token_ids

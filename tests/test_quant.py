@@ -156,6 +156,52 @@ def test_int8_adopts_a_misaligned_tensor_safely() -> None:
     torch.testing.assert_close(rebuilt(x), layer(x))
 
 
+def q8_0_weight(N: int, K: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """A weight as GGUF's Q8_0 holds it: (w [N, K] = q d, codes q [N, K] int8 in [-127, 127] with a +-127 in every
+    block of 32, scales d [N, K/32] fp16 values)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-126, 127, (N, K // 32, 32), generator=g, dtype=torch.int8)
+    codes[..., 0] = torch.where(torch.rand(N, K // 32, generator=g) < 0.5, -127, 127).to(torch.int8)
+    scales = (torch.rand(N, K // 32, generator=g) * 0.01 + 1e-3).half().float()
+    return (codes.float() * scales[..., None]).view(N, K), codes.view(N, K), scales
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_int8_groups_keep_q8_0_exactly_and_match_their_weight(compiled: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8-g32, the format a GGUF's Q8_0 table is kept in: requantizing Q8_0 values gives back the file's codes and
+    scales bit for bit, and the layer multiplies by exactly that weight: eagerly a chunk of rows at a time (bf16
+    matmul), traced as one fused loop in float32."""
+    import lmstack.quant.int8 as int8
+    w, codes, scales = q8_0_weight(40, 96)
+    q, s = int8.quantize_int8_rows(w, 32)
+    assert torch.equal(q, codes) and torch.equal(s, scales)
+    linear = nn.Linear(96, 40, bias=False)
+    linear.weight.data = w.clone()
+    layer = Int8Linear.from_float(linear, group_size=32)
+    assert torch.equal(layer.dequantize(dtype=torch.float32), w) and layer.scales.shape == (40, 3)
+    assert torch.equal(layer.dequantize(torch.tensor([3, 0]), torch.float32), w[[3, 0]])  # embedding lookups
+    monkeypatch.setattr(int8, "EAGER_CHUNK", 16)  # 40 rows: three chunks, the last one short
+    x = torch.randn(2, 5, 96)
+    if compiled:
+        torch._dynamo.reset()
+        step = torch.compile(layer, fullgraph=True)
+        one = x[:1, :1].to(torch.bfloat16)  # a decode step's one row: the fused loop
+        # float32 products of bf16 activations and the exact weight, one rounding to bf16 at the end
+        want = one.float() @ w.t()
+        torch.testing.assert_close(step(one).float(), want, rtol=BF16_EPS, atol=BF16_EPS * float(want.abs().max()))
+        xb = x.to(torch.bfloat16)  # 10 rows: chunks dequantized to bf16, as eagerly
+        assert_bf16_close(step(xb), xb.float(), w)
+    else:
+        torch.testing.assert_close(layer(x), x @ w.t(), atol=1e-5, rtol=1e-5)  # float32 throughout
+        xb = x.to(torch.bfloat16)
+        assert_bf16_close(layer(xb), xb.float(), w)
+    with pytest.raises(LmstackError, match="groups of 32"):
+        Int8Linear(100, 8, group_size=32)
+    with pytest.raises(LmstackError, match="groups of 32"):
+        Int8Linear(96, 8, mode="w8a8", group_size=32)
+
+
 @pytest.mark.parametrize("M", [1, 5, 33])
 def test_w8a8_matches_quantized_activations_times_dequantized_weight(M: int) -> None:
     torch.manual_seed(0)
@@ -353,9 +399,25 @@ def test_save_and_rebuild_round_trip(scheme: str) -> None:
     model = tiny_llama().to(torch.bfloat16)
     fuse_projections_(model)
     quantize_(model, scheme)
+    meta = assert_rebuilds(model)
+    assert meta["fused"] and meta["modules"]["tok_emb"]["embedding"]
+
+
+def test_grouped_int8_table_round_trip() -> None:
+    """A kept Q8_0 table (int8-g32 QuantEmbedding, the tied head too) is saved and rebuilt like any scheme."""
+    from lmstack.quant.quantize import quantized_linear
+    model = tiny_llama().to(torch.bfloat16)
+    quantize_(model, "int4-g32", skip=("tok_emb",))
+    model.tok_emb = QuantEmbedding(quantized_linear(model.tok_emb.weight, None, "int8-g32"), torch.bfloat16)
+    meta = assert_rebuilds(model)
+    assert meta["modules"]["tok_emb"]["format"] == "int8-g32"
+
+
+def assert_rebuilds(model: nn.Module) -> dict:
+    """Save `model`'s quantized state, rebuild it on an unquantized tiny-llama skeleton, check the logits are
+    equal; -> the metadata."""
     state, meta = quantized_state_dict(model)
     meta = json.loads(json.dumps(meta))  # it travels as JSON in lmstack.json
-    assert meta["fused"] and meta["modules"]["tok_emb"]["embedding"]
     with torch.device("meta"):
         skeleton = build_model(from_name("tiny-llama"))
     rebuild_quantized_(skeleton, state, meta)
@@ -364,6 +426,7 @@ def test_save_and_rebuild_round_trip(scheme: str) -> None:
     x = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         assert torch.equal(skeleton(x), model(x))
+    return meta
 
 
 def test_corrupt_or_mismatched_packed_tensors_are_one_line() -> None:

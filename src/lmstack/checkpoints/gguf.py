@@ -423,6 +423,9 @@ def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False, emb
         if keep and _keep_int4(t, layer_map):
             _packed_int4(gf, t, config, layer_map, state, modules)
             continue
+        if keep and t.name == "token_embd.weight" and embedding_scheme == "int8-g32" and type_name(t.qtype) == "Q8_0":
+            _q8_0_table(gf, t, state, modules)
+            continue
         w = dequantize(gf.raw(t), t.qtype, t.shape)  # numpy until the end: see the note on dequantization
         if t.name in _GLOBAL:
             if keep and t.name == "token_embd.weight" and embedding_scheme != "none":
@@ -479,11 +482,26 @@ def _packed_int4(gf: GGUFFile, t: GGUFTensor, config: DecoderConfig, layer_map: 
     modules[name] = {"format": f"int4-g{BLOCK}", "in_features": K, "out_features": N, "bias": False}
 
 
+def _q8_0_table(gf: GGUFFile, t: GGUFTensor, state: dict[str, Tensor], modules: dict[str, dict[str, Any]]) -> None:
+    """A Q8_0 token embedding kept as it is (int8-g32): each 34-byte block is an fp16 scale and 32 int8 codes."""
+    N, K = t.shape
+    blocks = gf.raw(t).reshape(N, K // 32, 34)
+    state["tok_emb.table.qweight"] = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(N, K))
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0]  # [N, K/32]
+    state["tok_emb.table.scales"] = torch.from_numpy(scales.astype(np.float32))
+    modules["tok_emb"] = {"format": "int8-g32", "in_features": K, "out_features": N, "bias": False,
+                          "embedding": True, "dtype": "torch.bfloat16"}
+
+
 def _quantized_embedding(weight: Tensor, scheme: str, state: dict[str, Tensor],
                          modules: dict[str, dict[str, Any]]) -> None:
-    """token_embd (Q8_0 in SmolLM2's file: no lossless target) requantized as `scheme`, as quant_ would."""
+    """token_embd (Q8_0 in SmolLM2's file) requantized as `scheme`, as quant_ would; "int8-g32" keeps a Q8_0
+    table's codes and scales exactly (quant.int8.quantize_int8_rows)."""
     from lmstack.quant.quantize import choose_format, quantized_linear
-    fmt, _ = choose_format(scheme, *weight.shape)
+    if scheme == "int8-g32":
+        fmt = scheme if weight.shape[1] % 32 == 0 else "int8"
+    else:
+        fmt, _ = choose_format(scheme, *weight.shape)
     table = quantized_linear(weight, None, fmt)
     state.update({f"tok_emb.table.{k}": v.contiguous() for k, v in table.state_dict().items()})
     modules["tok_emb"] = {"format": fmt, "in_features": weight.shape[1], "out_features": weight.shape[0],

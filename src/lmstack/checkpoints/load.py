@@ -83,8 +83,9 @@ def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
 # ------------------------------------------------------------------------------------------ loading
 
 
-QUANT_MODES = ("dequantize", "keep", "keep-int8", "keep-float")
-EMBEDDING_SCHEMES = {"keep": "int4-g32", "keep-int8": "int8", "keep-float": "none"}  # the Q8_0 table's target
+QUANT_MODES = ("dequantize", "keep", "keep-int8", "keep-float", "keep-q8")
+# the Q8_0 table's target
+EMBEDDING_SCHEMES = {"keep": "int4-g32", "keep-int8": "int8", "keep-float": "none", "keep-q8": "int8-g32"}
 
 
 def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtype: torch.dtype | str = "auto",
@@ -95,17 +96,19 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     `adapter`: a PEFT output folder (lmstack's adapter.json or Hugging Face peft's adapter_config.json), applied
     unmerged. With an adapter and no `name_or_path`, the base model is the one the adapter names.
     `quant` (GGUF files): "dequantize" (every tensor to `dtype`), or keep the Q4_0 / Q4_1 linears packed for the
-    int4 kernel with the Q8_0 token embedding and tied head as "keep-float" (bf16: the file's own values, the
-    best perplexity), "keep-int8" or "keep" (int4-g32: the fastest head, +6% perplexity on SmolLM2).
-    "auto" is keep-float when `dtype` is "auto" and resolves to bfloat16 on the CPU (the int4 kernel runs bf16
-    activations), and dequantize otherwise, so an explicit --dtype float32 still gives the float model. A native
-    quantized checkpoint always loads packed.
+    int4 kernel with the Q8_0 token embedding and tied head as "keep-float" (bf16), "keep-q8" (the file's own
+    Q8_0 codes and scales, int8-g32: half keep-float's bytes, the fastest head when compiled), "keep-int8"
+    (per-row int8) or "keep" (int4-g32: the fastest eager head, +6% perplexity on SmolLM2).
+    "auto", when `dtype` is "auto" and resolves to bfloat16 on the CPU (the int4 kernel runs bf16 activations),
+    is keep-q8 with `compile` and keep-float without (eager, the oneDNN-packed bf16 head is faster than the
+    grouped int8 one); otherwise dequantize, so an explicit --dtype float32 still gives the float model. A
+    native quantized checkpoint always loads packed.
     `inference`: the model will only run forward (generate, chat, serve, eval, rag): keep bf16 CPU linears in
     oneDNN's prepacked layout (lmstack.quant.packed), and fuse each block's q|k|v and gate|up where they stay
     unpacked (int4, float32). The outputs are the same; training such a model is not supported.
     `compile` (with `inference`): the decode step will be torch.compiled, which cannot trace oneDNN-packed
-    weights, so only the head (run outside the compiled graph) is packed and every block's q|k|v and gate|up
-    are fused instead.
+    weights, so nothing in the blocks is packed (every block's q|k|v and gate|up are fused instead); a bf16
+    head is packed and runs after the compiled graph.
     """
     if quant not in QUANT_MODES and quant != "auto":
         raise LmstackError(f"unknown quant mode {quant!r}; use auto or one of {', '.join(QUANT_MODES)}")
@@ -114,7 +117,7 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
         dtype = parse_dtype(dtype, device)
     if quant == "auto":
         cpu_bf16 = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-        quant = "keep-float" if asked_auto and cpu_bf16 else "dequantize"
+        quant = ("keep-q8" if compile else "keep-float") if asked_auto and cpu_bf16 else "dequantize"
     if adapter is not None:
         return _for_inference(_load_with_adapter(name_or_path, str(adapter), dtype, device), inference,
                               compile)

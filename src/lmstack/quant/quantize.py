@@ -65,6 +65,8 @@ def quantized_linear(weight: Tensor, bias: Tensor | None, fmt: str) -> nn.Module
         return Int4Linear.from_float(linear, int(fmt.removeprefix("int4-g")))
     if fmt in ("int8", "w8a8"):
         return Int8Linear.from_float(linear, mode="weight" if fmt == "int8" else "w8a8")
+    if fmt.startswith("int8-g"):  # not a quantize_ scheme: the format a GGUF's Q8_0 table is kept in
+        return Int8Linear.from_float(linear, group_size=int(fmt.removeprefix("int8-g")))
     if fmt == "nf4":
         return NF4Linear.from_float(linear)
     raise LmstackError(f"unknown quantized format {fmt!r}")
@@ -75,6 +77,8 @@ def format_of(module: nn.Module) -> str:
     if isinstance(module, Int4Linear):
         return f"int4-g{module.group_size}"
     if isinstance(module, Int8Linear):
+        if module.group_size:
+            return f"int8-g{module.group_size}"
         return "int8" if module.mode == "weight" else "w8a8"
     if isinstance(module, NF4Linear):
         return "nf4"

@@ -62,6 +62,8 @@ def _empty(spec: dict[str, Any]) -> nn.Module:
         return Int4Linear(K, N, int(fmt.removeprefix("int4-g")), bias=bias)
     if fmt in ("int8", "w8a8"):
         return Int8Linear(K, N, bias=bias, mode="weight" if fmt == "int8" else "w8a8")
+    if fmt.startswith("int8-g"):
+        return Int8Linear(K, N, bias=bias, group_size=int(fmt.removeprefix("int8-g")))
     if fmt == "nf4":
         return NF4Linear(K, N, bias=bias)
     raise LmstackError(f"quantization metadata names an unknown format {fmt!r}")
