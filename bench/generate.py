@@ -242,6 +242,8 @@ def main() -> None:
     parser.add_argument("--quality", help="(child) the token ids to score, written by the parent")
     parser.add_argument("--rows", nargs="+", default=[], help="quant table: only the rows whose names contain one "
                         "of these (the fp32 reference always runs)")
+    parser.add_argument("--rounds", type=int, default=1, help="quant table: run every row's speed child this many "
+                        "times in turn and report medians (the first round also measures quality)")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -375,6 +377,29 @@ COMPILED_ROW = ("lmstack default + --compile (int4 blocks and the file's Q8_0 he
 LLAMA_ROW = "llama.cpp Q4_1 (same GGUF)"
 
 
+def speed_rounds(args: argparse.Namespace, specs: list[tuple[str, str, str, str, str]],
+                 rows: list[tuple[str, Path, dict | None]]) -> dict[str, float]:
+    """--rounds N: N - 1 more speed-only child runs of every row but the fp32 reference, in turn; each row's
+    prefill and decode become the medians over all rounds (in place), and -> each row's median decode ratio to
+    the llama.cpp child of the same round."""
+    if args.rounds <= 1:
+        return {}
+    results = {name: [r] for name, _, r in rows[1:] if r is not None}
+    for _ in range(args.rounds - 1):
+        for name, engine, dtype, model, quant in specs[1:]:
+            if name in results:
+                r = spawn(args, engine, dtype, model=model, quant=quant, compile=name == COMPILED_ROW)
+                results[name].append(r)
+    for name, _, r in rows[1:]:
+        if name in results:
+            runs = [x for x in results[name] if x is not None]
+            r["prefill"], r["decode"] = median([x["prefill"] for x in runs]), median([x["decode"] for x in runs])
+    if LLAMA_ROW not in results:
+        return {}
+    return {name: median([a["decode"] / b["decode"] for a, b in zip(runs, results[LLAMA_ROW])
+                          if a is not None and b is not None]) for name, runs in results.items()}
+
+
 def quant_table(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import resolve
     quality = quality_inputs(args, Path("runs/bench/quality_ids.json"))
@@ -403,6 +428,7 @@ def quant_table(args: argparse.Namespace) -> None:
     rows = [(name, Path(model), spawn(args, engine, dtype, model=model, quant=quant, quality=quality,
                                       compile=name == COMPILED_ROW))
             for name, engine, dtype, model, quant in specs]
+    ratios = speed_rounds(args, specs, rows)
     ref = rows[0][2]
     llama = dict((name, r) for name, _, r in rows).get(LLAMA_ROW)
     n_params = ref["n_params"] if ref else None
@@ -417,7 +443,7 @@ def quant_table(args: argparse.Namespace) -> None:
             continue
         size = file_bytes(model)
         per_weight = f"{size / n_params:.2f}" if n_params else ""
-        vs = f"{r['decode'] / llama['decode']:.2f}" if llama else ""
+        vs = f"{ratios[name]:.2f}" if name in ratios else f"{r['decode'] / llama['decode']:.2f}" if llama else ""
         ppl = [f"{r['perplexity'][k]:.3f}" if "perplexity" in r else "" for k in ("tinyshakespeare", "course-notes")]
         agree = prefix = ""
         if ref and "chat" in r:
@@ -430,7 +456,10 @@ def quant_table(args: argparse.Namespace) -> None:
                      f"{r['prefill']:,.0f} | {r['decode']:,.1f} | {vs} | {ppl[0]} | {ppl[1]} | {agree} | {prefix} |")
     body = "\n".join(table) + (
         f"\n\n{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {args.threads} threads, medians "
-        f"of {args.repeats} runs. Bytes per weight: file bytes / {n_params or 0:,} weights (fp32 row: the GGUF file). "
+        f"of {args.repeats} runs" + (
+            f"; prefill and decode: medians over {args.rounds} rounds of every row's child process, run in turn, "
+            "and decode x llama.cpp the median of each round's ratio (the machine's speed drifts between "
+            "processes)" if args.rounds > 1 else "") + f". Bytes per weight: file bytes / {n_params or 0:,} weights (fp32 row: the GGUF file). "
         f"Perplexity: the first {args.ppl_tokens} tokens of each text, windows of 512, stride 256. Agreement: "
         f"{args.chat_prompts} self-instruct chat prompts, {args.chat_tokens} greedy tokens. Targets (issue 14): "
         "decode >= 1.0x llama.cpp, load <= 1 s, RSS <= 1.3x llama.cpp's, agreement >= 90%, perplexity within 1% "
