@@ -485,10 +485,9 @@ def _packed_int4(gf: GGUFFile, t: GGUFTensor, config: DecoderConfig, layer_map: 
 def _q8_0_table(gf: GGUFFile, t: GGUFTensor, state: dict[str, Tensor], modules: dict[str, dict[str, Any]]) -> None:
     """A Q8_0 token embedding kept as it is (int8-g32): each 34-byte block is an fp16 scale and 32 int8 codes."""
     N, K = t.shape
-    blocks = gf.raw(t).reshape(N, K // 32, 34)
-    state["tok_emb.table.qweight"] = torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(N, K))
-    scales = blocks[..., :2].copy().view(np.float16)[..., 0]  # [N, K/32]
-    state["tok_emb.table.scales"] = torch.from_numpy(scales.astype(np.float32))
+    b = gf.raw(t).reshape(-1, 34)  # [N K/32, 34]
+    state["tok_emb.table.qweight"] = torch.from_numpy(b[:, 2:].copy().view(np.int8).reshape(N, K))
+    state["tok_emb.table.scales"] = torch.from_numpy(_f16(b[:, :2]).reshape(N, K // 32))
     modules["tok_emb"] = {"format": "int8-g32", "in_features": K, "out_features": N, "bias": False,
                           "embedding": True, "dtype": "torch.bfloat16"}
 
@@ -498,10 +497,7 @@ def _quantized_embedding(weight: Tensor, scheme: str, state: dict[str, Tensor],
     """token_embd (Q8_0 in SmolLM2's file) requantized as `scheme`, as quant_ would; "int8-g32" keeps a Q8_0
     table's codes and scales exactly (quant.int8.quantize_int8_rows)."""
     from lmstack.quant.quantize import choose_format, quantized_linear
-    if scheme == "int8-g32":
-        fmt = scheme if weight.shape[1] % 32 == 0 else "int8"
-    else:
-        fmt, _ = choose_format(scheme, *weight.shape)
+    fmt, _ = choose_format(scheme, *weight.shape)
     table = quantized_linear(weight, None, fmt)
     state.update({f"tok_emb.table.{k}": v.contiguous() for k, v in table.state_dict().items()})
     modules["tok_emb"] = {"format": fmt, "in_features": weight.shape[1], "out_features": weight.shape[0],

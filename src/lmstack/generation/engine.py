@@ -106,8 +106,8 @@ class DecodeEngine:
     def __init__(self, model: nn.Module, pad_id: int, *, compile: bool = False) -> None:
         self.model, self.pad_id, self.compiled = model, pad_id, compile
         self.device = model.device
-        # torch.compile is set up at the first decode: importing it takes a second or two, part of the
-        # compile's warm-up, not of loading the model.
+        # torch.compile is set up at first use (prefill's head, or the first decode): importing it takes a
+        # second or two, part of the compile's warm-up, not of loading the model.
         self.step_fn: Any = None if compile else decode_one_token
         self.head_fn: Any = None if compile else head_logits
         self._view: tuple[int, int] | None = None  # (rows, slots) of the cache view the model attends over

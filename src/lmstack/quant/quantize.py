@@ -46,7 +46,13 @@ def check_scheme(scheme: str) -> str:
 
 
 def choose_format(scheme: str, out_features: int, in_features: int) -> tuple[str, str]:
-    """The format a [out, in] weight gets under `scheme`, and why it is not `scheme` ("" when it is)."""
+    """The format a [out, in] weight gets under `scheme`, and why it is not `scheme` ("" when it is). Also takes
+    int8-g<g>, the format a GGUF's Q8_0 table is kept in (not a quantize_ scheme)."""
+    if scheme.startswith("int8-g"):
+        group = int(scheme.removeprefix("int8-g"))
+        if in_features % group:
+            return "int8", f"in_features {in_features} is not a multiple of {group}"
+        return scheme, ""
     check_scheme(scheme)
     if scheme.startswith("int4-g"):
         why = int4_fits(out_features, in_features, int(scheme.removeprefix("int4-g")))
