@@ -75,25 +75,36 @@ def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
     return model.head(hidden).float()
 
 
+def decode_with_hidden(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """decode_one_token that also returns the final hidden states [n, C]. Traced, a returned tensor is a buffer
+    the head's loop reads; otherwise inductor inlines the final norm into that loop and recomputes it for every
+    row of the table (SmolLM2's Q8_0 head: 4.2 against 2.1 ms)."""
+    hidden = decode_hidden(model, tokens, input_pos)
+    return head_logits(model, hidden), hidden
+
+
 def compiled_decode(model: nn.Module) -> tuple[Any, Any]:
-    """(the decode step, the head), torch.compiled. On the CPU the head is a step of its own after the compiled
-    blocks, which prefill calls too:
+    """(the decode step, the head), torch.compiled; prefill calls the head. On the CPU:
     - a oneDNN-packed head (`quant.packed`: load_model(compile=True) packs a bf16 head and nothing else) cannot be
-      traced, and runs eagerly; faster than inductor's aten.mm of a plain bf16 one (SmolLM2's 49152x576 head, one
-      row: 3 ms packed, 6 ms traced);
-    - any other (a grouped int8 Q8_0 table) is compiled on its own: traced with the blocks, inductor fused the
-      final norm into the head's loop and recomputed it for every row of the table (4.2 ms against 2.1 ms). At
-      prefill the compiled head also spares the eager one's dequantized chunks (70 MB of peak memory)."""
+      traced, and runs eagerly after the compiled blocks; faster than inductor's aten.mm of a plain bf16 one
+      (SmolLM2's 49152x576 head, one row: 3 ms packed, 6 ms traced);
+    - any other (a grouped int8 Q8_0 table) is traced with the blocks, in one graph (one compiled call a token:
+      10.4 against 11.2 ms for blocks and head as two, 12 alternating rounds), and compiled on its own for
+      prefill, where it spares the eager head's dequantized chunks (70 MB of peak memory)."""
     from lmstack.quant.packed import PackedLinear
     if model.device.type != "cpu":
         return _compile(decode_one_token, model.device), head_logits
-    body = _compile(decode_hidden, model.device)
-    packed = any(isinstance(m, PackedLinear) for m in model.modules())
-    head = head_logits if packed else _compile(head_logits, model.device)
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        body = _compile(decode_hidden, model.device)
 
-    def step(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return head(model, body(model, tokens, input_pos))  # [n, V]
-    return step, head
+        def step(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> Tensor:
+            return head_logits(model, body(model, tokens, input_pos))  # [n, V]
+        return step, head_logits
+    fused = _compile(decode_with_hidden, model.device)
+
+    def fused_step(model: nn.Module, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return fused(model, tokens, input_pos)[0]  # [n, V]
+    return fused_step, _compile(head_logits, model.device)
 
 
 class DecodeEngine:
