@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lmstack.rag import rag_ask, rag_eval
-from lmstack.rag.answer import IDK, cited_numbers, is_refusal, print_result, strip_citations
+from lmstack.rag.answer import (IDK, cited_numbers, is_refusal, print_result, question_names, strip_citations,
+                                unmentioned_names)
 from lmstack.rag.grounding import faithfulness as grounded_share
 from lmstack.rag.grounding import overlap, repeated_ngram, support, supported_sentences
 from lmstack.rag.evaluate import exact_match, faithfulness, token_f1
@@ -110,12 +111,37 @@ def test_off_topic_question_is_i_dont_know_without_loading_the_model(notes_index
         raise AssertionError("the answering model must not load under the threshold")
 
     monkeypatch.setattr(answer_mod, "get_generator", no_model)
-    out = rag_ask("What is the capital of Peru?", index=str(notes_index))  # default min_score 0.3
+    out = rag_ask("What is the capital of Peru?", index=str(notes_index), check_names=False)
     assert out["answer"] == IDK and out["refused"] and out["citations"] == []
     assert out["best_similarity"] < 0.3 and "min_score" in out["reason"] and len(out["retrieved"]) == 5
     on_topic = rag_ask("How many bytes does one 32-bit float parameter take?", index=str(notes_index),
                        min_score=0.99)
     assert on_topic["answer"] == IDK and on_topic["refused"]
+
+
+def test_question_names_and_the_ones_no_passage_mentions() -> None:
+    assert question_names("What does a GAN's generator do in 1.58-bit LLMs?") == ["GAN", "1.58-bit", "LLMs"]
+    assert question_names("Who won the 2018 FIFA World Cup?") == ["FIFA", "World", "Cup"]
+    assert question_names("What is the melting point of tungsten?") == []  # lower case, no digits: not a name
+    passages = ["GANs pit a generator against a discriminator.", "LLMs with weights of 1.58 bits."]
+    assert unmentioned_names("What does a GAN's generator do in 1.58-bit LLMs?", passages) == []
+    assert unmentioned_names("Which LLMs does Tokyo's lab train?", passages) == ["Tokyo"]
+    assert unmentioned_names("Is AN a GAN?", passages) == ["AN"]  # the start of a word, not any substring
+    assert unmentioned_names("What is FlashAttention-3?", passages + ["attention"]) == ["FlashAttention-3"]
+
+
+def test_a_name_no_retrieved_chunk_mentions_is_i_dont_know(notes_index, monkeypatch) -> None:
+    import lmstack.rag.answer as answer_mod
+
+    def no_model(*a, **kw):
+        raise AssertionError("the name check refuses before any model loads")
+
+    monkeypatch.setattr(answer_mod, "get_generator", no_model)
+    question = "How much GPU memory does Kubernetes need to train a 1B parameter model?"
+    out = rag_ask(question, index=str(notes_index), min_score=0.0)  # only the name check can refuse
+    assert out["answer"] == IDK and out["refused"] and out["reason"] == "the sources never mention 'Kubernetes'"
+    answered = rag_ask(question, index=str(notes_index), min_score=0.0, check_names=False)  # a span, no model
+    assert not answered["refused"] and answered["citations"]
 
 
 def test_refusals_citations_and_answer_metrics() -> None:

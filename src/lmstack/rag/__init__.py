@@ -124,9 +124,10 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             short: Literal["model", "span", "off"] | None = None,
             max_new_tokens: int = 64,
             temperature: float = 0.0, repetition_penalty: float = 1.1, seed: int | None = None,
-            min_score: float = 0.48, bm25_weight: float = 1.0, vector_weight: float = 1.0,
-            source: str | None = None, path_prefix: str | None = None, since: str | None = None,
-            until: str | None = None, date_field: Literal["ingested", "mtime"] = "ingested",
+            min_score: float = 0.48, check_names: bool = True, bm25_weight: float = 1.0,
+            vector_weight: float = 1.0, source: str | None = None, path_prefix: str | None = None,
+            since: str | None = None, until: str | None = None,
+            date_field: Literal["ingested", "mtime"] = "ingested",
             embedding_model: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto",
             on_text: Callable[[str], None] | None = None, output: TextIO | None = None) -> dict[str, Any]:
     """Answer a question from the indexed documents in a few words (or, with short off, one or two sentences)
@@ -161,6 +162,8 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         seed: Random seed for sampling.
         min_score: Answer "I don't know" without loading the model when the best cosine similarity of the
             question and an evidence sentence (a chunk, with evidence 0) is below this.
+        check_names: Answer "I don't know" when the question names something (a capitalized word, an acronym,
+            a term with digits) that no retrieved chunk mentions.
         bm25_weight: Weight of the BM25 ranking in hybrid mode.
         vector_weight: Weight of the vector ranking in hybrid mode.
         source: Only documents ingested with this source label.
@@ -183,7 +186,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         raise LmstackError(f"evidence must be >= 0 and max_sentences >= 1 (got {evidence}, {max_sentences})")
     cfg = answer_config(max_new_tokens, temperature, repetition_penalty, seed)
     options = AnswerOptions(min_score=min_score, evidence=evidence, quote=quote, max_sentences=max_sentences,
-                            short=short or ("model" if adapter else "span"))
+                            short=short or ("model" if adapter else "span"), check_names=check_names)
     filters = _filters(source, path_prefix, since, until, date_field)
     store, embedder = _open_for_query(index, backend, embedding_model)
     with store:

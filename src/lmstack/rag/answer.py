@@ -3,8 +3,12 @@
 1. Evidence: the statements (sentences, lines of notes) of the retrieved chunks, headings left out, ranked by
    MiniLM cosine with the question plus a share-of-question-words prior; the best `evidence` (default 3) are
    kept (`evidence=0`: the whole chunks, numbered).
-2. "I don't know" without loading the model when nothing is retrieved or the best evidence statement's cosine
-   (the best chunk's, with whole chunks) is under `min_score`; with short off, also when the model says so.
+2. "I don't know" without loading the model when nothing is retrieved, when the question names something (a
+   capitalized word, an acronym, a term with digits: "Tokyo", "FlashAttention-3") that no retrieved chunk
+   mentions (`check_names`), or when the best evidence statement's cosine (the best chunk's, with whole chunks)
+   is under `min_score`; with short off, also when the model says so. An off-topic question passes the
+   similarity gate when it shares the notes' vocabulary ("the default learning rate of Adam in PyTorch"); the
+   name it asks about is what the sources lack.
 3. `short="model"` (the default with an adapter): the model sees the evidence statements and copies a span of
    one of them (copy mode in the generation engine), kept when it says more than the question; otherwise the
    answer is the best statement's span that the question does not restate. `short="span"` (the default
@@ -62,6 +66,7 @@ class AnswerOptions:
     quote: bool = True  # drop unsupported sentences; quote the best evidence when none is left
     max_sentences: int = 2  # stop after this many sentences
     short: Literal["model", "span", "off"] = "span"  # a few words copied from the evidence (short_answer)
+    check_names: bool = True  # "I don't know" when a name in the question is in no retrieved chunk
 
 
 @dataclass
@@ -73,6 +78,29 @@ class Evidence:
 
 def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
+
+
+_NAME = re.compile(r"[A-Za-z0-9](?:[\w\-]|\.(?=\w))*")
+
+
+def question_names(question: str) -> list[str]:
+    """The names a question asks about: words after the first with a capital letter ("Tokyo", "GPT3", "LoRA")
+    or with digits and letters ("1.58-bit", "70B"), a possessive "'s" dropped."""
+    out = []
+    for i, m in enumerate(_NAME.finditer(question)):
+        word = re.sub(r"'s$", "", m.group())
+        if i and (re.search(r"[A-Z]", word) or (re.search(r"\d", word) and re.search(r"[A-Za-z]", word))):
+            out.append(word)
+    return out
+
+
+def unmentioned_names(question: str, passages: list[str]) -> list[str]:
+    """The question's names that no passage holds at the start of a word, case-insensitively ("GAN" is in
+    "GANs"); a hyphenated name by its first part ("1.58-bit" is in "1.58 bits", "FlashAttention-3" is not in
+    "attention")."""
+    text = "\n".join(passages).lower()
+    return [n for n in question_names(question)
+            if not re.search(r"(?<!\w)" + re.escape(n.split("-")[0].lower()), text)]
 
 
 def cited_numbers(text: str, n_sources: int) -> list[int]:
@@ -315,6 +343,10 @@ def answer(question: str, hits: list[Hit], generator: Callable[[], Generator], c
                               "best_similarity": best}
     if not hits:
         result["reason"] = "no_sources"
+        return result
+    unknown = unmentioned_names(question, [h.chunk.text for h in hits]) if options.check_names else []
+    if unknown:
+        result["reason"] = "the sources never mention " + ", ".join(repr(n) for n in unknown)
         return result
     evidence = select_evidence(question, [(h.chunk.text, h.chunk.heading) for h in hits], embedder,
                                max(options.evidence, 1))
