@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lmstack.errors import LmstackError
 from lmstack.quant.int4 import Int4Linear, quantize_int4
-from lmstack.quant.quantize import LayerChoice, choose_format, quantized_linear
+from lmstack.quant.quantize import LayerChoice, _parent, choose_format, quantized_linear
 
 BLOCK = 128  # columns per lazy-batch update; a multiple of every int4 group size
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps the Cholesky factorization stable
@@ -83,7 +83,8 @@ def gptq_(model: nn.Module, calibration: Tensor, scheme: str) -> list[LayerChoic
     report: list[LayerChoice] = []
     for index, layer in enumerate(layers):
         linears = {name: m for name, m in layer.named_modules() if type(m) is nn.Linear}
-        hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+        hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+                    for name, m in linears.items()}
         rows = {name: 0 for name in linears}
 
         def collect(name: str):  # noqa: ANN202 - a forward pre-hook
@@ -113,7 +114,7 @@ def gptq_(model: nn.Module, calibration: Tensor, scheme: str) -> list[LayerChoic
                 new: nn.Module = Int4Linear.from_codes(codes, s, z, group, linear.bias)
             else:
                 new = quantized_linear(linear.weight, linear.bias, fmt)
-            parent_name, _, attr = name.rpartition(".")
-            setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, new)
+            parent, attr = _parent(layer, name)
+            setattr(parent, attr, new)
             report.append(LayerChoice(f"layers.{index}.{name}", scheme, fmt, why))
     return report

@@ -85,13 +85,9 @@ _NAME = re.compile(r"[A-Za-z0-9](?:[\w\-]|\.(?=\w))*")
 
 def question_names(question: str) -> list[str]:
     """The names a question asks about: words after the first with a capital letter ("Tokyo", "GPT3", "LoRA")
-    or with digits and letters ("1.58-bit", "70B"), a possessive "'s" dropped."""
-    out = []
-    for i, m in enumerate(_NAME.finditer(question)):
-        word = re.sub(r"'s$", "", m.group())
-        if i and (re.search(r"[A-Z]", word) or (re.search(r"\d", word) and re.search(r"[A-Za-z]", word))):
-            out.append(word)
-    return out
+    or with digits and letters ("1.58-bit", "70B"); an apostrophe ends a word ("GAN's" -> "GAN")."""
+    words = [m.group() for m in _NAME.finditer(question)][1:]
+    return [w for w in words if re.search(r"[A-Z]", w) or (re.search(r"\d", w) and re.search(r"[A-Za-z]", w))]
 
 
 def unmentioned_names(question: str, passages: list[str]) -> list[str]:
