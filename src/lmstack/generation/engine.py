@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmstack import kernels
+
 SLOT_BUCKET = 64  # decode attends over a multiple of this many cache slots
 CACHE_BUCKET = 256  # cache lengths are rounded up to this, so a compiled step sees few distinct shapes
 
@@ -94,6 +96,7 @@ def compiled_decode(model: nn.Module) -> tuple[Any, Any]:
     from lmstack.quant.packed import PackedLinear
     if model.device.type != "cpu":
         return _compile(decode_one_token, model.device), head_logits
+    kernels.decode_attention_available()  # built (or found in the build cache) before tracing, which asks for it
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         body = _compile(decode_hidden, model.device)
 
