@@ -78,3 +78,15 @@ def test_compiled_step_calls_the_kernel() -> None:
     assert any(node.target in (op, op.default) for gm in graphs for node in gm.graph.nodes)
     torch.testing.assert_close(got, kernels.decode_attention(q, k, k, mask, None))
     assert build_model(from_name("tiny-llama")).config.head_dim in kernels.HEAD_DIMS
+
+
+def test_a_failed_build_leaves_the_torch_ops_path(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """No compiler or an unwritable build folder: one warning and False (callers keep their torch-ops path)."""
+    from torch.utils import cpp_extension
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("no compiler")
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    with caplog.at_level("WARNING", logger="lmstack.kernels"):
+        assert kernels._build() is False
+    assert "did not build (no compiler)" in caplog.text
