@@ -90,3 +90,29 @@ def test_a_failed_build_leaves_the_torch_ops_path(monkeypatch: pytest.MonkeyPatc
     with caplog.at_level("WARNING", logger="lmstack.kernels"):
         assert kernels._build() is False
     assert "did not build (no compiler)" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_bf16_batch_decodes_as_eager() -> None:
+    """Two rows of different lengths in one compiled bf16 step: each row attends through the kernel to its own
+    slots (the per-row mask of the cache pool), and its logits equal the eager model's (SDPA over a float32
+    cache) within bf16 rounding."""
+    import copy
+
+    from lmstack.config import from_name
+    from lmstack.generation import Generator
+    from lmstack.models import build_model
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(from_name("tiny-llama")).to(torch.bfloat16).eval()
+    eager, compiled = Generator(copy.deepcopy(model), None), Generator(model, None, compile=True, max_len=64)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 4)]
+    feed = torch.randint(0, 256, (6, 2, 1), generator=g)
+    with torch.inference_mode():
+        steps = {}
+        for name, gen in (("eager", eager), ("compiled", compiled)):
+            first = gen.adapter.prefill(prompts, 8)
+            steps[name] = torch.stack([first] + [gen.adapter.step(t) for t in feed])  # [7, 2, V]
+    assert compiled.adapter.engine.model.cache_shape()[2] == torch.bfloat16
+    torch.testing.assert_close(steps["compiled"], steps["eager"], atol=0.05, rtol=0.02)
