@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -152,9 +151,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bo
         for (int64_t c = 0; c < n_chunks; ++c) mx = std::max(mx, m[(t0 + c) * G + g]);
         std::fill(o, o + D, 0.f);
         float total = 0.f;
-        for (int64_t c = 0; mx != -std::numeric_limits<float>::infinity() && c < n_chunks; ++c) {
+        for (int64_t c = 0; c < n_chunks; ++c) {
           const int64_t i = (t0 + c) * G + g;
-          if (l[i] == 0.f) continue;
+          if (l[i] == 0.f) continue;  // no visible slot in this chunk (its max is -inf)
           const float w = std::exp(m[i] - mx);
           total += w * l[i];
           const float* a = acc.data() + i * D;
