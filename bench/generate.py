@@ -372,8 +372,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-COMPILED_ROW = ("lmstack default + --compile (int4 blocks and the file's Q8_0 head kept, torch.compile with the "
-                "C++ wrapper)")
+DEFAULT_ROW = "lmstack default (--dtype auto), loaded from the .gguf"
+COMPILED_ROW = "lmstack default (--dtype auto) + --compile (torch.compile with the C++ wrapper)"
+BLOCKS_ROW = "lmstack --quant blocks (the GGUF's Q4_1 / Q8_0 blocks, float32 kernel)"
+BLOCKS_COMPILED_ROW = BLOCKS_ROW + " + --compile"
+COMPILED_ROWS = (COMPILED_ROW, BLOCKS_COMPILED_ROW)
 LLAMA_ROW = "llama.cpp Q4_1 (same GGUF)"
 
 
@@ -388,7 +391,7 @@ def speed_rounds(args: argparse.Namespace, specs: list[tuple[str, str, str, str,
     for _ in range(args.rounds - 1):
         for name, engine, dtype, model, quant in specs[1:]:
             if name in results:
-                r = spawn(args, engine, dtype, model=model, quant=quant, compile=name == COMPILED_ROW)
+                r = spawn(args, engine, dtype, model=model, quant=quant, compile=name in COMPILED_ROWS)
                 results[name].append(r)
     for name, _, r in rows[1:]:
         if name in results:
@@ -410,9 +413,10 @@ def quant_table(args: argparse.Namespace) -> None:
     specs = [  # name, engine, dtype, model, quant
         ("lmstack fp32 (GGUF dequantized: the reference)", "lmstack", "float32", str(gguf), "dequantize"),
         ("lmstack bf16", "lmstack", "bfloat16", str(gguf), "dequantize"),
-        ("lmstack default: int4 kept from the GGUF (bf16 head), loaded from the .gguf", "lmstack", "auto",
-         str(gguf), "auto"),
+        (DEFAULT_ROW, "lmstack", "auto", str(gguf), "auto"),
         (COMPILED_ROW, "lmstack", "auto", str(gguf), "auto"),
+        (BLOCKS_ROW, "lmstack", "float32", str(gguf), "blocks"),
+        (BLOCKS_COMPILED_ROW, "lmstack", "float32", str(gguf), "blocks"),
         ("lmstack int4 kept from the GGUF (int4 head), loaded from the .gguf", "lmstack", "bfloat16", str(gguf),
          "keep"),
         ("lmstack int4 kept from the GGUF (int4 head), native", "lmstack", "bfloat16", str(ckpt["keep"]),
@@ -427,7 +431,7 @@ def quant_table(args: argparse.Namespace) -> None:
     # --rows: a subset by name (the fp32 reference, which agreement is measured against, always runs)
     specs = [spec for i, spec in enumerate(specs) if i == 0 or not args.rows or any(r in spec[0] for r in args.rows)]
     rows = [(name, Path(model), spawn(args, engine, dtype, model=model, quant=quant, quality=quality,
-                                      compile=name == COMPILED_ROW))
+                                      compile=name in COMPILED_ROWS))
             for name, engine, dtype, model, quant in specs]
     ratios = speed_rounds(args, specs, rows)
     ref = rows[0][2]
@@ -442,6 +446,7 @@ def quant_table(args: argparse.Namespace) -> None:
         if r is None:
             table.append(f"| {name} | failed or not installed | | | | | | | | | | | |")
             continue
+        shown = name.replace("--dtype auto", f"--dtype auto: {r.get('weights')}")  # what auto resolved to here
         size = file_bytes(model)
         per_weight = f"{size / n_params:.2f}" if n_params else ""
         vs = f"{ratios[name]:.2f}" if name in ratios else f"{r['decode'] / llama['decode']:.2f}" if llama else ""
@@ -452,7 +457,7 @@ def quant_table(args: argparse.Namespace) -> None:
             agree = f"{same}/{len(ref['chat'])}"
             prefix = f"{sum(common_prefix(a, b) for a, b in zip(r['chat'], ref['chat'])) / len(ref['chat']):.1f}"
         warmup = f"{r['warmup_s']:.2f}" if "warmup_s" in r else "-"
-        table.append(f"| {name} | {per_weight} | {size / 1e6:.1f} | {r['load_s']:.2f} | {warmup} | "
+        table.append(f"| {shown} | {per_weight} | {size / 1e6:.1f} | {r['load_s']:.2f} | {warmup} | "
                      f"{r['peak_rss_mb']:,.0f} | "
                      f"{r['prefill']:,.0f} | {r['decode']:,.1f} | {vs} | {ppl[0]} | {ppl[1]} | {agree} | {prefix} |")
     body = "\n".join(table) + (

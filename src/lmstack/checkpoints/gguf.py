@@ -404,7 +404,8 @@ KEEP_PACKED = ("Q4_0", "Q4_1")  # repacked into Int4Linear's codes as they are (
 
 
 def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False, embedding_scheme: str = "int4-g32",
-                    dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+                    dtype: torch.dtype = torch.float32, blocks: bool = False
+                    ) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """Rename every tensor to lmstack's keys (q/k un-permuted, gpt2 qkv split): (state, quantization metadata).
 
     Default: every tensor dequantized to fp32 (metadata None). `keep`: llama Q4_0 / Q4_1 linears stay packed
@@ -413,13 +414,20 @@ def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False, emb
     `embedding_scheme` ("int4-g32", "int8", or "none" for float); the metadata is quant.state's, so the loader
     rebuilds the quantized modules as for a native quantized checkpoint. Float tensors are cast to `dtype` one
     at a time, so a bf16 load never holds the whole model in fp32 (peak memory).
+    `blocks`: every Q4_0 / Q4_1 / Q8_0 linear and token embedding keeps the file's own blocks (GGUFLinear, computed
+    in float32; q/k rows un-permuted whole), the rest is dequantized to `dtype`; `keep` and `embedding_scheme`
+    are then ignored.
     """
     arch = gf.metadata["general.architecture"]
     layer_map = _LLAMA_LAYER if arch == "llama" else _GPT2_LAYER
     state: dict[str, Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
     keep = keep and arch == "llama"  # gpt2's fused qkv GGUFs dequantize (no packed split written)
+    blocks = blocks and arch == "llama"
     for t in gf.tensors:
+        if blocks and _keep_blocks(t, layer_map):
+            _gguf_blocks(gf, t, config, layer_map, state, modules)
+            continue
         if keep and _keep_int4(t, layer_map):
             _packed_int4(gf, t, config, layer_map, state, modules)
             continue
@@ -448,7 +456,7 @@ def gguf_state_dict(gf: GGUFFile, config: DecoderConfig, keep: bool = False, emb
         elif suffix == "attn_k.weight":
             w = unpermute_qk(w, config.n_kv_head)
         state[prefix + layer_map[suffix]] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
-    if not keep:
+    if not (keep or blocks):
         return state, None
     from lmstack.quant.state import FORMAT
     return state, {"format": FORMAT, "fused": False, "modules": modules}
@@ -463,6 +471,36 @@ def _keep_int4(t: GGUFTensor, layer_map: dict[str, str]) -> bool:
     linear = t.name == "output.weight" or (t.name.startswith("blk.") and suffix in layer_map
                                            and layer_map[suffix].endswith("_proj.weight"))
     return linear and int4_fits(t.shape[0], t.shape[1], 32) is None
+
+
+def _keep_blocks(t: GGUFTensor, layer_map: dict[str, str]) -> bool:
+    """A block linear, output head or token embedding in a block type GGUFLinear computes with."""
+    from lmstack.quant.gguf_linear import BLOCK_BYTES
+    if type_name(t.qtype) not in BLOCK_BYTES or len(t.shape) != 2:
+        return False
+    suffix = t.name.split(".", 2)[-1]
+    return t.name in ("output.weight", "token_embd.weight") or (
+        t.name.startswith("blk.") and suffix in layer_map and layer_map[suffix].endswith("_proj.weight"))
+
+
+def _gguf_blocks(gf: GGUFFile, t: GGUFTensor, config: DecoderConfig, layer_map: dict[str, str],
+                 state: dict[str, Tensor], modules: dict[str, dict[str, Any]]) -> None:
+    from lmstack.quant.gguf_linear import BLOCK_BYTES
+    qtype = type_name(t.qtype)
+    N, K = t.shape
+    blocks = gf.raw(t).reshape(N, -1, BLOCK_BYTES[qtype])  # [N, K/32, bytes], a view of the map
+    suffix = t.name.split(".", 2)[-1]
+    if suffix in ("attn_q.weight", "attn_k.weight"):  # whole rows move, blocks and all (a copy)
+        blocks = unpermute_qk(blocks, config.n_head if suffix == "attn_q.weight" else config.n_kv_head)
+    spec = {"format": f"gguf-{qtype.lower()}", "in_features": K, "out_features": N, "bias": False}
+    if t.name == "token_embd.weight":
+        name, spec = "tok_emb", {**spec, "embedding": True, "dtype": "torch.float32"}
+    else:
+        name = "lm_head" if t.name == "output.weight" else \
+            f"layers.{t.name.split('.')[1]}.{layer_map[suffix].removesuffix('.weight')}"
+    key = "tok_emb.table.blocks" if name == "tok_emb" else f"{name}.blocks"
+    state[key] = torch.from_numpy(np.ascontiguousarray(blocks.reshape(N, -1)))  # [N, K/32 * bytes]
+    modules[name] = spec
 
 
 def _packed_int4(gf: GGUFFile, t: GGUFTensor, config: DecoderConfig, layer_map: dict[str, str],
@@ -584,13 +622,14 @@ def gguf_tokenizer(gf: GGUFFile) -> Tokenizer:
 # ------------------------------------------------------------------------------------------- entry
 
 
-def load_gguf(path: Path, keep: bool = False, embedding_scheme: str = "int4-g32", dtype: torch.dtype = torch.float32
-              ) -> tuple[DecoderConfig, dict[str, Tensor], Tokenizer, dict[str, Any]]:
+def load_gguf(path: Path, keep: bool = False, embedding_scheme: str = "int4-g32", dtype: torch.dtype = torch.float32,
+              blocks: bool = False) -> tuple[DecoderConfig, dict[str, Tensor], Tokenizer, dict[str, Any]]:
     """Config, state dict (lmstack keys), tokenizer and file metadata of a llama / gpt2 GGUF file: fp32, or with
-    `keep` the Q4 linears kept packed and the metadata's "quantization" saying how (see gguf_state_dict)."""
+    `keep` the Q4 linears kept packed (or with `blocks` the file's blocks) and the metadata's "quantization" saying
+    how (see gguf_state_dict)."""
     gf = read_gguf(path)
     config = gguf_config(gf)
-    state, quantization = gguf_state_dict(gf, config, keep, embedding_scheme, dtype)
+    state, quantization = gguf_state_dict(gf, config, keep, embedding_scheme, dtype, blocks)
     tokenizer = gguf_tokenizer(gf)
     meta = gf.metadata
     file_type = meta.get("general.file_type")

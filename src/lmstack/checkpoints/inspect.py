@@ -129,7 +129,8 @@ def _preset_summary(name: str) -> dict[str, Any]:
 
 
 def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype: DType = "float32",
-            quant: Literal["dequantize", "keep-float", "keep", "keep-int8", "keep-q8"] = "dequantize") -> Path:
+            quant: Literal["dequantize", "keep-float", "keep", "keep-int8", "keep-q8", "blocks"] = "dequantize"
+            ) -> Path:
     """Convert a checkpoint (registry name, GGUF, HF or native folder) into a native or an HF folder.
 
     Args:
@@ -139,8 +140,8 @@ def convert(src: str, dst: str, *, to: Literal["native", "hf"] = "native", dtype
         dtype: dtype of the saved weights (quantized GGUF weights are dequantized to it unless kept).
         quant: GGUF Q4_0 / Q4_1 weights: dequantize, or keep them packed for the int4 kernel with the token
             embedding and tied head as bf16 (keep-float), int4-g32 (keep), int8 (keep-int8) or the file's Q8_0
-            (keep-q8, int8 in groups of 32). A kept native
-            checkpoint loads in about a second.
+            (keep-q8, int8 in groups of 32); or keep every Q4_0 / Q4_1 / Q8_0 tensor's own blocks, computed in
+            float32 (blocks). A kept native checkpoint loads in about a second.
     """
     from lmstack.checkpoints.load import load_model
     from lmstack.checkpoints.native import save_native

@@ -83,7 +83,7 @@ def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
 # ------------------------------------------------------------------------------------------ loading
 
 
-QUANT_MODES = ("dequantize", "keep", "keep-int8", "keep-float", "keep-q8")
+QUANT_MODES = ("dequantize", "keep", "keep-int8", "keep-float", "keep-q8", "blocks")
 # the Q8_0 table's target
 EMBEDDING_SCHEMES = {"keep": "int4-g32", "keep-int8": "int8", "keep-float": "none", "keep-q8": "int8-g32"}
 
@@ -98,11 +98,14 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     `quant` (GGUF files): "dequantize" (every tensor to `dtype`), or keep the Q4_0 / Q4_1 linears packed for the
     int4 kernel with the Q8_0 token embedding and tied head as "keep-float" (bf16), "keep-q8" (the file's own
     Q8_0 codes and scales, int8-g32: half keep-float's bytes, the fastest head when compiled), "keep-int8"
-    (per-row int8) or "keep" (int4-g32: the fastest eager head, +6% perplexity on SmolLM2).
+    (per-row int8) or "keep" (int4-g32: the fastest eager head, +6% perplexity on SmolLM2); or "blocks": every
+    Q4_0 / Q4_1 / Q8_0 linear and token embedding keeps the file's own blocks and computes in float32
+    (quant.gguf_linear: the float32 model's numbers at llama.cpp's bytes), the model float32.
     "auto", when `dtype` is "auto" and resolves to bfloat16 on the CPU (the int4 kernel runs bf16 activations),
     is keep-q8 with `compile` and keep-float without (eager, the oneDNN-packed bf16 head is faster than the
-    grouped int8 one); otherwise dequantize, so an explicit --dtype float32 still gives the float model. A
-    native quantized checkpoint always loads packed.
+    grouped int8 one); when it resolves to float32 (a CPU without native bf16), an `inference` load is "blocks"
+    where the kernel builds; otherwise dequantize, so an explicit --dtype float32 still gives the float model.
+    A native quantized checkpoint always loads packed.
     `inference`: the model will only run forward (generate, chat, serve, eval, rag): keep bf16 CPU linears in
     oneDNN's prepacked layout (lmstack.quant.packed), and fuse each block's q|k|v and gate|up where they stay
     unpacked (int4, float32). The outputs are the same; training such a model is not supported.
@@ -116,8 +119,13 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype, device)
     if quant == "auto":
-        cpu_bf16 = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-        quant = ("keep-q8" if compile else "keep-float") if asked_auto and cpu_bf16 else "dequantize"
+        on_cpu = torch.device(device).type == "cpu"
+        if asked_auto and on_cpu and dtype == torch.bfloat16:
+            quant = "keep-q8" if compile else "keep-float"
+        elif asked_auto and on_cpu and inference and adapter is None:
+            quant = "auto-blocks"  # a GGUF's blocks where lmstack's float32 kernel builds (below)
+        else:
+            quant = "dequantize"
     if adapter is not None:
         return _for_inference(_load_with_adapter(name_or_path, str(adapter), dtype, device), inference,
                               compile)
@@ -129,9 +137,14 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
         config, state, tokenizer, metadata = load_native_parts(path)
     elif fmt == "gguf":
         from lmstack.checkpoints.gguf import load_gguf
-        config, state, tokenizer, metadata = load_gguf(path, keep=quant != "dequantize",
+        if quant == "auto-blocks":
+            from lmstack import kernels
+            quant = "blocks" if kernels.gguf_matmul_available() else "dequantize"
+        if quant == "blocks":
+            dtype = torch.float32  # what GGUFLinear computes in
+        config, state, tokenizer, metadata = load_gguf(path, keep=quant not in ("dequantize", "blocks"),
                                                        embedding_scheme=EMBEDDING_SCHEMES.get(quant, "none"),
-                                                       dtype=dtype)
+                                                       dtype=dtype, blocks=quant == "blocks")
     else:
         from lmstack.checkpoints.hf import load_hf
         config, state, tokenizer, metadata = load_hf(path)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lmstack.errors import LmstackError
 from lmstack.models.blocks import MLP, Block, TiedHead
+from lmstack.quant.gguf_linear import GGUFLinear
 from lmstack.quant.int4 import Int4Linear, int4_fits
 from lmstack.quant.int8 import Int8Linear
 from lmstack.quant.nf4_linear import NF4Linear
@@ -27,7 +28,7 @@ from lmstack.quant.nf4_linear import NF4Linear
 log = logging.getLogger(__name__)
 
 SCHEMES = ("int4-g32", "int4-g64", "int4-g128", "int8", "w8a8", "nf4")
-QUANTIZED = (Int4Linear, Int8Linear, NF4Linear)
+QUANTIZED = (Int4Linear, Int8Linear, NF4Linear, GGUFLinear)
 
 
 @dataclass
@@ -88,6 +89,8 @@ def format_of(module: nn.Module) -> str:
         return "int8" if module.mode == "weight" else "w8a8"
     if isinstance(module, NF4Linear):
         return "nf4"
+    if isinstance(module, GGUFLinear):  # a GGUF file's blocks kept as they are (not a quantize_ scheme)
+        return f"gguf-{module.qtype.lower()}"
     raise LmstackError(f"{type(module).__name__} is not a quantized layer")
 
 
@@ -159,6 +162,8 @@ def quantize_(model: nn.Module, scheme: str, *, embedding_scheme: str | None = N
 def _fuse(linears: list[nn.Module], what: str) -> nn.Module:
     if all(type(m) is Int4Linear for m in linears):  # int4 kept packed from a GGUF: the codes as they are
         return Int4Linear.concat(linears)
+    if all(type(m) is GGUFLinear for m in linears):  # a GGUF's blocks: rows follow each other
+        return GGUFLinear.concat(linears)
     if not all(type(m) is nn.Linear for m in linears):
         kinds = sorted({type(m).__name__ for m in linears})
         raise LmstackError(f"fuse_projections_ fuses plain Linears ({what} are {', '.join(kinds)}): fuse before "
@@ -202,7 +207,9 @@ def fusable(model: nn.Module) -> bool:
                 if p is not None]
     return bool(linears) and (all(type(p) is nn.Linear for p in linears)
                               or (all(type(p) is Int4Linear for p in linears)
-                                  and len({(p.in_features, p.group_size) for p in linears}) == 1))
+                                  and len({(p.in_features, p.group_size) for p in linears}) == 1)
+                              or (all(type(p) is GGUFLinear for p in linears)
+                                  and len({(p.in_features, p.qtype) for p in linears}) == 1))
 
 
 def is_fused(model: nn.Module) -> bool:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lmstack.errors import LmstackError
 from lmstack.models.blocks import TiedHead
+from lmstack.quant.gguf_linear import GGUFLinear
 from lmstack.quant.int4 import Int4Linear
 from lmstack.quant.int8 import Int8Linear
 from lmstack.quant.nf4_linear import NF4Linear
@@ -66,6 +67,8 @@ def _empty(spec: dict[str, Any]) -> nn.Module:
         return Int8Linear(K, N, bias=bias, group_size=int(fmt.removeprefix("int8-g")))
     if fmt == "nf4":
         return NF4Linear(K, N, bias=bias)
+    if fmt.startswith("gguf-") and fmt.removeprefix("gguf-").upper() in ("Q4_0", "Q4_1", "Q8_0"):
+        return GGUFLinear(K, N, fmt.removeprefix("gguf-").upper(), bias=bias)
     raise LmstackError(f"quantization metadata names an unknown format {fmt!r}")
 
 
