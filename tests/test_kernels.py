@@ -80,9 +80,10 @@ def test_compiled_step_calls_the_kernel() -> None:
     assert build_model(from_name("tiny-llama")).config.head_dim in kernels.HEAD_DIMS
 
 
-def test_a_failed_build_leaves_the_torch_ops_path(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def test_a_failed_build_leaves_the_torch_ops_path(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
     """No compiler or an unwritable build folder: one warning and False (callers keep their torch-ops path)."""
     from torch.utils import cpp_extension
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build to load
 
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("no compiler")

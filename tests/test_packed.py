@@ -24,7 +24,8 @@ from lmstack.models.blocks import TiedHead, count_weights
 from lmstack.quant.packed import PackedLinear, pack_linears_, packing_available
 from lmstack.quant.quantize import fusable, fuse_projections_, quantize_
 
-pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN")
+pytestmark = pytest.mark.skipif(not packing_available(),
+                                reason="no oneDNN bf16 prepacking here (this torch or this CPU lacks it)")
 torch.set_num_threads(2)
 
 

@@ -47,12 +47,16 @@ def assert_bf16_close(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None = Non
 
 @pytest.mark.parametrize("N", [64, 112, 176, 16])
 def test_blocked_layout_is_the_kernels_and_reads_back(N: int) -> None:
-    """The portable qweight (blocked) is written and read in plain torch; on this CPU it is the kernel's own."""
-    from lmstack.quant.int4 import blocked_pack, blocked_unpack, kernel_pack
+    """The portable qweight (blocks of 64) is written and read in plain torch; with this CPU's block width
+    (64 with AVX512, 32 with AVX2) the same code writes the kernel's own bytes, and kernel_rows reads them."""
+    from lmstack.quant.int4 import blocked_pack, blocked_unpack, kernel_block, kernel_pack, kernel_rows
     codes = torch.randint(0, 16, (N, 96), generator=torch.Generator().manual_seed(N), dtype=torch.uint8)
     qweight = blocked_pack(codes)
     assert torch.equal(blocked_unpack(qweight, 96), codes)
-    assert torch.equal(qweight, kernel_pack(codes))
+    packed = kernel_pack(codes)
+    assert torch.equal(packed, blocked_pack(codes, kernel_block()))
+    rows = torch.tensor([0, N - 1, N // 2, 17 % N])
+    assert torch.equal(kernel_rows(packed, rows, 96), codes[rows])
 
 
 @pytest.mark.parametrize("shape,group", [((96, 64), 32), ((128, 256), 64), ((48, 256), 128), ((80, 96), 32)])
@@ -120,16 +124,17 @@ def test_int8_weight_only_matches_its_dequantized_weight() -> None:
     assert_bf16_close(layer(xb), xb.float(), w, linear.bias.detach())
 
 
-@pytest.mark.parametrize("known_layout", [True, False])
-def test_int4_load_adopts_aligned_bytes_and_copes_otherwise(known_layout: bool,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """qweight is adopted as it is, aligned to 64 bytes or not (safetensors aligns to 8); on a CPU whose kernel packs in another
-    layout (simulated) the codes are unpacked and packed by the kernel: the same outputs every way."""
+@pytest.mark.parametrize("portable", [True, False], ids=["this-cpu", "other-layout"])
+def test_int4_load_adopts_aligned_bytes_and_copes_otherwise(portable: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where this CPU's kernel layout is the portable one, qweight is adopted as it is, aligned to 64 bytes or not
+    (safetensors aligns to 8); where it is not (AVX2, or simulated) the codes are unpacked and packed by the
+    kernel: the same outputs every way."""
     import lmstack.quant.int4 as int4
     torch.manual_seed(0)
     layer = Int4Linear.from_float(nn.Linear(64, 112, bias=False))
     state = layer.state_dict()
-    monkeypatch.setattr(int4, "_layout_is_known", lambda: known_layout)
+    known_layout = portable and int4._kernel_is_portable()
+    monkeypatch.setattr(int4, "_kernel_is_portable", lambda: known_layout)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     for offset in (0, 12):
         raw = torch.empty(state["qweight"].numel() + 64 + offset, dtype=torch.uint8)

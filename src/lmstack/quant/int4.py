@@ -8,11 +8,12 @@ and each value is a 4-bit code q in 0..15 with
 Asymmetric round-to-nearest PTQ sets s = (max - min) / 15 and z = min + 8 s per group. GGUF's Q4_1 blocks
 (w = q d + m) map onto this with s = d, z = m + 8 d, and Q4_0 (w = (q - 8) d) with z = 0 (quant/gguf_pack.py).
 
-The kernel wants its own packed layout, which depends on the CPU's vector width. The state dict holds the AVX512
-kernel's layout ("blocked", written and read by plain torch ops here, so any CPU can use it): `qweight` [N, K/2]
-uint8 plus `scales_and_zeros` [K/G, N, 2] bf16. Where this CPU's kernel uses the blocked layout (checked once
-against the kernel), loading adopts the bytes as they are, memory map included; elsewhere it unpacks the codes
-and lets the kernel pack them (a permutation of nibbles, never a requantization).
+The kernel wants its own packed layout, which depends on the CPU's vector width: rows in blocks of 64 with
+AVX512, of 32 with AVX2 (kernel_block checks which, once). The state dict holds the blocks-of-64 layout
+("blocked", written and read by plain torch ops here, so any CPU can use it): `qweight` [N, K/2] uint8 plus
+`scales_and_zeros` [K/G, N, 2] bf16. Where this CPU's kernel uses that layout, loading adopts the bytes as they
+are, memory map included; elsewhere it unpacks the codes and lets the kernel pack them (a permutation of
+nibbles, never a requantization).
 
 Speed (SmolLM2 shapes, 1 thread, contended machine): one row through the kernel is 2-4x faster than bf16
 F.linear; many rows are about 2x slower (64 rows of 1536x576: 2.7 ms against 1.3 ms), but dequantizing the
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from lmstack.errors import LmstackError
 
 GROUP_SIZES = (32, 64, 128)
-_BLOCK_N = 64  # the AVX512 kernel packs rows in blocks of 64 (tails of 16, 32 or 48 rows pack in pairs)
+PORTABLE_BLOCK = 64  # qweight packs rows in blocks of 64, as the AVX512 kernel does (kernel_rows)
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int) -> str | None:
@@ -61,18 +62,33 @@ def quantize_int4(weight: Tensor, group_size: int, bits: int = 4) -> tuple[Tenso
     return codes.to(torch.uint8).reshape(N, K), scales, zeros
 
 
-def blocked_pack(codes: Tensor) -> Tensor:
-    """[N, K] codes 0..15 -> [N, K/2] uint8 in the blocked layout (the AVX512 kernel's own; see kernel_rows):
-    the portable `qweight`, written in plain torch ops, so any CPU can write and read it."""
+def blocked_pack(codes: Tensor, block: int = PORTABLE_BLOCK) -> Tensor:
+    """[N, K] codes 0..15 -> [N, K/2] uint8 in the blocked layout with blocks of `block` rows (see kernel_rows).
+
+    Blocks of 64 are the portable `qweight` (the AVX512 kernel's own layout), written in plain torch ops so any
+    CPU can write and read it."""
     codes = codes.to(torch.uint8)
     N, K = codes.shape
-    n_full = N // _BLOCK_N * _BLOCK_N
-    full = codes[:n_full].view(-1, 2, 32, K)  # [NB, 2, 32, K]: rows 0..31 (low nibbles), 32..63 (high)
-    parts = [(full[:, 0] | (full[:, 1] << 4)).transpose(1, 2).reshape(-1)]  # [NB, K, 32] bytes
+    n_full = N // block * block
+    full = codes[:n_full].view(-1, 2, block // 2, K)  # [NB, 2, B/2, K]: low-nibble rows, high-nibble rows
+    parts = [(full[:, 0] | (full[:, 1] << 4)).transpose(1, 2).reshape(-1)]  # [NB, K, B/2] bytes
     if N > n_full:  # a tail of n rows: [K, n/2] bytes, rows 2j low and 2j + 1 high
         tail = codes[n_full:]
         parts.append((tail[0::2] | (tail[1::2] << 4)).t().reshape(-1))
     return torch.cat(parts).view(N, K // 2)
+
+
+def blocked_unpack(packed: Tensor, K: int, block: int = PORTABLE_BLOCK) -> Tensor:
+    """Inverse of blocked_pack: [N, K/2] -> [N, K] uint8 (views and two shifts; no gather)."""
+    N = packed.shape[0]
+    n_full = N // block * block
+    flat = packed.reshape(-1)
+    full = flat[:n_full * K // 2].view(-1, K, block // 2)  # [NB, K, B/2]
+    parts = [torch.cat([full & 0xF, full >> 4], dim=-1).transpose(1, 2).reshape(n_full, K)]
+    if N > n_full:
+        tail = flat[n_full * K // 2:].view(K, (N - n_full) // 2)  # [K, n/2]: rows 2j low, 2j + 1 high
+        parts.append(torch.stack([tail & 0xF, tail >> 4], dim=-1).reshape(K, N - n_full).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def kernel_pack(codes: Tensor) -> Tensor:
@@ -83,68 +99,46 @@ def kernel_pack(codes: Tensor) -> Tensor:
 def kernel_rows(packed: Tensor, rows: Tensor, K: int) -> Tensor:
     """Codes of some rows of a kernel-packed weight: packed [N, K/2], rows [R] -> [R, K] uint8.
 
-    The AVX512 layout: rows come in blocks of 64 stored as [K, 32] bytes whose low nibbles are rows 0..31 and
-    high nibbles rows 32..63; a tail block of n < 64 rows is [K, n/2] bytes holding rows 2j (low) and 2j + 1
-    (high). `_check_layout` verifies this once against the kernel before anything relies on it.
+    The kernel's layout: rows come in blocks of B (64 with AVX512, 32 with AVX2) stored as [K, B/2] bytes whose
+    low nibbles are rows 0..B/2-1 and high nibbles rows B/2..B-1; a tail block of n < B rows is [K, n/2] bytes
+    holding rows 2j (low) and 2j + 1 (high). `kernel_block` finds B once by checking the kernel on a probe.
     """
-    _check_layout()
+    B = kernel_block()
     N = packed.shape[0]
     flat = packed.reshape(-1)
-    block, r = rows // _BLOCK_N, rows % _BLOCK_N  # [R]
-    size = torch.clamp(N - block * _BLOCK_N, max=_BLOCK_N)  # [R] rows in that block
+    block, r = rows // B, rows % B  # [R]
+    size = torch.clamp(N - block * B, max=B)  # [R] rows in that block
     k = torch.arange(K, device=packed.device)  # [K]
-    base = (block * _BLOCK_N * K // 2)[:, None]  # [R, 1] byte offset of the block
-    full = size == _BLOCK_N
-    col = torch.where(full, r % 32, r // 2)[:, None]  # [R, 1] byte column within a K-row of the block
-    width = torch.where(full, torch.full_like(size, 32), size // 2)[:, None]  # [R, 1] bytes per K-row
-    high = torch.where(full, r >= 32, r % 2 == 1)[:, None]  # [R, 1] high nibble?
+    base = (block * B * K // 2)[:, None]  # [R, 1] byte offset of the block
+    full = size == B
+    col = torch.where(full, r % (B // 2), r // 2)[:, None]  # [R, 1] byte column within a K-row of the block
+    width = torch.where(full, torch.full_like(size, B // 2), size // 2)[:, None]  # [R, 1] bytes per K-row
+    high = torch.where(full, r >= B // 2, r % 2 == 1)[:, None]  # [R, 1] high nibble?
     byte = flat[base + k[None, :] * width + col]  # [R, K]
     return torch.where(high, byte >> 4, byte & 0xF)
 
 
 def kernel_unpack(packed: Tensor, K: int) -> Tensor:
     """All codes of a kernel-packed weight: packed [N, K/2] -> [N, K] uint8."""
-    _check_layout()
-    return blocked_unpack(packed, K)
-
-
-def blocked_unpack(packed: Tensor, K: int) -> Tensor:
-    """Inverse of blocked_pack: [N, K/2] -> [N, K] uint8 (views and two shifts; no gather)."""
-    N = packed.shape[0]
-    n_full = N // _BLOCK_N * _BLOCK_N
-    flat = packed.reshape(-1)
-    full = flat[:n_full * K // 2].view(-1, K, 32)  # [NB, K, 32]
-    parts = [torch.cat([full & 0xF, full >> 4], dim=-1).transpose(1, 2).reshape(n_full, K)]  # rows 0..31, 32..63
-    if N > n_full:
-        tail = flat[n_full * K // 2:].view(K, (N - n_full) // 2)  # [K, n/2]: rows 2j low, 2j + 1 high
-        parts.append(torch.stack([tail & 0xF, tail >> 4], dim=-1).reshape(K, N - n_full).t())
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return blocked_unpack(packed, K, kernel_block())
 
 
 @lru_cache(maxsize=1)
-def _layout_is_known() -> bool:
-    try:
-        _check_layout()
-    except NotImplementedError:
-        return False
-    return True
-
-
-@lru_cache(maxsize=1)
-def _check_layout() -> None:
+def kernel_block() -> int:
+    """The rows per block of this CPU's int4 kernel layout (64 or 32), checked against the kernel on a probe."""
     probe = torch.randint(0, 16, (64 + 48, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     packed = kernel_pack(probe)
-    flat = packed.reshape(-1)
-    got = []
-    for n in range(probe.shape[0]):  # the plain loop of the layout description, on a tiny probe
-        block, r = divmod(n, _BLOCK_N)
-        size = min(_BLOCK_N, probe.shape[0] - block * _BLOCK_N)
-        width, col, high = (32, r % 32, r >= 32) if size == _BLOCK_N else (size // 2, r // 2, r % 2 == 1)
-        byte = flat[block * _BLOCK_N * 32 + torch.arange(64) * width + col]
-        got.append(byte >> 4 if high else byte & 0xF)
-    if not torch.equal(torch.stack(got), probe):
-        raise NotImplementedError("this CPU's int4 kernel packs weights in a layout lmstack cannot read back "
-                                  "(only the AVX512 layout is known); int4 save and embedding lookups need it")
+    for block in (64, 32):
+        if torch.equal(packed, blocked_pack(probe, block)):
+            return block
+    raise NotImplementedError("this CPU's int4 kernel packs weights in a layout lmstack cannot read back "
+                              "(blocks of 64 (AVX512) and 32 (AVX2) are known); int4 save and embedding lookups "
+                              "need it")
+
+
+def _kernel_is_portable() -> bool:
+    """Whether the kernel's layout is the portable qweight's, so loading can adopt the bytes (memory map too)."""
+    return kernel_block() == PORTABLE_BLOCK
 
 
 class Int4Linear(nn.Module):
@@ -187,8 +181,8 @@ class Int4Linear(nn.Module):
     def concat(cls, layers: list[Int4Linear]) -> Int4Linear:
         """One layer computing [y_1 | y_2 | ...] (fused q|k|v, gate|up): the codes and scales as they are.
 
-        Rows are packed in independent blocks of 64, so where every part has a multiple of 64 rows the packed
-        bytes simply follow each other; otherwise the codes are unpacked and packed again."""
+        Rows are packed in independent blocks (kernel_block), so where every part has a whole number of blocks
+        the packed bytes simply follow each other; otherwise the codes are unpacked and packed again."""
         first = layers[0]
         if any(m.in_features != first.in_features or m.group_size != first.group_size for m in layers):
             raise LmstackError("Int4Linear.concat needs the same in_features and group size in every part")
@@ -196,7 +190,7 @@ class Int4Linear(nn.Module):
             raise LmstackError("Int4Linear.concat: some parts have a bias and some do not")
         N, K = sum(m.out_features for m in layers), first.in_features
         fused = cls(K, N, first.group_size, bias=first.bias is not None, device=first.packed.device)
-        if all(m.out_features % _BLOCK_N == 0 for m in layers) and _layout_is_known():
+        if all(m.out_features % kernel_block() == 0 for m in layers):
             fused.packed = torch.cat([m.packed.reshape(-1) for m in layers]).view(N, K // 2)
         else:
             fused.packed = kernel_pack(torch.cat([m.codes() for m in layers]))
@@ -217,7 +211,7 @@ class Int4Linear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # [N, K/2] uint8, blocked: the kernel's own bytes where this CPU's kernel uses that layout
-        destination[prefix + "qweight"] = self.packed if _layout_is_known() else blocked_pack(self.codes())
+        destination[prefix + "qweight"] = self.packed if _kernel_is_portable() else blocked_pack(self.codes())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[override]
@@ -228,7 +222,7 @@ class Int4Linear(nn.Module):
             if qweight.dtype != torch.uint8 or tuple(qweight.shape) != expect:
                 raise LmstackError(f"{key}: expected uint8 {list(expect)}, got {qweight.dtype} "
                                    f"{list(qweight.shape)} (corrupt or mismatched int4 tensor)")
-            if not _layout_is_known():  # another CPU's kernel layout: unpack and let the kernel pack
+            if not _kernel_is_portable():  # another CPU's kernel layout: unpack and let the kernel pack
                 self.packed = kernel_pack(blocked_unpack(qweight, self.in_features))
             else:  # adopted as it is, a memory map staying one (the kernel reads unaligned bytes correctly:
                 self.packed = qweight  # tests/test_quant.py checks offsets 0 and 12, unlike _weight_int8pack_mm)

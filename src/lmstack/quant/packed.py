@@ -29,8 +29,10 @@ PACKABLE_DTYPES = (torch.bfloat16,)
 
 
 def packing_available() -> bool:
-    """oneDNN is compiled in (every x86 CPU wheel) and the prepacked-linear ops are registered."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """oneDNN is compiled in (every x86 CPU wheel), the prepacked-linear ops are registered, and this CPU has
+    oneDNN's bf16 path (AVX512-BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU has not)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):

@@ -52,8 +52,14 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, size: int | None = No
     for n in sizes:
         a = torch.randn(n, n, dtype=dtype, device=device)
         b = torch.randn(n, n, dtype=dtype, device=device)
-        for _ in range(2):  # warm-up: thread pool, kernel selection
-            a @ b
+        t0 = time.perf_counter()
+        a @ b  # warm-up: thread pool, kernel selection
+        slow = device == "cpu" and (once := time.perf_counter() - t0) > seconds / 8
+        if slow:  # a dtype this CPU has no fast path for (bf16 without AVX512-BF16: about 1 GFLOP/s): a product
+            # small enough that timed batches fit the window, instead of minutes at full size
+            n = max(64, int(n * (seconds / 8 / once) ** (1 / 3)))
+            a, b = a[:n, :n].contiguous(), b[:n, :n].contiguous()
+        a @ b
         deadline = time.perf_counter() + seconds / len(sizes)
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
@@ -62,6 +68,8 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, size: int | None = No
             if device != "cpu":
                 torch.cuda.synchronize()
             best = max(best, 2 * 2 * n**3 / (time.perf_counter() - t0))
+        if slow:  # no larger size after it
+            break
     return best
 
 
