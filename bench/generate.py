@@ -333,21 +333,23 @@ def quality_inputs(args: argparse.Namespace, path: Path) -> Path:
     return path
 
 
-def quantized_checkpoints(args: argparse.Namespace) -> dict[str, Path]:
-    """The native checkpoints of the quantized rows, made once under runs/bench (not timed)."""
+CHECKPOINTS = {"keep": "smollm2-native-keep", "keep-int8": "smollm2-native-keep-int8", "int4-g32": "smollm2-int4-g32",
+               "int8": "smollm2-int8", "w8a8": "smollm2-w8a8"}  # quant mode or scheme -> folder under runs/bench
+
+
+def quantized_checkpoints(args: argparse.Namespace, used: set[str]) -> None:
+    """The native checkpoints of the rows that run (`used`: their model paths), made once under runs/bench (not
+    timed)."""
     from lmstack.checkpoints import convert
     from lmstack.compression.quantize import quantize
-    out: dict[str, Path] = {}
-    root = Path("runs/bench")
-    for mode in ("keep", "keep-int8"):
-        path = out[mode] = root / f"smollm2-native-{mode}"
-        if not (path / "lmstack.json").exists():
+    for mode, folder in CHECKPOINTS.items():
+        path = Path("runs/bench") / folder
+        if str(path) not in used or (path / "lmstack.json").exists():
+            continue
+        if mode.startswith("keep"):
             convert(args.model, str(path), to="native", dtype="bfloat16", quant=mode)
-    for scheme in ("int4-g32", "int8", "w8a8"):
-        path = out[scheme] = root / f"smollm2-{scheme}"
-        if not (path / "lmstack.json").exists():
-            quantize(model=args.model, scheme=scheme, out=str(path), eval_chars=0, decode_tokens=0, compare=False)
-    return out
+        else:
+            quantize(model=args.model, scheme=mode, out=str(path), eval_chars=0, decode_tokens=0, compare=False)
 
 
 def file_bytes(path: Path) -> int:
@@ -408,7 +410,7 @@ def quant_table(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import resolve
     quality = quality_inputs(args, Path("runs/bench/quality_ids.json"))
     stops = set(json.loads(quality.read_text())["stop"])
-    ckpt = quantized_checkpoints(args)
+    ckpt = {mode: Path("runs/bench") / folder for mode, folder in CHECKPOINTS.items()}
     gguf = resolve(args.model)
     specs = [  # name, engine, dtype, model, quant
         ("lmstack fp32 (GGUF dequantized: the reference)", "lmstack", "float32", str(gguf), "dequantize"),
@@ -430,6 +432,7 @@ def quant_table(args: argparse.Namespace) -> None:
     ]
     # --rows: a subset by name (the fp32 reference, which agreement is measured against, always runs)
     specs = [spec for i, spec in enumerate(specs) if i == 0 or not args.rows or any(r in spec[0] for r in args.rows)]
+    quantized_checkpoints(args, {model for _, _, _, model, _ in specs})
     rows = [(name, Path(model), spawn(args, engine, dtype, model=model, quant=quant, quality=quality,
                                       compile=name in COMPILED_ROWS))
             for name, engine, dtype, model, quant in specs]
