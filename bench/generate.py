@@ -376,7 +376,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 DEFAULT_ROW = "lmstack default (--dtype auto), loaded from the .gguf"
 COMPILED_ROW = "lmstack default (--dtype auto) + --compile (torch.compile with the C++ wrapper)"
-BLOCKS_ROW = "lmstack --quant blocks (the GGUF's Q4_1 / Q8_0 blocks, float32 kernel)"
+BLOCKS_ROW = "lmstack --quant blocks (the GGUF's Q4_1 / Q8_0 blocks, lmstack's kernel)"
 BLOCKS_COMPILED_ROW = BLOCKS_ROW + " + --compile"
 COMPILED_ROWS = (COMPILED_ROW, BLOCKS_COMPILED_ROW)
 LLAMA_ROW = "llama.cpp Q4_1 (same GGUF)"

@@ -7,10 +7,14 @@
 //   Q4_1, 20 bytes: d (fp16), m (fp16), qs[16] w = q d + m
 //   Q8_0, 34 bytes: d (fp16), qs[32] int8      w = q d
 // In Q4 blocks byte j holds value j in its low nibble and value j + 16 in its high one.
-// The dot product of a block is d * sum(q x) + m * sum(x), with sum(x) computed once per block of x: the same
-// float32 numbers as the dequantized weight up to the order of the float32 sums. A few rows of x (decode) read
-// each block once for all rows, parallel over output rows; more rows (prefill) dequantize tiles of W to float32
-// and multiply them with at::mm.
+// The dot product of a block is d * sum(q x) + m * sum(x), with sum(x) computed once per block of x in float32.
+// A few rows of x (decode) read each block once for all rows, parallel over output rows. With AVX2 they round x
+// to int16 per block of 32 (x = xq * sx, |error| <= 1.5e-5 of the block's largest |x|: 256 times finer than
+// llama.cpp's int8 activations, 250 times finer than bf16's rounding) so that sum(q xq) is exact integer
+// arithmetic (madd): half the instructions of converting every code to float. One row of x (the decode step)
+// takes output rows eight at a time, so the float work of a block (scales, conversions) is shared by eight.
+// More rows (prefill) dequantize tiles of W to float32 and multiply them with at::mm: the float32 model's
+// numbers up to the order of the sums.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -73,17 +77,187 @@ inline void block_codes(const uint8_t* blk, float& d, float& m, float* q) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-// 8 bytes -> 8 floats
-inline __m256 bytes_to_float(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
-inline __m256 sbytes_to_float(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+#define LMSTACK_GGUF_AVX2 1
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-#endif
 
-// out[r, n] for rows r < R of x and output rows n in [n0, n1). xsum [R, NB]: each block's sum of x.
+// x [M, K] -> xq [M, K] int16 and sx [M, NB] with x ~ xq * sx per block of 32 (|error| <= sx / 2 = amax / 65534,
+// about 1.5e-5 of the block's largest value), and xsum [M, NB], each block's float32 sum of x.
+void quantize_x(const float* x, int64_t blocks, int16_t* xq, float* sx, float* xsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t i = 0; i < blocks; ++i) {
+    const float* xb = x + i * kBlock;
+    __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+      sum = _mm256_add_ps(sum, v[j]);
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float a = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    sx[i] = a / 32767.f;
+    xsum[i] = hsum(sum);
+    const __m256 inv = _mm256_set1_ps(a > 0.f ? 32767.f / a : 0.f);
+    for (int j = 0; j < 4; j += 2) {  // round to nearest; packs interleaves 128-bit lanes, the permute undoes it
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[j + 1], inv));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * kBlock + 8 * j), packed);
+    }
+  }
+}
+
+// out[r, n] for rows r < R of x and output rows n in [n0, n1): per block, the codes as int16 times xq summed
+// exactly in int32 (madd), scaled by d * sx in float32, plus m * sum(x) for the Q4 offsets.
+template <int64_t QT, int64_t R>
+void block_rows(const int16_t* xq, const float* sx, const float* xsum, const uint8_t* w, float* out, int64_t K,
+                int64_t N, int64_t n0, int64_t n1) {
+  constexpr int64_t bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : 34;
+  // Two accumulators a row where registers allow, even and odd blocks: one chain of dependent FMAs a row
+  // would wait on the FMA latency every block.
+  constexpr int64_t A = R <= 4 ? 2 : 1;
+  const int64_t NB = K / kBlock;
+  const __m128i low = _mm_set1_epi8(0xF);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * NB * bytes;
+    __m256 acc[R][A];
+    float macc[R][A];
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps(), macc[r][a] = 0.f;
+    }
+    for (int64_t b = 0; b < NB; ++b) {
+      const uint8_t* blk = row + b * bytes;
+      __m256i w0, w1;  // codes of values 0..15 and 16..31 as int16
+      if constexpr (QT == Q8_0) {
+        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
+      } else {
+        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (QT == Q4_1 ? 4 : 2)));
+        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low));
+        w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
+      }
+      float d, m;
+      if constexpr (QT == Q4_1) {  // d and m side by side: one conversion
+        int32_t dm;
+        std::memcpy(&dm, blk, 4);
+        const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
+        d = _mm_cvtss_f32(f), m = _mm_cvtss_f32(_mm_movehdup_ps(f));
+      } else {
+        d = half(blk), m = QT == Q4_0 ? -8.f * d : 0.f;
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const int16_t* xr = xq + r * K + b * kBlock;
+        const __m256i p = _mm256_add_epi32(
+            _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+            _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
+        acc[r][b % A] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * sx[r * NB + b]), acc[r][b % A]);
+        if constexpr (QT != Q8_0) macc[r][b % A] += m * xsum[r * NB + b];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      __m256 sum = acc[r][0];
+      float msum = macc[r][0];
+      for (int64_t a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]), msum += macc[r][a];
+      out[r * N + n] = hsum(sum) + msum;
+    }
+  }
+}
+
+// One row of x (decode), output rows [8 g0, 8 g1) eight at a time: the eight int32 block products are summed
+// across lanes together (a tree of hadds), and the eight rows' d and m are read with one gather and converted
+// together, so the per-block float work is shared by eight rows instead of repeated for each.
+template <int64_t QT>
+void eight_rows(const int16_t* xq, const float* sx, const float* xsum, const uint8_t* w, float* out, int64_t K,
+                int64_t g0, int64_t g1) {
+  constexpr int64_t bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : 34;
+  const int64_t NB = K / kBlock, stride = NB * bytes;
+  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm256_set1_epi32(static_cast<int32_t>(stride)));
+  const __m128i low = _mm_set1_epi8(0xF);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* base = w + g * 8 * stride;
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < NB; ++b) {
+      const uint8_t* blk = base + b * bytes;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock + 16));
+      __m256i p[8];
+      for (int i = 0; i < 8; ++i) {
+        const uint8_t* bi = blk + i * stride;
+        __m256i w0, w1;
+        if constexpr (QT == Q8_0) {
+          w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bi + 2)));
+          w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bi + 18)));
+        } else {
+          const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bi + (QT == Q4_1 ? 4 : 2)));
+          w0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low));
+          w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
+        }
+        p[i] = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+      }
+      // lane sums: h0123 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low and high 128-bit halves), likewise h4567
+      const __m256i h0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+      const __m256i h4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+      const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
+                                            _mm256_permute2x128_si256(h0123, h4567, 0x31));  // [s0 .. s7]
+      // the 8 rows' first 4 bytes: d (fp16) and, in Q4_1, m (fp16) -> [d0 m0 d1 m1 ...] as float
+      const __m256i dm = _mm256_i32gather_epi32(reinterpret_cast<const int*>(blk), idx, 1);
+      const __m256 f0 = _mm256_cvtph_ps(_mm256_castsi256_si128(dm));       // d0 m0 d1 m1 d2 m2 d3 m3
+      const __m256 f1 = _mm256_cvtph_ps(_mm256_extracti128_si256(dm, 1));  // d4 m4 ... d7 m7
+      // shuffle_ps gives [d0 d1 d4 d5 | d2 d3 d6 d7]; the 64-bit permute puts them in order
+      const __m256 d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(f0, f1, 0x88)), 0xD8));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(d, _mm256_set1_ps(sx[b])), acc);
+      if constexpr (QT != Q8_0) {
+        __m256 m;
+        if constexpr (QT == Q4_1) {
+          m = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(f0, f1, 0xDD)), 0xD8));
+        } else {
+          m = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+        }
+        macc = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[b]), macc);
+      }
+    }
+    _mm256_storeu_ps(out + g * 8, _mm256_add_ps(acc, macc));
+  }
+}
+
+template <int64_t QT>
+void few_rows(const at::Tensor& x, const uint8_t* w, at::Tensor& out, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1), NB = K / kBlock;
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> sx(M * NB), xsum(M * NB);
+  quantize_x(x.data_ptr<float>(), M * NB, xq.data(), sx.data(), xsum.data());
+  const int16_t* qp = xq.data();
+  const float *sp = sx.data(), *up = xsum.data();
+  float* op = out.data_ptr<float>();
+  if (M == 1 && QT != Q8_0) {  // (Q8_0's bytes a block make the per-row loop bandwidth-bound already)
+    const int64_t groups = N / 8, grain = std::max<int64_t>(2, groups / (4 * at::get_num_threads()));
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      eight_rows<QT>(qp, sp, up, w, op, K, g0, g1);
+    });
+    if (N > groups * 8) block_rows<QT, 1>(qp, sp, up, w, op, K, N, groups * 8, N);
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+      case 1: block_rows<QT, 1>(qp, sp, up, w, op, K, N, n0, n1); break;
+      case 2: block_rows<QT, 2>(qp, sp, up, w, op, K, N, n0, n1); break;
+      case 3: block_rows<QT, 3>(qp, sp, up, w, op, K, N, n0, n1); break;
+      case 4: block_rows<QT, 4>(qp, sp, up, w, op, K, N, n0, n1); break;
+      case 5: block_rows<QT, 5>(qp, sp, up, w, op, K, N, n0, n1); break;
+      case 6: block_rows<QT, 6>(qp, sp, up, w, op, K, N, n0, n1); break;
+      case 7: block_rows<QT, 7>(qp, sp, up, w, op, K, N, n0, n1); break;
+      default: block_rows<QT, 8>(qp, sp, up, w, op, K, N, n0, n1);
+    }
+  });
+}
+#else
+// Without AVX2: float32 throughout. xsum [R, NB]: each block's sum of x.
 template <int64_t QT, int64_t R>
 void block_rows(const float* x, const float* xsum, const uint8_t* w, float* out, int64_t K, int64_t N,
                 int64_t n0, int64_t n1) {
@@ -91,50 +265,6 @@ void block_rows(const float* x, const float* xsum, const uint8_t* w, float* out,
   const int64_t NB = K / kBlock;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * NB * bytes;
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    // Two accumulators a row where registers allow, even and odd blocks: one chain of dependent FMAs a row
-    // would wait on the FMA latency every block.
-    constexpr int64_t A = R <= 4 ? 2 : 1;
-    __m256 acc[R][A];
-    float macc[R];
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
-      macc[r] = 0.f;
-    }
-    for (int64_t b = 0; b < NB; ++b) {
-      const uint8_t* blk = row + b * bytes;
-      __m256 f[4];  // the block's 32 codes as floats, values 0..7, 8..15, 16..23, 24..31
-      if constexpr (QT == Q8_0) {
-        const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-        const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18));
-        f[0] = sbytes_to_float(q0), f[1] = sbytes_to_float(_mm_srli_si128(q0, 8));
-        f[2] = sbytes_to_float(q1), f[3] = sbytes_to_float(_mm_srli_si128(q1, 8));
-      } else {
-        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (QT == Q4_1 ? 4 : 2)));
-        const __m128i low = _mm_set1_epi8(0xF);
-        const __m128i lo = _mm_and_si128(qs, low), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
-        f[0] = bytes_to_float(lo), f[1] = bytes_to_float(_mm_srli_si128(lo, 8));
-        f[2] = bytes_to_float(hi), f[3] = bytes_to_float(_mm_srli_si128(hi, 8));
-      }
-      const float d = half(blk);
-      const __m256 dv = _mm256_set1_ps(d);
-      const float m = QT == Q4_1 ? half(blk + 2) : QT == Q4_0 ? -8.f * d : 0.f;
-      for (int64_t r = 0; r < R; ++r) {
-        const float* xr = x + r * K + b * kBlock;
-        __m256 t = _mm256_mul_ps(f[0], _mm256_loadu_ps(xr));
-        t = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xr + 8), t);
-        t = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xr + 16), t);
-        t = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xr + 24), t);
-        acc[r][b % A] = _mm256_fmadd_ps(t, dv, acc[r][b % A]);
-        if constexpr (QT != Q8_0) macc[r] += m * xsum[r * NB + b];
-      }
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      __m256 sum = acc[r][0];
-      for (int64_t a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
-      out[r * N + n] = hsum(sum) + macc[r];
-    }
-#else
     float acc[R] = {};
     float q[kBlock];
     for (int64_t b = 0; b < NB; ++b) {
@@ -148,7 +278,6 @@ void block_rows(const float* x, const float* xsum, const uint8_t* w, float* out,
       }
     }
     for (int64_t r = 0; r < R; ++r) out[r * N + n] = acc[r];
-#endif
   }
 }
 
@@ -156,7 +285,7 @@ template <int64_t QT>
 void few_rows(const at::Tensor& x, const uint8_t* w, at::Tensor& out, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1), NB = K / kBlock;
   const float* xp = x.data_ptr<float>();
-  std::vector<float> xsum(M * NB);  // [M, NB]: each block's sum of x, for the offsets m
+  std::vector<float> xsum(M * NB);
   for (int64_t i = 0; i < M * NB; ++i) {
     float t = 0.f;
     for (int64_t j = 0; j < kBlock; ++j) t += xp[i * kBlock + j];
@@ -178,6 +307,7 @@ void few_rows(const at::Tensor& x, const uint8_t* w, at::Tensor& out, int64_t N)
     }
   });
 }
+#endif
 
 // Rows [n0, n1) of W as float32, w = q d + m computed in float32 (as gguf.quants.dequantize does).
 template <int64_t QT>

@@ -3,9 +3,10 @@
 The int4 kernel of quant/int4.py is fast with bfloat16 activations only, and bf16 activations change greedy
 tokens: on SmolLM2 a bf16 model gives the same 64 greedy tokens as the float32 one for under a third of 32 chat
 prompts. This layer reads the file's blocks as they are (llama.cpp's bytes, 0.56-1.06 bytes a weight) and
-computes x W^T in float32 with `torch.ops.lmstack.gguf_matmul` (kernels/gguf_matmul.cpp), so its outputs are
-those of the dequantized float32 weight up to the order of float32 sums. Where the kernel cannot be built, it
-dequantizes the weight and calls F.linear (the same numbers, slower).
+computes x W^T with `torch.ops.lmstack.gguf_matmul` (kernels/gguf_matmul.cpp): float32 results of the dequantized
+weight, up to the order of float32 sums for prefill and, for decode's few rows, up to activations rounded to
+int16 per block of 32 (1.5e-5 of the block's largest value; llama.cpp rounds them to int8). Where the kernel
+cannot be built, it dequantizes the weight and calls F.linear (float32 numbers, slower).
 
 A block holds 32 consecutive values of a row:
 - Q4_0, 18 bytes: d (fp16), qs[16]              w = (q - 8) d
