@@ -661,7 +661,7 @@ def test_one_row_bf16_decoding_leaves_global_state_alone():
 
     worker = threading.Thread(target=decode)
     worker.start()
-    while not done.is_set():
+    while not done.wait(0.0005):  # sample every half millisecond (a busy loop starved the decoding thread)
         seen.add(torch.backends.mkldnn.enabled)
     worker.join()
     assert seen == {before}

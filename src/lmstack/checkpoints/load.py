@@ -100,7 +100,8 @@ def load_model(name_or_path: str | None, adapter: str | Path | None = None, dtyp
     Q8_0 codes and scales, int8-g32: half keep-float's bytes, the fastest head when compiled), "keep-int8"
     (per-row int8) or "keep" (int4-g32: the fastest eager head, +6% perplexity on SmolLM2); or "blocks": every
     Q4_0 / Q4_1 / Q8_0 linear and token embedding keeps the file's own blocks and computes in float32
-    (quant.gguf_linear: the float32 model's numbers at llama.cpp's bytes), the model float32.
+    (quant.gguf_linear: the float32 model's outputs at llama.cpp's bytes; decode rounds activations to int16 per
+    block of 32), the model float32.
     "auto", when `dtype` is "auto" and resolves to bfloat16 on the CPU (the int4 kernel runs bf16 activations),
     is keep-q8 with `compile` and keep-float without (eager, the oneDNN-packed bf16 head is faster than the
     grouped int8 one); when it resolves to float32 (a CPU without native bf16), an `inference` load is "blocks"
