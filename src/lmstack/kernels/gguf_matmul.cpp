@@ -13,8 +13,8 @@
 // llama.cpp's int8 activations, 250 times finer than bf16's rounding) so that sum(q xq) is exact integer
 // arithmetic (madd): half the instructions of converting every code to float. One row of x (the decode step)
 // takes output rows eight at a time, so the float work of a block (scales, conversions) is shared by eight.
-// More rows (prefill) dequantize tiles of W to float32 and multiply them with at::mm: the float32 model's
-// numbers up to the order of the sums.
+// Up to 32 rows (batched decode) go through in passes of 8 rows. More rows (prefill) dequantize tiles of W to
+// float32 and multiply them with at::mm: the float32 model's numbers up to the order of the sums.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,7 +33,8 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kMaxRows = 8;    // rows of x computed by the block kernel; more go through dequantize + mm
+constexpr int64_t kMaxRows = 8;    // rows of x the block kernel computes in one pass over W
+constexpr int64_t kFewRows = 32;   // up to this many rows, passes of 8; more go through dequantize + mm
 constexpr int64_t kTileRows = 256;  // rows of W dequantized at a time for the mm path
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // GGML type ids
@@ -356,8 +357,11 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t qt
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   auto go = [&](auto qt) {
     constexpr int64_t QT = decltype(qt)::value;
-    if (M <= kMaxRows) {
-      few_rows<QT>(x, w, out, N);
+    if (M <= kFewRows) {  // a batch of decode rows: re-reading W per 8 rows beats writing it out as float32
+      for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {  // (16 rows: 2.5-5x faster; 64 rows: even for Q4)
+        at::Tensor part = out.narrow(0, r0, std::min(kMaxRows, M - r0));
+        few_rows<QT>(x.narrow(0, r0, part.size(0)), w, part, N);
+      }
     } else {
       many_rows<QT>(x, w, out, N);
     }
