@@ -21,7 +21,10 @@ def machine() -> str:
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
     except (StopIteration, OSError):
         cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    # the vector ISA ATen dispatches to: the same model name has come with and without AVX512 here
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (f"{cpu} ({isa}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def median(values: list[float]) -> float:
