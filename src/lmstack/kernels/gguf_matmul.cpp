@@ -10,8 +10,8 @@
 // The dot product of a block is d * sum(q x) + m * sum(x), with sum(x) computed once per block of x in float32.
 // A few rows of x (decode) read each block once for all rows, parallel over output rows. With AVX2 they round x
 // to int16 per block of 32 (x = xq * sx, |error| <= 1.5e-5 of the block's largest |x|: 256 times finer than
-// llama.cpp's int8 activations, 250 times finer than bf16's rounding) so that sum(q xq) is exact integer
-// arithmetic (madd): half the instructions of converting every code to float. One row of x (the decode step)
+// llama.cpp's int8 activations) so that sum(q xq) is exact integer arithmetic (madd): half the instructions of
+// converting every code to float. One row of x (the decode step)
 // takes output rows eight at a time, so the float work of a block (scales, conversions) is shared by eight.
 // Up to 32 rows (batched decode) go through in passes of 8 rows. More rows (prefill) dequantize tiles of W to
 // float32 and multiply them with at::mm: the float32 model's numbers up to the order of the sums.
@@ -78,7 +78,6 @@ inline void block_codes(const uint8_t* blk, float& d, float& m, float* q) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define LMSTACK_GGUF_AVX2 1
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
