@@ -39,15 +39,19 @@ def test_dequantize_blocks_is_gguf_dequantize(qtype: str) -> None:
     assert torch.equal(layer.dequantize(rows, torch.float64), ref[rows].double())
 
 
+def fp32_bound(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A few float32 roundings of the sum of |products| over K (float32 sums in any order)."""
+    return 8 * x.shape[1] * torch.finfo(torch.float32).eps * (x.double().abs() @ ref.double().abs().t()) + 1e-6
+
+
 def kernel_bound(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """What the kernel may differ from x @ ref^T in float64: a few float32 roundings of the sum of |products|,
-    plus the int16 rounding of x (per block of 32, |error| <= amax / 65534) times the block's |d q| (at most
-    32 values of at most 2 max|w| each, Q4_1's m and Q4_0's -8d taken out)."""
+    """What the kernel may differ from x @ ref^T in float64: fp32_bound plus the int16 rounding of x (per block
+    of 32, |error| <= amax / 65534) times the block's |d q| (at most 32 values of at most 2 max|w| each, Q4_1's m
+    and Q4_0's -8d taken out)."""
     M, K = x.shape
-    fp32 = 8 * K * torch.finfo(torch.float32).eps * (x.double().abs() @ ref.double().abs().t())
     xmax = x.double().abs().view(M, K // 32, 32).amax(-1)  # [M, NB]
     wmax = ref.double().abs().view(ref.shape[0], K // 32, 32).amax(-1)  # [N, NB]
-    return fp32 + (xmax @ wmax.t()) * 64 / 65534 + 1e-6
+    return fp32_bound(x, ref) + (xmax @ wmax.t()) * 64 / 65534
 
 
 @needs_kernel
@@ -67,8 +71,7 @@ def test_kernel_matches_the_dequantized_weight(qtype: str, M: int) -> None:
     want = x.double() @ ref.double().t()
     assert bool(((got.double() - want).abs() <= kernel_bound(x, ref)).all())
     if M > 32:  # the mm path is float32 throughout
-        fp32 = 8 * K * torch.finfo(torch.float32).eps * (x.double().abs() @ ref.double().abs().t()) + 1e-6
-        assert bool(((got.double() - want).abs() <= fp32).all())
+        assert bool(((got.double() - want).abs() <= fp32_bound(x, ref)).all())
 
 
 @needs_kernel

@@ -11,8 +11,8 @@
 // A few rows of x (decode) read each block once for all rows, parallel over output rows. With AVX2 they round x
 // to int16 per block of 32 (x = xq * sx, |error| <= 1.5e-5 of the block's largest |x|: 256 times finer than
 // llama.cpp's int8 activations) so that sum(q xq) is exact integer arithmetic (madd): half the instructions of
-// converting every code to float. One row of x (the decode step)
-// takes output rows eight at a time, so the float work of a block (scales, conversions) is shared by eight.
+// converting every code to float. One row of x (the decode step) takes output rows eight at a time, so the float
+// work of a block (scales, conversions) is shared by eight.
 // Up to 32 rows (batched decode) go through in passes of 8 rows. More rows (prefill) dequantize tiles of W to
 // float32 and multiply them with at::mm: the float32 model's numbers up to the order of the sums.
 
@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -38,6 +39,8 @@ constexpr int64_t kFewRows = 32;   // up to this many rows, passes of 8; more go
 constexpr int64_t kTileRows = 256;  // rows of W dequantized at a time for the mm path
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // GGML type ids
+template <int64_t QT>
+constexpr int64_t kBytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : 34;  // bytes a block
 
 int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
@@ -77,11 +80,49 @@ inline void block_codes(const uint8_t* blk, float& d, float& m, float* q) {
   }
 }
 
+// f(std::integral_constant<int64_t, R>{}) for R = M (1..8): the row count as a template argument, so the
+// per-row accumulators are registers.
+template <class F>
+void with_rows(int64_t M, F&& f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    case 4: f(std::integral_constant<int64_t, 4>{}); break;
+    case 5: f(std::integral_constant<int64_t, 5>{}); break;
+    case 6: f(std::integral_constant<int64_t, 6>{}); break;
+    case 7: f(std::integral_constant<int64_t, 7>{}); break;
+    default: f(std::integral_constant<int64_t, 8>{});
+  }
+}
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The block's 32 codes as int16: w0 values 0..15, w1 values 16..31 (Q4: 0..15 as stored; Q8_0: -128..127).
+template <int64_t QT>
+inline void codes16(const uint8_t* blk, __m256i& w0, __m256i& w1) {
+  if constexpr (QT == Q8_0) {
+    w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+    w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
+  } else {
+    const __m128i low = _mm_set1_epi8(0xF);
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (QT == Q4_1 ? 4 : 2)));
+    w0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low));
+    w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
+  }
+}
+
+// [a0 b0 a1 b1 ...] as f0 = pairs 0..3, f1 = pairs 4..7 -> the 8 a's (Odd = false) or the 8 b's (true), in order:
+// shuffle_ps gives [0 1 4 5 | 2 3 6 7]; the 64-bit permute puts them in order.
+template <bool Odd>
+inline __m256 deinterleave(__m256 f0, __m256 f1) {
+  const __m256 picked = _mm256_shuffle_ps(f0, f1, Odd ? 0xDD : 0x88);
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(picked), 0xD8));
 }
 
 // x [M, K] -> xq [M, K] int16 and sx [M, NB] with x ~ xq * sx per block of 32 (|error| <= sx / 2 = amax / 65534,
@@ -116,12 +157,11 @@ void quantize_x(const float* x, int64_t blocks, int16_t* xq, float* sx, float* x
 template <int64_t QT, int64_t R>
 void block_rows(const int16_t* xq, const float* sx, const float* xsum, const uint8_t* w, float* out, int64_t K,
                 int64_t N, int64_t n0, int64_t n1) {
-  constexpr int64_t bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : 34;
+  constexpr int64_t bytes = kBytes<QT>;
   // Two accumulators a row where registers allow, even and odd blocks: one chain of dependent FMAs a row
   // would wait on the FMA latency every block.
   constexpr int64_t A = R <= 4 ? 2 : 1;
   const int64_t NB = K / kBlock;
-  const __m128i low = _mm_set1_epi8(0xF);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * NB * bytes;
     __m256 acc[R][A];
@@ -131,15 +171,8 @@ void block_rows(const int16_t* xq, const float* sx, const float* xsum, const uin
     }
     for (int64_t b = 0; b < NB; ++b) {
       const uint8_t* blk = row + b * bytes;
-      __m256i w0, w1;  // codes of values 0..15 and 16..31 as int16
-      if constexpr (QT == Q8_0) {
-        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
-        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
-      } else {
-        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (QT == Q4_1 ? 4 : 2)));
-        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low));
-        w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
-      }
+      __m256i w0, w1;
+      codes16<QT>(blk, w0, w1);
       float d, m;
       if constexpr (QT == Q4_1) {  // d and m side by side: one conversion
         int32_t dm;
@@ -173,11 +206,10 @@ void block_rows(const int16_t* xq, const float* sx, const float* xsum, const uin
 template <int64_t QT>
 void eight_rows(const int16_t* xq, const float* sx, const float* xsum, const uint8_t* w, float* out, int64_t K,
                 int64_t g0, int64_t g1) {
-  constexpr int64_t bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : 34;
+  constexpr int64_t bytes = kBytes<QT>;
   const int64_t NB = K / kBlock, stride = NB * bytes;
   const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                          _mm256_set1_epi32(static_cast<int32_t>(stride)));
-  const __m128i low = _mm_set1_epi8(0xF);
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* base = w + g * 8 * stride;
     __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
@@ -187,16 +219,8 @@ void eight_rows(const int16_t* xq, const float* sx, const float* xsum, const uin
       const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock + 16));
       __m256i p[8];
       for (int i = 0; i < 8; ++i) {
-        const uint8_t* bi = blk + i * stride;
         __m256i w0, w1;
-        if constexpr (QT == Q8_0) {
-          w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bi + 2)));
-          w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bi + 18)));
-        } else {
-          const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bi + (QT == Q4_1 ? 4 : 2)));
-          w0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low));
-          w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
-        }
+        codes16<QT>(blk + i * stride, w0, w1);
         p[i] = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
       }
       // lane sums: h0123 = [s0 s1 s2 s3 | s0' s1' s2' s3'] (low and high 128-bit halves), likewise h4567
@@ -208,16 +232,10 @@ void eight_rows(const int16_t* xq, const float* sx, const float* xsum, const uin
       const __m256i dm = _mm256_i32gather_epi32(reinterpret_cast<const int*>(blk), idx, 1);
       const __m256 f0 = _mm256_cvtph_ps(_mm256_castsi256_si128(dm));       // d0 m0 d1 m1 d2 m2 d3 m3
       const __m256 f1 = _mm256_cvtph_ps(_mm256_extracti128_si256(dm, 1));  // d4 m4 ... d7 m7
-      // shuffle_ps gives [d0 d1 d4 d5 | d2 d3 d6 d7]; the 64-bit permute puts them in order
-      const __m256 d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(f0, f1, 0x88)), 0xD8));
+      const __m256 d = deinterleave<false>(f0, f1);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(d, _mm256_set1_ps(sx[b])), acc);
       if constexpr (QT != Q8_0) {
-        __m256 m;
-        if constexpr (QT == Q4_1) {
-          m = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(f0, f1, 0xDD)), 0xD8));
-        } else {
-          m = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
-        }
+        const __m256 m = QT == Q4_1 ? deinterleave<true>(f0, f1) : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
         macc = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[b]), macc);
       }
     }
@@ -244,16 +262,7 @@ void few_rows(const at::Tensor& x, const uint8_t* w, at::Tensor& out, int64_t N)
   }
   const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: block_rows<QT, 1>(qp, sp, up, w, op, K, N, n0, n1); break;
-      case 2: block_rows<QT, 2>(qp, sp, up, w, op, K, N, n0, n1); break;
-      case 3: block_rows<QT, 3>(qp, sp, up, w, op, K, N, n0, n1); break;
-      case 4: block_rows<QT, 4>(qp, sp, up, w, op, K, N, n0, n1); break;
-      case 5: block_rows<QT, 5>(qp, sp, up, w, op, K, N, n0, n1); break;
-      case 6: block_rows<QT, 6>(qp, sp, up, w, op, K, N, n0, n1); break;
-      case 7: block_rows<QT, 7>(qp, sp, up, w, op, K, N, n0, n1); break;
-      default: block_rows<QT, 8>(qp, sp, up, w, op, K, N, n0, n1);
-    }
+    with_rows(M, [&](auto r) { block_rows<QT, decltype(r)::value>(qp, sp, up, w, op, K, N, n0, n1); });
   });
 }
 #else
@@ -261,7 +270,7 @@ void few_rows(const at::Tensor& x, const uint8_t* w, at::Tensor& out, int64_t N)
 template <int64_t QT, int64_t R>
 void block_rows(const float* x, const float* xsum, const uint8_t* w, float* out, int64_t K, int64_t N,
                 int64_t n0, int64_t n1) {
-  constexpr int64_t bytes = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : 34;
+  constexpr int64_t bytes = kBytes<QT>;
   const int64_t NB = K / kBlock;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * NB * bytes;
@@ -295,16 +304,7 @@ void few_rows(const at::Tensor& x, const uint8_t* w, at::Tensor& out, int64_t N)
   float* op = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: block_rows<QT, 1>(xp, sp, w, op, K, N, n0, n1); break;
-      case 2: block_rows<QT, 2>(xp, sp, w, op, K, N, n0, n1); break;
-      case 3: block_rows<QT, 3>(xp, sp, w, op, K, N, n0, n1); break;
-      case 4: block_rows<QT, 4>(xp, sp, w, op, K, N, n0, n1); break;
-      case 5: block_rows<QT, 5>(xp, sp, w, op, K, N, n0, n1); break;
-      case 6: block_rows<QT, 6>(xp, sp, w, op, K, N, n0, n1); break;
-      case 7: block_rows<QT, 7>(xp, sp, w, op, K, N, n0, n1); break;
-      default: block_rows<QT, 8>(xp, sp, w, op, K, N, n0, n1);
-    }
+    with_rows(M, [&](auto r) { block_rows<QT, decltype(r)::value>(xp, sp, w, op, K, N, n0, n1); });
   });
 }
 #endif
@@ -312,7 +312,7 @@ void few_rows(const at::Tensor& x, const uint8_t* w, at::Tensor& out, int64_t N)
 // Rows [n0, n1) of W as float32, w = q d + m computed in float32 (as gguf.quants.dequantize does).
 template <int64_t QT>
 void dequantize_rows(const uint8_t* w, float* dst, int64_t K, int64_t n0, int64_t n1) {
-  const int64_t NB = K / kBlock, bytes = block_bytes(QT);
+  const int64_t NB = K / kBlock, bytes = kBytes<QT>;
   float q[kBlock];
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t b = 0; b < NB; ++b) {
