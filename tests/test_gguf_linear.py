@@ -140,6 +140,33 @@ def test_compiled_layer_calls_the_kernel() -> None:
     assert any("gguf_matmul" in str(node.target) for gm in graphs for node in gm.graph.nodes)
 
 
+def rss_file_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_release_pages_drops_a_mapped_files_pages_and_keeps_its_bytes(tmp_path: Path) -> None:
+    """What fuse_projections_ does to a memory-mapped GGUF's parts once copied: their pages leave the resident
+    set, and read again they are the file's bytes."""
+    import mmap
+
+    from lmstack.checkpoints.gguf import release_pages
+    data = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8)
+    path = tmp_path / "blocks.bin"
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensor = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8, offset=1000, count=(16 << 20) - 2000))
+    assert int(tensor.sum()) == int(data[1000:-1000].astype(np.int64).sum())  # every page read in
+    before = rss_file_mb()
+    release_pages(tensor)
+    assert before - rss_file_mb() > 8  # of 16 MB (the kernel's counters are approximate)
+    assert torch.equal(tensor, torch.from_numpy(data[1000:-1000]))
+    release_pages(torch.empty(0, dtype=torch.uint8))  # nothing to drop
+
+
 # ------------------------------------------------------------------------------------------- SmolLM2
 
 

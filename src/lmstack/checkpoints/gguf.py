@@ -14,8 +14,10 @@ Layout facts used below:
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +125,26 @@ class _Cursor:
             value = self.unpack(_SCALARS[vtype][0])
             return bool(value) if vtype == _BOOL else value
         raise _Corrupt(f"unknown metadata value type {vtype} at byte {self.pos - 4}")
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+ (uapi mman-common.h); Python's mmap module names it from 3.13 only
+
+
+def release_pages(tensor: Tensor) -> None:
+    """Drop the whole pages inside `tensor`'s memory from this process's resident set (madvise MADV_PAGEOUT).
+
+    For the blocks of a memory-mapped GGUF once they have been copied (fused projections), which would otherwise
+    stay resident next to their copy. Never loses data: a page touched again is read back from the file (or
+    swap). Best effort: a no-op off Linux, on older kernels, for files this user could not write, and for
+    anonymous memory without swap."""
+    if sys.platform != "linux" or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    first = tensor.data_ptr()
+    start = -(-first // page) * page  # whole pages only: the neighbours' bytes stay resident
+    end = (first + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
 def read_gguf(path: str | Path) -> GGUFFile:

@@ -110,6 +110,20 @@ def compiled_decode(model: nn.Module) -> tuple[Any, Any]:
     return fused_step, _compile(head_logits, model.device)
 
 
+def compiled_cache_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a compiled decode step keeps its KV cache in: the model's, which the CPU step reads converting as
+    it goes (kernels.decode_attention, models.attention.one_query_attention), except bfloat16 for a quantized
+    float32 model on the CPU (a GGUF's blocks). Its weights carry a 4- or 8-bit rounding already, to which the
+    cache's bf16 one (2^-9) adds little (greedy agreement in docs/benchmarks.md), and the cache is the step's
+    largest read after them: half its bytes, and its memory (SmolLM2, 768 slots: 18 MB less). A float32 model
+    that is not quantized keeps a float32 cache, so that it stays the exact reference."""
+    from lmstack.quant.quantize import QUANTIZED
+    if (model.device.type == "cpu" and model.dtype == torch.float32
+            and any(isinstance(m, QUANTIZED) for m in model.modules())):
+        return torch.bfloat16
+    return model.dtype
+
+
 class DecodeEngine:
     """Prefill and decode over a decoder's KV-cache pool. Not thread-safe: one thread drives it.
 
@@ -136,9 +150,8 @@ class DecodeEngine:
         """Make the pool [rows, slots]; an existing pool of that size (and its compiled graph) is kept."""
         shape = self.model.cache_shape()
         if shape is None or shape[:2] != (rows, slots):
-            # A compiled step reads the cache in the model's dtype (models.attention.one_query_attention); the
-            # eager one picks its own (kv_cache_dtype: float32 for a half-precision model on the CPU).
-            self.model.setup_cache(rows, slots, dtype=self.model.dtype if self.compiled else None)
+            # The eager step picks its own (kv_cache_dtype: float32 for a half-precision model on the CPU).
+            self.model.setup_cache(rows, slots, dtype=compiled_cache_dtype(self.model) if self.compiled else None)
             self._view = None
 
     def _use(self, rows: slice, slots: int) -> None:

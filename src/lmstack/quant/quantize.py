@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmstack.checkpoints.gguf import release_pages
 from lmstack.errors import LmstackError
 from lmstack.models.blocks import MLP, Block, TiedHead
 from lmstack.quant.gguf_linear import GGUFLinear
@@ -163,7 +164,10 @@ def _fuse(linears: list[nn.Module], what: str) -> nn.Module:
     if all(type(m) is Int4Linear for m in linears):  # int4 kept packed from a GGUF: the codes as they are
         return Int4Linear.concat(linears)
     if all(type(m) is GGUFLinear for m in linears):  # a GGUF's blocks: rows follow each other
-        return GGUFLinear.concat(linears)
+        fused = GGUFLinear.concat(linears)
+        for m in linears:  # the parts' memory-mapped file pages, now copied, leave the resident set
+            release_pages(m.blocks)
+        return fused
     if not all(type(m) is nn.Linear for m in linears):
         kinds = sorted({type(m).__name__ for m in linears})
         raise LmstackError(f"fuse_projections_ fuses plain Linears ({what} are {', '.join(kinds)}): fuse before "
