@@ -349,7 +349,7 @@ def test_compiled_decode_equals_eager():
 # --------------------------------------------------------------------------------- stopping and streaming
 
 
-def test_a_compiled_step_over_a_quantized_float32_model_keeps_a_bf16_cache():
+def test_a_compiled_step_over_a_quantized_float32_model_keeps_a_float16_cache():
     """engine.compiled_cache_dtype: a quantized float32 model's compiled CPU step halves its cache; a float32
     model that is not quantized stays the exact reference, and a bf16 model keeps its own dtype."""
     from lmstack.generation.engine import compiled_cache_dtype
@@ -358,7 +358,7 @@ def test_a_compiled_step_over_a_quantized_float32_model_keeps_a_bf16_cache():
     assert compiled_cache_dtype(model) == torch.float32
     assert compiled_cache_dtype(to_lmstack(hf_llama(0), torch.bfloat16)) == torch.bfloat16
     quantize_(model, "int8")
-    assert compiled_cache_dtype(model) == torch.bfloat16
+    assert compiled_cache_dtype(model) == torch.float16
 
 
 def test_stop_on_eos_token():

@@ -11,14 +11,17 @@ from lmstack import kernels
 pytestmark = pytest.mark.skipif(not kernels.decode_attention_available(), reason="no C++ compiler to build it")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                            (torch.float32, torch.float16), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("heads,head_dim", [((6, 2), 16), ((9, 3), 64), ((4, 4), 32), ((8, 1), 128)])
-def test_decode_attention_matches_sdpa(dtype: torch.dtype, heads: tuple[int, int], head_dim: int) -> None:
+def test_decode_attention_matches_sdpa(dtype: torch.dtype, kv_dtype: torch.dtype, heads: tuple[int, int],
+                                       head_dim: int) -> None:
     """One query per row over a cache pool view: grouped heads, each row's own visible slots (more than one chunk
-    of 128), no mask, a mask shared by the rows, and the strided view of a larger pool."""
+    of 128), no mask, a mask shared by the rows, and the strided view of a larger pool; a float32 query also over
+    a half-precision cache (a quantized model's, engine.compiled_cache_dtype)."""
     H, Hkv = heads
     g = torch.Generator().manual_seed(head_dim)
-    pool_k, pool_v = (torch.randn(4, Hkv, 400, head_dim, generator=g).to(dtype) for _ in range(2))
+    pool_k, pool_v = (torch.randn(4, Hkv, 400, head_dim, generator=g).to(kv_dtype) for _ in range(2))
     k, v = pool_k[1:4, :, :300], pool_v[1:4, :, :300]  # rows 1-3, the first 300 slots: strided views
     q = torch.randn(3, H, 1, head_dim, generator=g).to(dtype)
     lengths = torch.tensor([1, 170, 300])
@@ -30,7 +33,7 @@ def test_decode_attention_matches_sdpa(dtype: torch.dtype, heads: tuple[int, int
                                               enable_gqa=H != Hkv)
         got = kernels.decode_attention(q, k, v, mask, 0.3)
         assert got.dtype == dtype and got.shape == q.shape
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # the reference reads the same rounded cache
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 

@@ -112,15 +112,16 @@ def compiled_decode(model: nn.Module) -> tuple[Any, Any]:
 
 def compiled_cache_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a compiled decode step keeps its KV cache in: the model's, which the CPU step reads converting as
-    it goes (kernels.decode_attention, models.attention.one_query_attention), except bfloat16 for a quantized
-    float32 model on the CPU (a GGUF's blocks). Its weights carry a 4- or 8-bit rounding already, to which the
-    cache's bf16 one (2^-9) adds little (greedy agreement in docs/benchmarks.md), and the cache is the step's
-    largest read after them: half its bytes, and its memory (SmolLM2, 768 slots: 18 MB less). A float32 model
-    that is not quantized keeps a float32 cache, so that it stays the exact reference."""
+    it goes (kernels.decode_attention, models.attention.one_query_attention), except float16 for a quantized
+    float32 model on the CPU (a GGUF's blocks), llama.cpp's default cache type. The cache is the step's largest
+    read after the weights: half its bytes, and half its memory (SmolLM2, 768 slots: 18 MB less). float16 rather
+    than bfloat16: on SmolLM2 its 11 significant bits kept 29 of 32 greedy chat answers equal to the float32
+    model's, bf16's 8 kept 27 (docs/benchmarks.md). A float32 model that is not quantized keeps a float32 cache,
+    so that it stays the exact reference."""
     from lmstack.quant.quantize import QUANTIZED
     if (model.device.type == "cpu" and model.dtype == torch.float32
             and any(isinstance(m, QUANTIZED) for m in model.modules())):
-        return torch.bfloat16
+        return torch.float16
     return model.dtype
 
 

@@ -1,6 +1,7 @@
 // One-query attention over a KV cache, for the compiled CPU decode step (lmstack/kernels/__init__.py says why).
 //
-// q [B, H, 1, D] (bfloat16 or float32), k, v [B, Hkv, S, D] (bfloat16 or float32, the last dim contiguous),
+// q [B, H, 1, D] (bfloat16 or float32), k, v [B, Hkv, S, D] (bfloat16, float16 or float32, the last dim
+// contiguous),
 // D in 16, 32, 64, 128, mask bool [B|1, 1, 1, S] (true = attend) or none -> [B, H, 1, D] in q's dtype, computed
 // in float32. Query head h reads kv head
 // h / (H / Hkv), as SDPA with enable_gqa. Masked slots are skipped, not computed: a decode step over a cache pool
@@ -33,16 +34,16 @@ template <int64_t D>
 inline void load_row(const float* src, Vec* dst) {
   for (int64_t j = 0; j < D / Vec::size(); ++j) dst[j] = Vec::loadu(src + j * Vec::size());
 }
-template <int64_t D>
-inline void load_row(const c10::BFloat16* src, Vec* dst) {
-  using VecB = at::vec::Vectorized<c10::BFloat16>;  // holds 2 * Vec::size() values
-  if constexpr (D % VecB::size() == 0) {
-    for (int64_t j = 0; j < D / VecB::size(); ++j) {
-      auto [lo, hi] = at::vec::convert_to_float<c10::BFloat16>(VecB::loadu(src + j * VecB::size()));
+template <int64_t D, typename T>  // T: c10::BFloat16 or c10::Half
+inline void load_row(const T* src, Vec* dst) {
+  using VecH = at::vec::Vectorized<T>;  // holds 2 * Vec::size() values
+  if constexpr (D % VecH::size() == 0) {
+    for (int64_t j = 0; j < D / VecH::size(); ++j) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VecH::loadu(src + j * VecH::size()));
       dst[2 * j] = lo;
       dst[2 * j + 1] = hi;
     }
-  } else {  // a head dim shorter than one bfloat16 vector
+  } else {  // a head dim shorter than one half-precision vector
     alignas(64) float row[D];
     for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
     load_row<D>(static_cast<const float*>(row), dst);
@@ -173,9 +174,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: q must be bfloat16 or float32");
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.strides() == v.strides(),
               "decode_attention: k and v must be [B, Hkv, S, D] with the same strides");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
-                  (k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kFloat),
-              "decode_attention: k and v must both be bfloat16 or float32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kBFloat16 ||
+                                                       k.scalar_type() == at::kHalf || k.scalar_type() == at::kFloat),
+              "decode_attention: k and v must both be bfloat16, float16 or float32");
   TORCH_CHECK(k.stride(3) == 1, "decode_attention: k and v must be contiguous in the head dim");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxG &&
@@ -193,13 +194,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     mask_stride = mt.stride(3);
   }
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const bool kv_bf16 = k.scalar_type() == at::kBFloat16, q_bf16 = q.scalar_type() == at::kBFloat16;
+  const at::ScalarType kv_type = k.scalar_type();
+  const bool q_bf16 = q.scalar_type() == at::kBFloat16;
   auto go = [&](auto kv, auto qt, auto head_dim) {
     run<decltype(kv), decltype(qt), decltype(head_dim)::value>(q, k, v, mask_ptr, mask_row_stride, mask_stride,
                                                                static_cast<float>(scale), out);
   };
   auto with_kv = [&](auto qt, auto head_dim) {
-    kv_bf16 ? go(c10::BFloat16{}, qt, head_dim) : go(float{}, qt, head_dim);
+    if (kv_type == at::kBFloat16) go(c10::BFloat16{}, qt, head_dim);
+    else if (kv_type == at::kHalf) go(c10::Half{}, qt, head_dim);
+    else go(float{}, qt, head_dim);
   };
   auto with_q = [&](auto head_dim) { q_bf16 ? with_kv(c10::BFloat16{}, head_dim) : with_kv(float{}, head_dim); };
   switch (D) {
