@@ -385,8 +385,8 @@ LLAMA_ROW = "llama.cpp Q4_1 (same GGUF)"
 def speed_rounds(args: argparse.Namespace, specs: list[tuple[str, str, str, str, str]],
                  rows: list[tuple[str, Path, dict | None]]) -> dict[str, float]:
     """--rounds N: N - 1 more speed-only child runs of every row but the fp32 reference, in turn; each row's
-    load, peak RSS, prefill and decode become the medians over all rounds (in place), and -> each row's median decode
-    ratio to the llama.cpp child of the same round."""
+    load, peak RSS, prefill and decode become the medians over all rounds (in place), and -> each row's median
+    decode ratio to the llama.cpp child of the same round."""
     if args.rounds <= 1:
         return {}
     results = {name: [r] for name, _, r in rows[1:] if r is not None}
@@ -466,7 +466,8 @@ def quant_table(args: argparse.Namespace) -> None:
     body = "\n".join(table) + (
         f"\n\n{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {args.threads} threads, medians "
         f"of {args.repeats} runs" + (
-            f"; load, peak RSS, prefill and decode: medians over {args.rounds} rounds of every row's child process, run in turn, "
+            f"; load, peak RSS, prefill and decode: medians over {args.rounds} rounds of every row's child process, "
+            "run in turn, "
             "and decode x llama.cpp the median of each round's ratio (the machine's speed drifts between "
             "processes)" if args.rounds > 1 else "") + f". Bytes per weight: file bytes / {n_params or 0:,} weights (fp32 row: the GGUF file). "
         f"Perplexity: the first {args.ppl_tokens} tokens of each text, windows of 512, stride 256. Agreement: "

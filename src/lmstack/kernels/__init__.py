@@ -1,9 +1,9 @@
 """Hand-written CPU kernels, built on first use with the C++ compiler that torch.compile needs anyway.
 
-`decode_attention` (decode_attention.cpp): one-query attention over a bfloat16 (or float16) KV cache, for the compiled CPU
-decode step. Inductor turns the same computation written in torch ops into loops that reapply RoPE to the query
-for every cache slot, divide by the softmax sum for every slot and head, and cover the whole cache pool: about
-110 us a layer for SmolLM2 over a 768-slot pool, a quarter of a decode step. The kernel skips masked slots and
+`decode_attention` (decode_attention.cpp): one-query attention over a bfloat16 (or float16) KV cache, for the
+compiled CPU decode step. Inductor turns the same computation written in torch ops into loops that reapply RoPE to
+the query for every cache slot, divide by the softmax sum for every slot and head, and cover the whole cache pool:
+about 110 us a layer for SmolLM2 over a 768-slot pool, a quarter of a decode step. The kernel skips masked slots and
 spreads even a batch of one over the threads.
 
 It is registered as `torch.ops.lmstack.decode_attention`, so a torch.compiled graph calls it as an opaque
@@ -99,10 +99,12 @@ def decode_attention_ready() -> bool:
 
 def decode_attention_fits(q: Tensor, k: Tensor, mask: Tensor | None) -> bool:
     """Whether decode_attention computes this attention (from shapes and dtypes only, so a traced function may
-    ask): one bfloat16 or float32 query per row on the CPU, a bfloat16, float16 or float32 cache contiguous in its head
-    dim, a head dim it is compiled for, a bool mask [B|1, 1, 1, S] or none, and no gradient (it has no backward)."""
+    ask): one bfloat16 or float32 query per row on the CPU, a bfloat16, float16 or float32 cache contiguous in its
+    head dim, a head dim it is compiled for, a bool mask [B|1, 1, 1, S] or none, and no gradient (it has no
+    backward)."""
     return (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] == 1
-            and q.dtype in (torch.bfloat16, torch.float32) and k.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and q.dtype in (torch.bfloat16, torch.float32)
+            and k.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and q.shape[-1] in HEAD_DIMS and k.stride(-1) == 1
             and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
                                   and mask.shape[2] == 1))
@@ -110,8 +112,8 @@ def decode_attention_fits(q: Tensor, k: Tensor, mask: Tensor | None) -> bool:
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
-    """q [B, H, 1, D] (bfloat16 or float32), k, v [B, Hkv, S, D] (bfloat16, float16 or float32), mask bool [B|1, 1, 1, S] or None
-    -> [B, H, 1, D] in q's dtype. Call decode_attention_available() first."""
+    """q [B, H, 1, D] (bfloat16 or float32), k, v [B, Hkv, S, D] (bfloat16, float16 or float32), mask bool
+    [B|1, 1, 1, S] or None -> [B, H, 1, D] in q's dtype. Call decode_attention_available() first."""
     return torch.ops.lmstack.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
 
 

@@ -1,13 +1,12 @@
 // One-query attention over a KV cache, for the compiled CPU decode step (lmstack/kernels/__init__.py says why).
 //
 // q [B, H, 1, D] (bfloat16 or float32), k, v [B, Hkv, S, D] (bfloat16, float16 or float32, the last dim
-// contiguous),
-// D in 16, 32, 64, 128, mask bool [B|1, 1, 1, S] (true = attend) or none -> [B, H, 1, D] in q's dtype, computed
-// in float32. Query head h reads kv head
-// h / (H / Hkv), as SDPA with enable_gqa. Masked slots are skipped, not computed: a decode step over a cache pool
-// pays for the slots each row has written. The slots are cut into chunks, each (row, kv head, chunk) is one task
-// with its own running max and sum (flash-decoding), so a batch of one still spreads over the threads; the
-// chunks are merged at the end. A row with no visible slot gives zeros.
+// contiguous), D in 16, 32, 64, 128, mask bool [B|1, 1, 1, S] (true = attend) or none -> [B, H, 1, D] in q's
+// dtype, computed in float32. Query head h reads kv head h / (H / Hkv), as SDPA with enable_gqa. Masked slots
+// are skipped, not computed: a decode step over a cache pool pays for the slots each row has written. The slots
+// are cut into chunks, each (row, kv head, chunk) is one task with its own running max and sum (flash-decoding),
+// so a batch of one still spreads over the threads; the chunks are merged at the end. A row with no visible slot
+// gives zeros.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
