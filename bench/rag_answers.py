@@ -13,9 +13,12 @@ pipeline before the changes (`git show 9f45d9d:src/...`).
 questions are never trained on.
 
 Questions: tests/data/course_notes_qa_more.jsonl, split "dev" (tuning), "test" (held out until rows 4-5, whose
-failures were then read) or "test2" (held out: 24 questions written afterwards from lines of the notes drawn at
-random, seed 20261202, and only answered by finished pipelines); an `"answer": null` question is not answerable
-from the notes. --split dev also adds the 47 questions of tests/data/course_notes_qa.jsonl.
+failures were then read), "test2" (held out: 24 questions written afterwards from lines of the notes drawn at
+random, seed 20261202, and only answered by finished pipelines, until the evidence ranking of row 12 was tuned on
+dev, test and test2) or "test3" (held out: 24 more, from lines drawn with seed 20261204, written before row 11 was
+run; lines stating nothing, such as formulas, quiz options and example prompts, skipped); an `"answer": null`
+question is not answerable from the notes. --split dev also adds the 47 questions of
+tests/data/course_notes_qa.jsonl.
 
 Measures (answerable = gold answer given):
 - EM / F1: SQuAD exact match and token F1 of the answer (citations stripped) against the gold, over the
@@ -135,7 +138,7 @@ FINETUNE = ["--method", "lora", "--rank", "16", "--alpha", "32", "--targets", "a
 
 
 def train_adapter(out: Path, splits: list[str]) -> str:
-    """A short-answer adapter from the answerable questions of `splits` only (never test2): `raft build --target
+    """A short-answer adapter from the answerable questions of `splits` only (never test3): `raft build --target
     short` twice (seeds 0 and 1: other distractors), then `lmstack finetune` (LoRA) on both sets; -> the adapter
     folder."""
     from lmstack.rag import raft_build
@@ -199,7 +202,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
-    parser.add_argument("--split", choices=["dev", "test", "test2"], default="test2")
+    parser.add_argument("--split", choices=["dev", "test", "test2", "test3"], default="test3")
     parser.add_argument("--set", action="append", default=[], help="a rag_ask keyword: key=value (JSON value)")
     parser.add_argument("--latency", type=int, default=0, help="time N fresh `rag ask` processes")
     parser.add_argument("--index", default=None, help="a course-notes index (built in a temporary folder if absent)")
@@ -209,7 +212,7 @@ def main() -> None:
     parser.add_argument("--train-adapter", metavar="DIR", default=None,
                         help="first train a short-answer LoRA adapter on the --train-splits questions into DIR, then "
                              "answer with it")
-    parser.add_argument("--train-splits", nargs="+", choices=["dev", "test"], default=["dev"])
+    parser.add_argument("--train-splits", nargs="+", choices=["dev", "test", "test2"], default=["dev"])
     args = parser.parse_args()
     settings = dict(kv.split("=", 1) for kv in args.set)
     settings = {k: parse_value(v) for k, v in settings.items()}
@@ -239,7 +242,8 @@ def render(rows: dict[str, dict[str, Any]]) -> None:
     print(body)
     body += ("\n\nEach row: `--label LABEL --split SPLIT --set KEY=VALUE ...` (`--latency 3` for the fresh-process "
              "column); row 5: `--train-adapter DIR` instead of an adapter setting; row 10: the adapter of "
-             "`--train-adapter DIR --train-splits dev test`, trained once and answered with `--set adapter=DIR/adapter`.")
+             "`--train-adapter DIR --train-splits dev test`, trained once and answered with `--set adapter=DIR/adapter`; "
+             "row 13: `--train-adapter DIR --train-splits dev test test2`.")
     record(TITLE, body, "python bench/rag_answers.py --label LABEL --split SPLIT [--set KEY=VALUE ...] [--latency 3]")
 
 

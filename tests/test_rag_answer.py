@@ -256,6 +256,27 @@ def test_headings_are_not_evidence() -> None:
         "They predict the next token from the previous ones."]  # no heading, no quiz question
 
 
+def test_evidence_ranking_favours_the_line_that_keeps_the_questions_phrase() -> None:
+    import torch
+
+    from lmstack.rag.answer import select_evidence, shared_phrase
+
+    q = "What does setting a low k in top-k sampling lead to?"
+    assert shared_phrase(q, "Setting a low k (e.g., 10) limits the choices") == 4 / 6  # "setting a low k"
+    assert shared_phrase("What is it?", "What is it?") == 0.0  # stopwords alone are no phrase
+    assert shared_phrase(q, q) == 1.0  # capped at six words
+
+    class Flat:  # every statement equally similar to the question
+        def encode(self, texts: list[str]) -> torch.Tensor:
+            return torch.ones(len(texts), 4) / 2
+
+    on_topic = "Top-k sampling picks from the k most probable words at each step."
+    answer = "Setting a low k will limit the choices, leading to more coherent but less diverse outputs."
+    picked = select_evidence(q, [(on_topic, None), (answer, None)], Flat(), 2)
+    assert [(e.n, e.text) for e in picked] == [(2, answer), (1, on_topic)]  # the phrase outweighs one rank
+    assert select_evidence(q, [(on_topic, None), (answer, None)], Flat(), 1, phrase=0.0)[0].n == 1
+
+
 def test_short_span_is_what_the_question_does_not_restate() -> None:
     from lmstack.rag.answer import short_span
 
