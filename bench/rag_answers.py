@@ -15,9 +15,11 @@ questions are never trained on.
 Questions: tests/data/course_notes_qa_more.jsonl, split "dev" (tuning), "test" (held out until rows 4-5, whose
 failures were then read), "test2" (held out: 24 questions written afterwards from lines of the notes drawn at
 random, seed 20261202, and only answered by finished pipelines, until the evidence ranking of row 12 was tuned on
-dev, test and test2) or "test3" (held out: 24 more, from lines drawn with seed 20261204, written before row 11 was
-run; lines stating nothing, such as formulas, quiz options and example prompts, skipped); an `"answer": null`
-question is not answerable from the notes. --split dev also adds the 47 questions of
+dev, test and test2), "test3" (held out: 24 more, from lines drawn with seed 20261204, written before row 11 was
+run; lines stating nothing, such as formulas, quiz options and example prompts, skipped; its answers were read,
+and showed the similarity gate reading the first statement's cosine) or "test4" (held out: 24 more, seed 20261205,
+the same way, written before the gate read the best cosine of the statements shown, and answered once after);
+an `"answer": null` question is not answerable from the notes. --split dev also adds the 47 questions of
 tests/data/course_notes_qa.jsonl.
 
 Measures (answerable = gold answer given):
@@ -202,7 +204,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
-    parser.add_argument("--split", choices=["dev", "test", "test2", "test3"], default="test3")
+    parser.add_argument("--split", choices=["dev", "test", "test2", "test3", "test4"], default="test4")
     parser.add_argument("--set", action="append", default=[], help="a rag_ask keyword: key=value (JSON value)")
     parser.add_argument("--latency", type=int, default=0, help="time N fresh `rag ask` processes")
     parser.add_argument("--index", default=None, help="a course-notes index (built in a temporary folder if absent)")

@@ -277,6 +277,29 @@ def test_evidence_ranking_favours_the_line_that_keeps_the_questions_phrase() -> 
     assert select_evidence(q, [(on_topic, None), (answer, None)], Flat(), 1, phrase=0.0)[0].n == 1
 
 
+def test_the_similarity_gate_reads_the_best_cosine_of_the_statements_shown() -> None:
+    import torch
+
+    from lmstack.rag.answer import AnswerOptions, answer, answer_config
+
+    q = "What does setting a low k in top-k sampling lead to?"
+    phrase = "Setting a low k limits the choices to a few likely words."  # ranked first: the question's phrase
+    close = "Top-k sampling keeps only the k most probable next words."  # the higher cosine
+
+    class Embedder:  # cosine 0.4 for `phrase`, 0.6 for `close`
+        def encode(self, texts: list[str]) -> torch.Tensor:
+            rows = {q: [1.0, 0.0], phrase: [0.4, 0.9165], close: [0.6, 0.8]}
+            return torch.tensor([rows[t] for t in texts])
+
+    def no_model() -> None:
+        raise AssertionError("span answers load no model")
+
+    hits = [_hit(phrase), _hit(close)]
+    out = answer(q, hits, no_model, answer_config(), Embedder(), AnswerOptions(min_score=0.5))
+    assert [e["text"] for e in out["evidence"]][:2] == [phrase, close] and not out["refused"], out
+    assert answer(q, hits, no_model, answer_config(), Embedder(), AnswerOptions(min_score=0.7))["refused"]
+
+
 def test_short_span_is_what_the_question_does_not_restate() -> None:
     from lmstack.rag.answer import short_span
 

@@ -5,7 +5,7 @@
    prior; the best `evidence` (default 3) are kept (`evidence=0`: the whole chunks, numbered).
 2. "I don't know" without loading the model when nothing is retrieved, when the question names something (a
    capitalized word, an acronym, a term with digits: "Tokyo", "FlashAttention-3") that no retrieved chunk
-   mentions (`check_names`), or when the best evidence statement's cosine (the best chunk's, with whole chunks)
+   mentions (`check_names`), or when the best cosine of the evidence statements (the best chunk's, with whole chunks)
    is under `min_score`; with short off, also when the model says so. An off-topic question passes the
    similarity gate when it shares the notes' vocabulary ("the default learning rate of Adam in PyTorch"); the
    name it asks about is what the sources lack.
@@ -359,7 +359,9 @@ def answer(question: str, hits: list[Hit], generator: Callable[[], Generator], c
     evidence = select_evidence(question, [(h.chunk.text, h.chunk.heading) for h in hits], embedder,
                                max(options.evidence, 1))
     result["evidence"] = [{"n": e.n, "text": e.text, "score": round(e.score, 6)} for e in evidence]
-    gate = (evidence[0].score if evidence else float("-inf")) if options.evidence else best
+    # the best cosine among the statements shown, not the first one's: the phrase ranking may put a statement of
+    # lower cosine first
+    gate = max((e.score for e in evidence), default=float("-inf")) if options.evidence else best
     if gate < options.min_score:
         result["reason"] = f"best similarity {gate:.3f} < min_score {options.min_score}"
         return result
