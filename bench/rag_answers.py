@@ -18,7 +18,8 @@ random, seed 20261202, and only answered by finished pipelines, until the eviden
 dev, test and test2), "test3" (held out: 24 more, from lines drawn with seed 20261204, written before row 11 was
 run; lines stating nothing, such as formulas, quiz options and example prompts, skipped; its answers were read,
 and showed the similarity gate reading the first statement's cosine) or "test4" (held out: 24 more, seed 20261205,
-the same way, written before the gate read the best cosine of the statements shown, and answered once after);
+the same way, written before the gate read the best cosine of the statements shown, and answered once after)
+or "test5" (held out: 24 more, seed 20261206, the same way, written before rows 18-24 were run);
 an `"answer": null` question is not answerable from the notes. --split dev also adds the 47 questions of
 tests/data/course_notes_qa.jsonl.
 
@@ -140,9 +141,9 @@ FINETUNE = ["--method", "lora", "--rank", "16", "--alpha", "32", "--targets", "a
 
 
 def train_adapter(out: Path, splits: list[str]) -> str:
-    """A short-answer adapter from the answerable questions of `splits` only (never test3): `raft build --target
-    short` twice (seeds 0 and 1: other distractors), then `lmstack finetune` (LoRA) on both sets; -> the adapter
-    folder."""
+    """A short-answer adapter from the answerable questions of `splits` only (never test4 or test5): `raft build
+    --target short` twice (seeds 0 and 1: other distractors), then `lmstack finetune` (LoRA) on both sets; -> the
+    adapter folder."""
     from lmstack.rag import raft_build
 
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +205,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
-    parser.add_argument("--split", choices=["dev", "test", "test2", "test3", "test4"], default="test4")
+    parser.add_argument("--split", choices=["dev", "test", "test2", "test3", "test4", "test5"], default="test5")
     parser.add_argument("--set", action="append", default=[], help="a rag_ask keyword: key=value (JSON value)")
     parser.add_argument("--latency", type=int, default=0, help="time N fresh `rag ask` processes")
     parser.add_argument("--index", default=None, help="a course-notes index (built in a temporary folder if absent)")
@@ -214,7 +215,7 @@ def main() -> None:
     parser.add_argument("--train-adapter", metavar="DIR", default=None,
                         help="first train a short-answer LoRA adapter on the --train-splits questions into DIR, then "
                              "answer with it")
-    parser.add_argument("--train-splits", nargs="+", choices=["dev", "test", "test2"], default=["dev"])
+    parser.add_argument("--train-splits", nargs="+", choices=["dev", "test", "test2", "test3"], default=["dev"])
     args = parser.parse_args()
     settings = dict(kv.split("=", 1) for kv in args.set)
     settings = {k: parse_value(v) for k, v in settings.items()}

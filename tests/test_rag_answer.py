@@ -252,8 +252,10 @@ def test_headings_are_not_evidence() -> None:
     assert not is_heading("Beam Search: Keep track of multiple probable sequences.", None)
     text = ("Decoder only – Autoregressive models\nThey predict the next token from the previous ones.\n"
             "Question 12: Which of the following best describes how LoRA works?")
-    assert [s for _, s in evidence_candidates([(text, None)])] == [
-        "They predict the next token from the previous ones."]  # no heading, no quiz question
+    assert evidence_candidates([(text, None)]) == [
+        (1, "They predict the next token from the previous ones.", "Decoder only – Autoregressive models")]
+    # no heading, no quiz question; the statement keeps the title line above it, and the chunk's heading
+    assert evidence_candidates([("Scaling\n" + text, "Notes")])[0][2] == "Notes Decoder only – Autoregressive models"
 
 
 def test_evidence_ranking_favours_the_line_that_keeps_the_questions_phrase() -> None:
@@ -275,6 +277,26 @@ def test_evidence_ranking_favours_the_line_that_keeps_the_questions_phrase() -> 
     picked = select_evidence(q, [(on_topic, None), (answer, None)], Flat(), 2)
     assert [(e.n, e.text) for e in picked] == [(2, answer), (1, on_topic)]  # the phrase outweighs one rank
     assert select_evidence(q, [(on_topic, None), (answer, None)], Flat(), 1, phrase=0.0)[0].n == 1
+
+
+def test_evidence_ranking_reads_a_statement_under_its_headings() -> None:
+    import torch
+
+    from lmstack.rag.answer import select_evidence
+
+    vocab = ["decoder", "encoder", "training", "objective", "masked", "next"]
+
+    class Words:  # bag of words over `vocab`
+        def encode(self, texts: list[str]) -> torch.Tensor:
+            rows = torch.tensor([[float(w in t.lower()) for w in vocab] for t in texts])
+            return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+    q = "What is the training objective of decoder models?"
+    encoder = "Encoder models\nThe training objective is to predict the masked tokens."
+    decoder = "Decoder models\nThe training objective is to predict the next token."
+    picked = select_evidence(q, [(encoder, None), (decoder, None)], Words(), 2, phrase=0.0)
+    assert [e.n for e in picked] == [2, 1]  # the statements alone tie: the heading "Decoder models" decides
+    assert picked[0].score == picked[1].score  # Evidence.score stays the statement's own cosine (the gate's)
 
 
 def test_the_similarity_gate_reads_the_best_cosine_of_the_statements_shown() -> None:
