@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -513,10 +514,53 @@ def test_a_milvus_lite_index_is_searchable_from_the_next_process(tmp_path) -> No
         assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
 
 
+@pytest.fixture
+def milvus_server(tmp_path_factory) -> Iterator[int]:
+    """A Milvus standalone server on loopback: PyPI's `milvus` wheel carries the server binary (`milvus run
+    standalone`, embedded etcd, local storage) and starts it; -> its port."""
+    milvus = pytest.importorskip("milvus")
+    server = milvus.MilvusServer(wait_for_started=False)
+    server.set_base_dir(str(tmp_path_factory.mktemp("milvus")))
+    server.start()
+    try:
+        server.wait_started(timeout=180_000)  # ms
+        yield server.listen_port
+    finally:
+        server.stop()
+
+
+def test_a_milvus_server_index_is_searchable_from_the_next_process(tmp_path, milvus_server) -> None:
+    from pymilvus import MilvusClient
+
+    write_corpus(tmp_path / "c", {k: TOPICS[k] for k in ("tides", "violin", "bread")})
+    uri = f"milvus://127.0.0.1:{milvus_server}/notes?meta={tmp_path / 'notes.sqlite'}"
+    built = _cli("rag", "index", "--index", uri, "--no-progress", str(tmp_path / "c"))
+    assert built.returncode == 0, built.stderr
+    found = _cli("rag", "search", "--index", uri, "--mode", "vector", "--k", "2", "--json", "Moon gravity tides")
+    assert found.returncode == 0, found.stderr  # a new process, a new connection
+    hits = json.loads(found.stdout)
+    assert Path(hits[0]["path"]).stem == "tides" and len(hits) == 2
+
+    def in_server() -> int:  # the server's own count, through a client of its own
+        client = MilvusClient(f"http://127.0.0.1:{milvus_server}")
+        try:
+            return client.query("notes", filter="", output_fields=["count(*)"])[0]["count(*)"]
+        finally:
+            client.close()
+
+    with open_index(uri) as store:
+        chunks = store.stats()["chunks"]
+        assert store.vectors.name == "milvus" and in_server() == chunks == 3
+    (tmp_path / "c" / "violin.txt").unlink()  # delete, prune: the server drops the document's vectors
+    pruned = _cli("rag", "index", "--index", uri, "--prune", "--no-progress", str(tmp_path / "c"))
+    assert pruned.returncode == 0, pruned.stderr
+    assert in_server() == 2
+    again = _cli("rag", "search", "--index", uri, "--mode", "vector", "--json", "violin strings")
+    assert again.returncode == 0 and "violin" not in {Path(h["path"]).stem for h in json.loads(again.stdout)}
+
+
 def test_an_unreachable_milvus_server_is_one_line(tmp_path) -> None:
-    """No Milvus standalone server can run here (Debian has no package; PyPI's `milvus` wheels are the
-    embedded 2.3 server from 2024, which needs a network download at first start), so this covers everything up
-    to the network call: the URI, the metadata file, and the connection failure as one line."""
+    """The URI, the metadata file, and the connection failure as one line, with nothing listening."""
     pytest.importorskip("pymilvus")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -66,7 +66,9 @@ class MilvusVectors:
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=store.dim)
             index = self.client.prepare_index_params()
             index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
-            self.client.create_collection(collection, schema=schema, index_params=index)
+            # Strong: a search sees every write before it, also one by another process (Milvus's default,
+            # Bounded, may lag a server's latest writes by seconds)
+            self.client.create_collection(collection, schema=schema, index_params=index, consistency_level="Strong")
         else:
             fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
             dim = int(fields.get("vector", {}).get("params", {}).get("dim", -1))
