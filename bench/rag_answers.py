@@ -246,7 +246,8 @@ def render(rows: dict[str, dict[str, Any]]) -> None:
     body += ("\n\nEach row: `--label LABEL --split SPLIT --set KEY=VALUE ...` (`--latency 3` for the fresh-process "
              "column); row 5: `--train-adapter DIR` instead of an adapter setting; row 10: the adapter of "
              "`--train-adapter DIR --train-splits dev test`, trained once and answered with "
-             "`--set adapter=DIR/adapter`; row 13: `--train-adapter DIR --train-splits dev test test2`.")
+             "`--set adapter=DIR/adapter`; row 13: `--train-adapter DIR --train-splits dev test test2`; row 24: "
+             "`--train-adapter DIR --train-splits dev test test2 test3`.")
     record(TITLE, body, "python bench/rag_answers.py --label LABEL --split SPLIT [--set KEY=VALUE ...] [--latency 3]")
 
 
