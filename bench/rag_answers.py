@@ -19,7 +19,9 @@ dev, test and test2), "test3" (held out: 24 more, from lines drawn with seed 202
 run; lines stating nothing, such as formulas, quiz options and example prompts, skipped; its answers were read,
 and showed the similarity gate reading the first statement's cosine) or "test4" (held out: 24 more, seed 20261205,
 the same way, written before the gate read the best cosine of the statements shown, and answered once after)
-or "test5" (held out: 24 more, seed 20261206, the same way, written before rows 18-24 were run);
+or "test5" (held out: 24 more, seed 20261206, the same way, written before rows 18-24 were run; its failures
+were read after row 25) or "test6" (held out: 24 more, seed 20261207, the same way, written before the evidence
+pool of row 29 was first run; questions repeating a tuning question skipped);
 an `"answer": null` question is not answerable from the notes. --split dev also adds the 47 questions of
 tests/data/course_notes_qa.jsonl.
 
@@ -141,7 +143,7 @@ FINETUNE = ["--method", "lora", "--rank", "16", "--alpha", "32", "--targets", "a
 
 
 def train_adapter(out: Path, splits: list[str]) -> str:
-    """A short-answer adapter from the answerable questions of `splits` only (never test4 or test5): `raft build
+    """A short-answer adapter from the answerable questions of `splits` only (never test4-6): `raft build
     --target short` twice (seeds 0 and 1: other distractors), then `lmstack finetune` (LoRA) on both sets; -> the
     adapter folder."""
     from lmstack.rag import raft_build
@@ -205,7 +207,8 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
-    parser.add_argument("--split", choices=["dev", "test", "test2", "test3", "test4", "test5"], default="test5")
+    parser.add_argument("--split", choices=["dev", "test", "test2", "test3", "test4", "test5", "test6"],
+                        default="test6")
     parser.add_argument("--set", action="append", default=[], help="a rag_ask keyword: key=value (JSON value)")
     parser.add_argument("--latency", type=int, default=0, help="time N fresh `rag ask` processes")
     parser.add_argument("--index", default=None, help="a course-notes index (built in a temporary folder if absent)")
