@@ -299,31 +299,6 @@ def test_evidence_ranking_reads_a_statement_under_its_headings() -> None:
     assert picked[0].score == picked[1].score  # Evidence.score stays the statement's own cosine (the gate's)
 
 
-def test_evidence_from_a_chunk_below_k_is_cited_and_joins_the_sources() -> None:
-    import torch
-
-    from lmstack.rag.answer import AnswerOptions, answer, answer_config
-
-    class Flat:  # every text equally similar to the question: the phrase and the rank decide
-        def encode(self, texts: list[str]) -> torch.Tensor:
-            return torch.ones(len(texts), 4) / 2
-
-    def no_model() -> None:
-        raise AssertionError("span answers load no model")
-
-    q = "What does setting a low k in top-k sampling lead to?"
-    line = "Setting a low k limits the choices to a few likely Zorblax words."
-    hits = [_hit(f"Statement {i} is about gardening tools and the soil they turn.") for i in range(3)] + [_hit(line)]
-    out = answer(q, hits, no_model, answer_config(), Flat(), AnswerOptions(k=2, pool=4))
-    assert [c["n"] for c in out["citations"]] == [4] and [r["n"] for r in out["retrieved"]] == [1, 2, 4], out
-    alone = answer(q, hits, no_model, answer_config(), Flat(), AnswerOptions(k=2, pool=2))
-    assert [c["n"] for c in alone["citations"]] == [1] and len(alone["retrieved"]) == 2
-    # the name check reads the first k chunks only: a name found further down is not a source
-    named = answer("What does Zorblax sampling lead to?", hits, no_model, answer_config(), Flat(),
-                   AnswerOptions(k=2, pool=4))
-    assert named["refused"] and "Zorblax" in named["reason"]
-
-
 def test_the_similarity_gate_reads_the_best_cosine_of_the_statements_shown() -> None:
     import torch
 

@@ -119,7 +119,7 @@ def rag_search(query: str, *, index: str, backend: Literal["sqlite", "milvus"] |
 
 def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] | None = None,
             model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
-            k: int = 5, pool: int = 10, mode: Literal["hybrid", "bm25", "vector"] = "hybrid", stream: bool = True,
+            k: int = 5, mode: Literal["hybrid", "bm25", "vector"] = "hybrid", stream: bool = True,
             evidence: int = 3, quote: bool = True, max_sentences: int = 2,
             short: Literal["model", "span", "off"] | None = None,
             max_new_tokens: int = 64,
@@ -146,9 +146,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             file). A URI chooses instead: sqlite:///PATH, milvus-lite:///PATH, milvus://HOST:PORT/COLLECTION.
         model: The answering chat model (registry name, GGUF file or model folder).
         adapter: A PEFT adapter folder to apply to the model (e.g. one trained on `raft build` data).
-        k: How many chunks to retrieve as the sources.
-        pool: How many chunks' statements compete as evidence (the first `pool` of the same search; at least
-            k): an evidence statement from a chunk below k adds that chunk to the sources.
+        k: How many chunks to retrieve.
         mode: hybrid (BM25 + vectors by reciprocal rank fusion), bm25 or vector.
         stream: Stream the answer, sentence by sentence, as it is generated and checked.
         evidence: How many of the retrieved sentences the model sees; 0 shows it the whole chunks.
@@ -187,12 +185,12 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         from lmstack.errors import LmstackError
         raise LmstackError(f"evidence must be >= 0 and max_sentences >= 1 (got {evidence}, {max_sentences})")
     cfg = answer_config(max_new_tokens, temperature, repetition_penalty, seed)
-    options = AnswerOptions(k=k, pool=pool, min_score=min_score, evidence=evidence, quote=quote, max_sentences=max_sentences,
+    options = AnswerOptions(min_score=min_score, evidence=evidence, quote=quote, max_sentences=max_sentences,
                             short=short or ("model" if adapter else "span"), check_names=check_names)
     filters = _filters(source, path_prefix, since, until, date_field)
     store, embedder = _open_for_query(index, backend, embedding_model)
     with store:
-        hits = search(store, embedder, question, max(k, pool), mode, filters, bm25_weight, vector_weight)
+        hits = search(store, embedder, question, k, mode, filters, bm25_weight, vector_weight)
     streamed = False
 
     def emit(piece: str) -> None:

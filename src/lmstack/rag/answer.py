@@ -1,10 +1,9 @@
 """Answering with retrieved sources: evidence statements, a short grounded answer, citations by the pipeline.
 
-1. Evidence: the statements (sentences, lines of notes) of the first `pool` (default 10) chunks retrieved,
-   headings left out, ranked by MiniLM cosine with the question of the statement under its headings, plus the
-   longest phrase of the question it repeats, less a retrieval-rank prior capped at 3 places; the best
-   `evidence` (default 3) are kept (`evidence=0`: the first `k` chunks, numbered). The answer line is often in
-   a chunk retrieved below the first few (the chunk as a whole matches the question less well than the line).
+1. Evidence: the statements (sentences, lines of notes) of the retrieved chunks, headings left out, ranked by
+   MiniLM cosine with the question of the statement under its headings, plus the longest phrase of the question
+   it repeats, less a retrieval-rank prior; the best `evidence` (default 3) are kept (`evidence=0`: the whole
+   chunks, numbered).
 2. "I don't know" without loading the model when nothing is retrieved, when the question names something (a
    capitalized word, an acronym, a term with digits: "Tokyo", "FlashAttention-3") that no retrieved chunk
    mentions (`check_names`), or when the best cosine of the evidence statements (the best chunk's, with whole chunks)
@@ -42,12 +41,11 @@ if TYPE_CHECKING:
 
 IDK = "I don't know."
 # evidence ranking = cosine of the statement under its headings + PHRASE_WEIGHT x shared_phrase - RANK_PRIOR x
-# min(chunk rank - 1, RANK_CAP), picked on the dev, test, test2 and test3 splits: over the statements of the first
-# 5 chunks the statement's chunk holds the gold evidence for 95 of 111 questions, against 91 with the statement's
-# own cosine, 0.7 and 0.1; over 10 chunks with the cap, 96 (docs/benchmarks.md "RAG answers")
+# (chunk rank - 1), picked on the dev, test, test2 and test3 splits: the statement's chunk holds the gold evidence
+# for 95 of 111 questions, against 91 with the statement's own cosine, 0.7 and 0.1 (docs/benchmarks.md "RAG
+# answers")
 PHRASE_WEIGHT = 1.0
 RANK_PRIOR = 0.05
-RANK_CAP = 3
 SYSTEM = ("Answer the question in one short sentence, using only the evidence. If the evidence does not "
           "contain the answer, reply exactly: I don't know.")
 SYSTEM_SHORT = "Answer the question with the shortest phrase copied from the evidence."
@@ -66,8 +64,6 @@ _BULLET = re.compile(r"^[\s\-*\u2022\u25ba\u25b6\u2756\u27a2\u2713\u25cf#>]+")
 
 @dataclass
 class AnswerOptions:
-    k: int = 5  # the retrieved chunks: what the name check reads and, with evidence=0, the model sees
-    pool: int = 10  # the chunks whose statements may be evidence (the first `pool` hits; at least k)
     min_score: float = 0.48  # "I don't know" under this best cosine (evidence sentence, or chunk with evidence=0)
     evidence: int = 3  # evidence sentences shown to the model; 0 = the whole chunks
     quote: bool = True  # drop unsupported sentences; quote the best evidence when none is left
@@ -158,14 +154,12 @@ def evidence_candidates(passages: list[tuple[str, str | None]]) -> list[tuple[in
 
 
 def select_evidence(question: str, passages: list[tuple[str, str | None]], embedder: Embedder, top: int,
-                    phrase: float = PHRASE_WEIGHT, rank_prior: float = RANK_PRIOR, rank_cap: int = RANK_CAP
-                    ) -> list[Evidence]:
+                    phrase: float = PHRASE_WEIGHT, rank_prior: float = RANK_PRIOR) -> list[Evidence]:
     """The `top` statements of the (text, heading) passages, in retrieval order, that best match the question,
     best first: the MiniLM cosine of "headings: statement" (evidence_candidates; the statement alone leaves
     out what it is about), plus `phrase` x the longest phrase of the question the statement repeats
     (shared_phrase: the answer line keeps the question's wording, a merely on-topic line does not), less
-    `rank_prior` per place its passage is retrieved below the first, for at most `rank_cap` places (retrieval
-    already weighed the whole chunk, but a line far down can still be the answer).
+    `rank_prior` per place its passage is retrieved below the first (retrieval already weighed the whole chunk).
     A statement found in several passages counts once, from the first. Evidence.score is the cosine of the
     statement alone (the similarity gate's)."""
     seen: set[str] = set()
@@ -179,7 +173,7 @@ def select_evidence(question: str, passages: list[tuple[str, str | None]], embed
     emb = embedder.encode([question] + [s for _, s, _ in candidates] + [c for _, _, c in candidates])  # [1+2M, D]
     sims = emb[1:1 + len(candidates)] @ emb[0]  # [M]
     in_context = emb[1 + len(candidates):] @ emb[0]  # [M]
-    scores = [float(in_context[i]) + phrase * shared_phrase(question, s) - rank_prior * min(n - 1, rank_cap)
+    scores = [float(in_context[i]) + phrase * shared_phrase(question, s) - rank_prior * (n - 1)
               for i, (n, s, _) in enumerate(candidates)]
     order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:top]
     return [Evidence(candidates[i][0], candidates[i][1], float(sims[i])) for i in order]
@@ -360,31 +354,24 @@ def answer(question: str, hits: list[Hit], generator: Callable[[], Generator], c
            on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Answer from `hits` -> {answer, citations, retrieved, evidence, refused, reason, citations_by, ...}.
 
-    `hits` are the first `options.pool` chunks retrieved: the first `options.k` are the sources (`retrieved`,
-    the name check, the chunks shown with evidence=0), and the statements of all of them compete as evidence;
-    a chunk below k that supplies evidence joins `retrieved` under its number. `generator` is called (to load
-    the model) only when the evidence passes `options.min_score`; `on_text` receives the final answer, sentence
-    by sentence with its [n], as it is produced."""
+    `generator` is called (to load the model) only when the evidence passes `options.min_score`; `on_text`
+    receives the final answer, sentence by sentence with its [n], as it is produced."""
     options = options or AnswerOptions()
-    hits = hits[:max(options.k, options.pool)]
-    shown = hits[:options.k]
-    best = max((h.similarity for h in shown), default=float("-inf"))
-    retrieved = [{"n": n, **h.to_dict()} for n, h in enumerate(shown, start=1)]
+    best = max((h.similarity for h in hits), default=float("-inf"))
+    retrieved = [{"n": n, **h.to_dict()} for n, h in enumerate(hits, start=1)]
     result: dict[str, Any] = {"question": question, "answer": IDK, "citations": [], "retrieved": retrieved,
                               "evidence": [], "refused": True, "reason": None, "citations_by": None,
                               "best_similarity": best}
     if not hits:
         result["reason"] = "no_sources"
         return result
-    unknown = unmentioned_names(question, [h.chunk.text for h in shown]) if options.check_names else []
+    unknown = unmentioned_names(question, [h.chunk.text for h in hits]) if options.check_names else []
     if unknown:
         result["reason"] = "the sources never mention " + ", ".join(repr(n) for n in unknown)
         return result
-    pool = hits if options.evidence else shown  # evidence=0 shows the model the first k chunks alone
-    evidence = select_evidence(question, [(h.chunk.text, h.chunk.heading) for h in pool], embedder,
+    evidence = select_evidence(question, [(h.chunk.text, h.chunk.heading) for h in hits], embedder,
                                max(options.evidence, 1))
     result["evidence"] = [{"n": e.n, "text": e.text, "score": round(e.score, 6)} for e in evidence]
-    retrieved += [{"n": n, **hits[n - 1].to_dict()} for n in sorted({e.n for e in evidence}) if n > options.k]
     # the best cosine among the statements shown, not the first one's: the phrase ranking may put a statement of
     # lower cosine first
     gate = max((e.score for e in evidence), default=float("-inf")) if options.evidence else best
@@ -401,11 +388,9 @@ def answer(question: str, hits: list[Hit], generator: Callable[[], Generator], c
         result.update(answer=text, refused=False, citations_by=how, citations=[_citation(source.n, hits)])
         return result
     model = generator()
-    ids, used = prompt_ids(model, question, shown, evidence[:options.evidence] or None, cfg.max_new_tokens)
+    ids, used = prompt_ids(model, question, hits, evidence[:options.evidence] or None, cfg.max_new_tokens)
     result["prompt_tokens"] = len(ids)
-    # a sentence is checked against (and cites) the chunks shown, or with evidence those and the evidence's
-    cited_from = [r["n"] for r in retrieved] if options.evidence else list(range(1, used + 1))
-    passages = [hits[n - 1].chunk.text for n in cited_from]
+    passages = [h.chunk.text for h in hits[:used]]
     pieces: list[str] = []
     numbers: dict[int, None] = {}
     model_refused, dropped = False, 0
@@ -424,8 +409,8 @@ def answer(question: str, hits: list[Hit], generator: Callable[[], Generator], c
             break
         score, at = support(sentence, passages)
         if score >= SUPPORT_MIN and at is not None:
-            numbers[cited_from[at]] = None
-            emit(f"{sentence} [{cited_from[at]}]")
+            numbers[at + 1] = None
+            emit(f"{sentence} [{at + 1}]")
         elif options.quote:
             dropped += 1
         else:

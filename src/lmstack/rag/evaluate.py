@@ -183,10 +183,10 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
                 hits_by_mode[mode] = hits
                 row[f"rank_{mode}"] = first_relevant_rank(hits, item, relevance)
             if generator is not None:
-                options = AnswerOptions(k=k, min_score=min_score, short="model" if adapter else "span")
-                # as rag ask: the statements of the first `pool` chunks compete as evidence
-                hits = search(store, embedder, item["question"], max(k, options.pool), "hybrid", query_vector=qvec)
-                result = answer(item["question"], hits, lambda: generator, cfg, embedder, options)
+                hits = hits_by_mode.get("hybrid") or search(store, embedder, item["question"], k, "hybrid",
+                                                            query_vector=qvec)
+                result = answer(item["question"], hits, lambda: generator, cfg, embedder,
+                                AnswerOptions(min_score=min_score, short="model" if adapter else "span"))
                 row.update(answer=result["answer"], refused=result["refused"],
                            exact_match=exact_match(result["answer"], item["answer"]),
                            f1=token_f1(result["answer"], item["answer"]),
