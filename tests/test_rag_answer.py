@@ -128,6 +128,11 @@ def test_question_names_and_the_ones_no_passage_mentions() -> None:
     assert unmentioned_names("Which LLMs does Tokyo's lab train?", passages) == ["Tokyo"]
     assert unmentioned_names("Is AN a GAN?", passages) == ["AN"]  # the start of a word, not any substring
     assert unmentioned_names("What is FlashAttention-3?", passages + ["attention"]) == ["FlashAttention-3"]
+    # a lower-case compound is a term of art: all its parts, in order, joined by a hyphen, a space or nothing
+    assert question_names("Why does fine-tuning help?") == ["fine-tuning"]
+    assert unmentioned_names("Why does fine-tuning help?", ["Fine Tuning adapts a model."]) == []
+    assert unmentioned_names("Does a decoder-only model mask?", ["decoderonly models"]) == []
+    assert unmentioned_names("What does grouped-query attention share?", ["rows grouped by query"]) == ["grouped-query"]
 
 
 def test_a_name_no_retrieved_chunk_mentions_is_i_dont_know(notes_index, monkeypatch) -> None:

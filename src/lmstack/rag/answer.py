@@ -86,20 +86,30 @@ def is_refusal(text: str) -> bool:
 _NAME = re.compile(r"[A-Za-z0-9](?:[\w\-]|\.(?=\w))*")
 
 
+_COMPOUND = re.compile(r"[a-z]+(?:-[a-z]+)+")
+
+
 def question_names(question: str) -> list[str]:
-    """The names a question asks about: words after the first with a capital letter ("Tokyo", "GPT3", "LoRA")
-    or with digits and letters ("1.58-bit", "70B"); an apostrophe ends a word ("GAN's" -> "GAN")."""
+    """The names a question asks about: words after the first with a capital letter ("Tokyo", "GPT3", "LoRA"),
+    with digits and letters ("1.58-bit", "70B"), or lower-case words joined by hyphens, a term of art
+    ("grouped-query", "mixture-of-experts"); an apostrophe ends a word ("GAN's" -> "GAN")."""
     words = [m.group() for m in _NAME.finditer(question)][1:]
-    return [w for w in words if re.search(r"[A-Z]", w) or (re.search(r"\d", w) and re.search(r"[A-Za-z]", w))]
+    return [w for w in words if re.search(r"[A-Z]", w) or (re.search(r"\d", w) and re.search(r"[A-Za-z]", w))
+            or _COMPOUND.fullmatch(w)]
 
 
 def unmentioned_names(question: str, passages: list[str]) -> list[str]:
     """The question's names that no passage holds at the start of a word, case-insensitively ("GAN" is in
     "GANs"); a hyphenated name by its first part ("1.58-bit" is in "1.58 bits", "FlashAttention-3" is not in
-    "attention")."""
+    "attention"), a lower-case compound by all its parts in order, joined by a hyphen, a space or nothing
+    ("fine-tuning" is in "Fine Tuning", "grouped-query" is not in "grouped by query")."""
     text = "\n".join(passages).lower()
-    return [n for n in question_names(question)
-            if not re.search(r"(?<!\w)" + re.escape(n.split("-")[0].lower()), text)]
+
+    def mentioned(name: str) -> bool:
+        parts = name.split("-") if _COMPOUND.fullmatch(name) else [name.split("-")[0].lower()]
+        return re.search(r"(?<!\w)" + r"[\s\-]?".join(map(re.escape, parts)), text) is not None
+
+    return [n for n in question_names(question) if not mentioned(n)]
 
 
 def cited_numbers(text: str, n_sources: int) -> list[int]:
