@@ -163,7 +163,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         min_score: Answer "I don't know" without loading the model when the best cosine similarity of the
             question and an evidence sentence (a chunk, with evidence 0) is below this.
         check_names: Answer "I don't know" when the question names something (a capitalized word, an acronym,
-            a term with digits) that no retrieved chunk mentions.
+            a term with digits, a lower-case compound such as grouped-query) that no retrieved chunk mentions.
         bm25_weight: Weight of the BM25 ranking in hybrid mode.
         vector_weight: Weight of the vector ranking in hybrid mode.
         source: Only documents ingested with this source label.

@@ -5,9 +5,9 @@
    it repeats, less a retrieval-rank prior; the best `evidence` (default 3) are kept (`evidence=0`: the whole
    chunks, numbered).
 2. "I don't know" without loading the model when nothing is retrieved, when the question names something (a
-   capitalized word, an acronym, a term with digits: "Tokyo", "FlashAttention-3") that no retrieved chunk
-   mentions (`check_names`), or when the best cosine of the evidence statements (the best chunk's, with whole chunks)
-   is under `min_score`; with short off, also when the model says so. An off-topic question passes the
+   capitalized word, an acronym, a term with digits, a lower-case compound: "Tokyo", "FlashAttention-3",
+   "grouped-query") that no retrieved chunk mentions (`check_names`), or when the best cosine of the evidence
+   statements (the best chunk's, with whole chunks) is under `min_score`; with short off, also when the model says so. An off-topic question passes the
    similarity gate when it shares the notes' vocabulary ("the default learning rate of Adam in PyTorch"); the
    name it asks about is what the sources lack.
 3. `short="model"` (the default with an adapter): the model sees the evidence statements and copies a span of
