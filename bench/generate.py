@@ -5,8 +5,9 @@ quantized lmstack models (int4 kept from the GGUF, quantize_ int4 / int8 / w8a8)
                              [--tables speed quant] [--ppl-tokens 4096] [--chat-prompts 32]
 
 Each engine runs in its own subprocess and reports its own peak RSS (getrusage of that process alone): load the
-model, prefill a 512-token prompt, then 128 greedy tokens, one at a time. Reports load time, peak RSS, prefill tokens/s and decode tokens/s (medians over the
-repeats), and ratios against transformers bf16 measured in the same run.
+model, prefill a 512-token prompt, then 128 greedy tokens, one at a time. Reports load time, peak RSS, prefill
+tokens/s and decode tokens/s (medians over the repeats), and ratios against transformers bf16 measured in the same
+run.
 
 The quantization table adds quality, against the float32 dequantized model, on token ids prepared once by the
 parent so every engine scores the same ones: perplexity of the first --ppl-tokens of tinyshakespeare and of the
@@ -65,7 +66,8 @@ def run_lmstack(args: argparse.Namespace) -> dict:
         decode.append(res.decode_tokens_per_s)
         tokens.append(res.token_ids)
     result = {"load_s": load_s, "warmup_s": warmup_s, "prefill": median(prefill), "decode": median(decode),
-              "tokens": tokens[-1], "new_tokens": len(tokens[-1]), "torch": torch.__version__, "peak_rss_mb": peak_rss_mb(),
+              "tokens": tokens[-1], "new_tokens": len(tokens[-1]), "torch": torch.__version__,
+              "peak_rss_mb": peak_rss_mb(),
               "n_params": loaded.model.num_params(), "weights": loaded.weights}
     if args.quality:
         quality = json.loads(Path(args.quality).read_text())
@@ -469,7 +471,8 @@ def quant_table(args: argparse.Namespace) -> None:
             f"; load, peak RSS, prefill and decode: medians over {args.rounds} rounds of every row's child process, "
             "run in turn, "
             "and decode x llama.cpp the median of each round's ratio (the machine's speed drifts between "
-            "processes)" if args.rounds > 1 else "") + f". Bytes per weight: file bytes / {n_params or 0:,} weights (fp32 row: the GGUF file). "
+            "processes)" if args.rounds > 1 else "")
+        + f". Bytes per weight: file bytes / {n_params or 0:,} weights (fp32 row: the GGUF file). "
         f"Perplexity: the first {args.ppl_tokens} tokens of each text, windows of 512, stride 256. Agreement: "
         f"{args.chat_prompts} self-instruct chat prompts, {args.chat_tokens} greedy tokens. Targets (issue 14): "
         "decode >= 1.0x llama.cpp, load <= 1 s, RSS <= 1.3x llama.cpp's, agreement >= 90%, perplexity within 1% "

@@ -134,8 +134,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, is_causal: b
     - a torch.compiled decode step (one query per row, over a half-precision cache: the compiled engine keeps its
       cache in the model's dtype, or float16 for a quantized float32 model, engine.compiled_cache_dtype, and
       builds the kernel before tracing): the C++ kernel `lmstack.kernels.decode_attention`. Where it cannot be
-      built, or for other dtypes and masks, one_query_attention. (Eager decoding stays on SDPA: the kernel measured 3% faster there, less than the
-      2.5 s its first load costs a process.)
+      built, or for other dtypes and masks, one_query_attention. (Eager decoding stays on SDPA: the kernel
+      measured 3% faster there, less than the 2.5 s its first load costs a process.)
     - cached half-precision decoding (one query per row): SDPA in float32, over the float32 cache
       (kv_cache_dtype). Its half-precision kernel costs 4-7x that at SmolLM2's shapes (768 keys: 546 us
       against 102 us per layer).

@@ -7,9 +7,9 @@
 2. "I don't know" without loading the model when nothing is retrieved, when the question names something (a
    capitalized word, an acronym, a term with digits, a lower-case compound: "Tokyo", "FlashAttention-3",
    "grouped-query") that no retrieved chunk mentions (`check_names`), or when the best cosine of the evidence
-   statements (the best chunk's, with whole chunks) is under `min_score`; with short off, also when the model says so. An off-topic question passes the
-   similarity gate when it shares the notes' vocabulary ("the default learning rate of Adam in PyTorch"); the
-   name it asks about is what the sources lack.
+   statements (the best chunk's, with whole chunks) is under `min_score`; with short off, also when the model
+   says so. An off-topic question passes the similarity gate when it shares the notes' vocabulary ("the default
+   learning rate of Adam in PyTorch"); the name it asks about is what the sources lack.
 3. `short="model"` (the default with an adapter): the model sees the evidence statements and copies a span of
    one of them (copy mode in the generation engine), kept when it says more than the question; otherwise the
    answer is the best statement's span that the question does not restate. `short="span"` (the default
@@ -180,13 +180,17 @@ def select_evidence(question: str, passages: list[tuple[str, str | None]], embed
             candidates.append((n, s, f"{context}: {s}" if context else s))
     if not candidates:
         return []
-    emb = embedder.encode([question] + [s for _, s, _ in candidates] + [c for _, _, c in candidates])  # [1+2M, D]
-    sims = emb[1:1 + len(candidates)] @ emb[0]  # [M]
-    in_context = emb[1 + len(candidates):] @ emb[0]  # [M]
-    scores = [float(in_context[i]) + phrase * shared_phrase(question, s) - rank_prior * (n - 1)
+    # each distinct text once: a statement with no headings is its own text in context
+    texts = list(dict.fromkeys([question] + [t for _, s, c in candidates for t in (s, c)]))
+    row = {t: i for i, t in enumerate(texts)}
+    emb = embedder.encode(texts)  # [T, D], texts[0] the question
+    cos = emb @ emb[0]  # [T]
+    sims = [float(cos[row[s]]) for _, s, _ in candidates]  # [M] the statement alone
+    in_context = [float(cos[row[c]]) for _, _, c in candidates]  # [M] under its headings
+    scores = [in_context[i] + phrase * shared_phrase(question, s) - rank_prior * (n - 1)
               for i, (n, s, _) in enumerate(candidates)]
     order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:top]
-    return [Evidence(candidates[i][0], candidates[i][1], float(sims[i])) for i in order]
+    return [Evidence(candidates[i][0], candidates[i][1], sims[i]) for i in order]
 
 
 def shared_phrase(question: str, statement: str, words: int = 6) -> float:
@@ -213,9 +217,9 @@ _CLAUSE_END = re.compile(r"[,;:()\[\]]|\s[-\u2013\u2014]\s|\*\*")
 
 def short_span(question: str, sentence: str) -> str:
     """The part of `sentence` that answers `question`: the run of words (within one clause) holding the most
-    content words the question does not have (the later run on a tie), trimmed of stopwords. The question's own words are what the
-    sentence restates; its answer is the rest ("Well known examples of decoder-based models are GPT and
-    BLOOM" -> "GPT and BLOOM"). The sentence itself when no word is new."""
+    content words the question does not have (the later run on a tie), trimmed of stopwords. The question's
+    own words are what the sentence restates; its answer is the rest ("Well known examples of decoder-based
+    models are GPT and BLOOM" -> "GPT and BLOOM"). The sentence itself when no word is new."""
     asked = content_words(question)
     best: tuple[int, int, int] = (0, 0, 0)  # (new words, start, end) in characters
     run: list[tuple[int, int, str]] = []  # (start, end, kind) of the current run's tokens
