@@ -10,7 +10,6 @@ import numpy as np
 
 from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
 from lmstack.embedding import Embedder, get_embedder  # noqa: F401  (rag's modules import them from here)
-from lmstack.checkpoints.registry import DEFAULT_EMBEDDING_MODEL
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write, read_text, require_file
 
