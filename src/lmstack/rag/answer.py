@@ -84,8 +84,6 @@ def is_refusal(text: str) -> bool:
 
 
 _NAME = re.compile(r"[A-Za-z0-9](?:[\w\-]|\.(?=\w))*")
-
-
 _COMPOUND = re.compile(r"[a-z]+(?:-[a-z]+)+")
 
 
@@ -149,7 +147,7 @@ def evidence_candidates(passages: list[tuple[str, str | None]]) -> list[tuple[in
     predict the next token")."""
     out: dict[tuple[int, str], str] = {}
     for n, (text, heading) in enumerate(passages, start=1):
-        title = ""
+        title, heading_key = "", (heading or "").strip(" *#:-").lower()
         for s in sentences(text):
             for line in s.splitlines():
                 line = _BULLET.sub("", line).strip()
@@ -158,7 +156,7 @@ def evidence_candidates(passages: list[tuple[str, str | None]]) -> list[tuple[in
                 if is_heading(line, heading):
                     title = line.strip(" *#:-")
                 elif len(content_words(line)) >= 3 and not line.endswith("?"):
-                    same = heading and title.lower() == heading.strip(" *#:-").lower()
+                    same = heading and title.lower() == heading_key
                     out.setdefault((n, line), " ".join(h for h in (heading, None if same else title) if h))
     return [(n, line, context) for (n, line), context in out.items()]
 
