@@ -21,7 +21,9 @@ and showed the similarity gate reading the first statement's cosine) or "test4" 
 the same way, written before the gate read the best cosine of the statements shown, and answered once after)
 or "test5" (held out: 24 more, seed 20261206, the same way, written before rows 18-24 were run; its failures
 were read after row 25) or "test6" (held out: 24 more, seed 20261207, the same way, written before the evidence
-pool of row 29 was first run; questions repeating a tuning question skipped);
+pool of row 29 was first run; questions repeating a tuning question skipped) or "test7" (held out: 24 more, seed
+20261208, the same way, written before the hybrid score fusion of rows 47-58 was run on it) or "test8" (held out:
+24 more, seed 20261209, written after rows 47-58, before rows 59-60, with the pipeline unchanged);
 an `"answer": null` question is not answerable from the notes. --split dev also adds the 47 questions of
 tests/data/course_notes_qa.jsonl.
 
@@ -143,7 +145,7 @@ FINETUNE = ["--method", "lora", "--rank", "16", "--alpha", "32", "--targets", "a
 
 
 def train_adapter(out: Path, splits: list[str]) -> str:
-    """A short-answer adapter from the answerable questions of `splits` only (never test4-6): `raft build
+    """A short-answer adapter from the answerable questions of `splits` only (never test4-8): `raft build
     --target short` twice (seeds 0 and 1: other distractors), then `lmstack finetune` (LoRA) on both sets; -> the
     adapter folder."""
     from lmstack.rag import raft_build
@@ -207,8 +209,8 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
-    parser.add_argument("--split", choices=["dev", "test", "test2", "test3", "test4", "test5", "test6"],
-                        default="test6")
+    parser.add_argument("--split", choices=["dev", "test", "test2", "test3", "test4", "test5", "test6", "test7",
+                                            "test8"], default="test8")
     parser.add_argument("--set", action="append", default=[], help="a rag_ask keyword: key=value (JSON value)")
     parser.add_argument("--latency", type=int, default=0, help="time N fresh `rag ask` processes")
     parser.add_argument("--index", default=None, help="a course-notes index (built in a temporary folder if absent)")
@@ -250,7 +252,8 @@ def render(rows: dict[str, dict[str, Any]]) -> None:
              "column); row 5: `--train-adapter DIR` instead of an adapter setting; row 10: the adapter of "
              "`--train-adapter DIR --train-splits dev test`, trained once and answered with "
              "`--set adapter=DIR/adapter`; row 13: `--train-adapter DIR --train-splits dev test test2`; row 24: "
-             "`--train-adapter DIR --train-splits dev test test2 test3`.")
+             "`--train-adapter DIR --train-splits dev test test2 test3`, and the same for row 55, whose adapter rows "
+             "56-58 and 60 answer with `--set adapter=DIR/adapter`.")
     record(TITLE, body, "python bench/rag_answers.py --label LABEL --split SPLIT [--set KEY=VALUE ...] [--latency 3]")
 
 

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 
 from lmstack.errors import LmstackError
-from lmstack.rag import rag_index, rag_search
+from lmstack.rag import rag_ask, rag_eval, rag_index, rag_search
 from lmstack.rag.chunk import chunk_document
 from lmstack.rag.embedding import get_embedder
 from lmstack.rag.extract import extract
 from lmstack.rag.ingest import ingest
-from lmstack.rag.retrieve import RRF_K, rrf, search
+from lmstack.rag.retrieve import BM25_WEIGHT, VECTOR_WEIGHT, fuse, search
 from lmstack.rag.store import Filters, open_index
 
 from rag_helpers import TOPICS, make_pdf, write_corpus
@@ -233,14 +233,21 @@ def test_bm25_scores_match_a_hand_computation(tmp_path, embedder) -> None:
     assert [names[c] for c, _ in hits] == sorted(got, key=lambda n: -expected[int(n[1])])
 
 
-def test_rrf_matches_a_hand_computation() -> None:
-    fused = dict(rrf([[10, 20, 30], [30, 10, 40]], [1.0, 0.5]))
-    assert RRF_K == 60
-    assert fused[10] == pytest.approx(1 / 61 + 0.5 / 62)
-    assert fused[20] == pytest.approx(1 / 62)
-    assert fused[30] == pytest.approx(1 / 63 + 0.5 / 61)
-    assert fused[40] == pytest.approx(0.5 / 63)
-    assert [i for i, _ in rrf([[10, 20, 30], [30, 10, 40]], [1.0, 0.5])] == [10, 30, 20, 40]
+def test_fuse_matches_a_hand_computation() -> None:
+    bm25 = [(10, 8.0), (20, 4.0)]  # 30 and 40: no BM25 match
+    cosine = {10: 0.2, 20: 0.5, 30: 0.9, 40: -0.1}
+    fused = dict(fuse(bm25, cosine, 0.3, 0.7))
+    assert fused == pytest.approx({10: 0.3 + 0.14, 20: 0.15 + 0.35, 30: 0.63, 40: -0.07})
+    assert [i for i, _ in fuse(bm25, cosine, 0.3, 0.7)] == [30, 20, 10, 40]
+    assert [i for i, _ in fuse([], cosine, 0.3, 0.7)] == [30, 20, 10, 40]  # no lexical match: cosine order
+
+
+def test_the_commands_hybrid_weights_are_the_searchs() -> None:
+    import inspect
+
+    for fn in (rag_search, rag_ask, rag_eval):  # literals there: lmstack.rag keeps numpy out of the CLI's start
+        params = inspect.signature(fn).parameters
+        assert (params["bm25_weight"].default, params["vector_weight"].default) == (BM25_WEIGHT, VECTOR_WEIGHT)
 
 
 def test_vector_and_hybrid_ranks(corpus_index, embedder) -> None:
@@ -256,9 +263,11 @@ def test_vector_and_hybrid_ranks(corpus_index, embedder) -> None:
         assert [h.score for h in vector] == pytest.approx(sorted(matrix @ q, reverse=True), abs=1e-5)
         assert Path(vector[0].chunk.path).stem == "bread"
         hybrid = search(store, embedder, query, 5, "hybrid", bm25_weight=2.0, vector_weight=1.0)
-        for h in hybrid:  # each fused score is the hand RRF of the hit's two ranks
-            hand = (2.0 / (60 + h.bm25_rank) if h.bm25_rank else 0) + (1 / (60 + h.vector_rank) if h.vector_rank else 0)
-            assert h.score == pytest.approx(hand)
+        lexical = dict(store.bm25(query, 50))
+        for h in hybrid:  # each fused score by hand: 2 x BM25 over the best + 1 x the exact cosine
+            hand = 2.0 * lexical.get(h.chunk.id, 0.0) / max(lexical.values()) + float(matrix[all_ids.index(h.chunk.id)] @ q)
+            assert h.score == pytest.approx(hand, abs=1e-5)
+            assert h.similarity == pytest.approx(float(matrix[all_ids.index(h.chunk.id)] @ q), abs=1e-5)
         bm25 = search(store, embedder, query, 5, "bm25")
         assert {h.chunk.id: h.bm25_rank for h in hybrid if h.bm25_rank} == \
             {h.chunk.id: r for r, h in enumerate(bm25, 1) if h.chunk.id in {x.chunk.id for x in hybrid}}

@@ -193,6 +193,10 @@ def test_rag_eval_reports_all_modes_and_answer_metrics(notes_index, tmp_path) ->
         assert m["mrr"] == pytest.approx(sum(1 / r for r in ranks if r) / n, abs=1e-4)
         assert m["recall@5"] >= 0.6  # the gold chunk is usually in the top 5
     assert json.loads((tmp_path / "report.json").read_text())["questions"] == n
+    lexical = rag_eval(str(subset), index=str(notes_index), generate=False, progress=False, modes=["bm25", "hybrid"],
+                       bm25_weight=1.0, vector_weight=0.0)  # the weights reach the search: hybrid is BM25's order
+    assert lexical["hybrid_weights"] == {"bm25": 1.0, "vector": 0.0}
+    assert all(row["rank_hybrid"] == row["rank_bm25"] for row in lexical["per_question"] if row["rank_bm25"])
     answered = rag_eval(str(subset), index=str(notes_index), limit=2, modes=["hybrid"], max_new_tokens=32,
                         progress=False)
     a = answered["answers"]

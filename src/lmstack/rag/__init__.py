@@ -7,7 +7,7 @@
 
 Pipeline: extract.py (files -> text + blocks) -> chunk.py (token chunks) -> embedding.py (MiniLM vectors) ->
 store.py (SQLite: documents, chunks, vectors, FTS5; milvus_store.py for Milvus) -> retrieve.py (BM25, exact
-vector, hybrid RRF) -> answer.py (prompt, generation, citations) -> evaluate.py (recall@k, MRR, EM/F1,
+vector, hybrid score fusion) -> answer.py (prompt, generation, citations) -> evaluate.py (recall@k, MRR, EM/F1,
 faithfulness). This module imports nothing heavy, so the CLI can read these signatures cheaply.
 """
 
@@ -86,7 +86,7 @@ def _open_for_query(index: str, backend: str | None, embedding_model: str | None
 
 def rag_search(query: str, *, index: str, backend: Literal["sqlite", "milvus"] | None = None, k: int = 5,
                mode: Literal["hybrid", "bm25", "vector"] = "hybrid",
-               bm25_weight: float = 1.0, vector_weight: float = 1.0, source: str | None = None,
+               bm25_weight: float = 0.3, vector_weight: float = 0.7, source: str | None = None,
                path_prefix: str | None = None, since: str | None = None, until: str | None = None,
                date_field: Literal["ingested", "mtime"] = "ingested",
                embedding_model: str | None = None) -> list[dict[str, Any]]:
@@ -98,9 +98,9 @@ def rag_search(query: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         backend: Where the vectors live: sqlite (the default for a path) or milvus (Milvus Lite in the given
             file). A URI chooses instead: sqlite:///PATH, milvus-lite:///PATH, milvus://HOST:PORT/COLLECTION.
         k: How many chunks to return.
-        mode: hybrid (BM25 + vectors by reciprocal rank fusion), bm25 or vector.
-        bm25_weight: Weight of the BM25 ranking in hybrid mode.
-        vector_weight: Weight of the vector ranking in hybrid mode.
+        mode: hybrid (a weighted sum of the BM25 and cosine scores), bm25 or vector.
+        bm25_weight: Weight of the BM25 score (over the query's best) in hybrid mode.
+        vector_weight: Weight of the cosine similarity in hybrid mode.
         source: Only documents ingested with this source label.
         path_prefix: Only documents whose path starts with this.
         since: Only documents dated on or after this ISO date (see date_field).
@@ -124,8 +124,8 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             short: Literal["model", "span", "off"] | None = None,
             max_new_tokens: int = 64,
             temperature: float = 0.0, repetition_penalty: float = 1.1, seed: int | None = None,
-            min_score: float = 0.48, check_names: bool = True, bm25_weight: float = 1.0,
-            vector_weight: float = 1.0, source: str | None = None, path_prefix: str | None = None,
+            min_score: float = 0.48, check_names: bool = True, bm25_weight: float = 0.3,
+            vector_weight: float = 0.7, source: str | None = None, path_prefix: str | None = None,
             since: str | None = None, until: str | None = None,
             date_field: Literal["ingested", "mtime"] = "ingested",
             embedding_model: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto",
@@ -147,7 +147,7 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
         model: The answering chat model (registry name, GGUF file or model folder).
         adapter: A PEFT adapter folder to apply to the model (e.g. one trained on `raft build` data).
         k: How many chunks to retrieve.
-        mode: hybrid (BM25 + vectors by reciprocal rank fusion), bm25 or vector.
+        mode: hybrid (a weighted sum of the BM25 and cosine scores), bm25 or vector.
         stream: Stream the answer, sentence by sentence, as it is generated and checked.
         evidence: How many of the retrieved sentences the model sees; 0 shows it the whole chunks.
         quote: Drop answer sentences the sources do not support; quote the best evidence when none is left.
@@ -164,8 +164,8 @@ def rag_ask(question: str, *, index: str, backend: Literal["sqlite", "milvus"] |
             question and an evidence sentence (a chunk, with evidence 0) is below this.
         check_names: Answer "I don't know" when the question names something (a capitalized word, an acronym,
             a term with digits, a lower-case compound such as grouped-query) that no retrieved chunk mentions.
-        bm25_weight: Weight of the BM25 ranking in hybrid mode.
-        vector_weight: Weight of the vector ranking in hybrid mode.
+        bm25_weight: Weight of the BM25 score (over the query's best) in hybrid mode.
+        vector_weight: Weight of the cosine similarity in hybrid mode.
         source: Only documents ingested with this source label.
         path_prefix: Only documents whose path starts with this.
         since: Only documents dated on or after this ISO date (see date_field).
@@ -213,7 +213,7 @@ def rag_eval(qa: str, *, index: str, backend: Literal["sqlite", "milvus"] | None
              modes: list[str] | None = None, generate: bool = True,
              limit: int | None = None, model: str = DEFAULT_ANSWER_MODEL, adapter: str | None = None,
              max_new_tokens: int = 64, min_score: float = 0.48, out: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, bm25_weight: float = 0.3, vector_weight: float = 0.7) -> dict[str, Any]:
     """Evaluate retrieval (recall@k, MRR per mode) and answers (exact match, token F1, faithfulness).
 
     The QA file has one JSON object per line: {"question", "answer", "doc", "snippet"}, where doc names the
@@ -234,12 +234,14 @@ def rag_eval(qa: str, *, index: str, backend: Literal["sqlite", "milvus"] | None
         min_score: The "I don't know" similarity threshold, as in `rag ask`.
         out: Also write the report, with per-question rows, to this JSON file.
         progress: Show a progress bar on stderr.
+        bm25_weight: Weight of the BM25 score (over the query's best) in hybrid mode, as in `rag ask`.
+        vector_weight: Weight of the cosine similarity in hybrid mode, as in `rag ask`.
     """
     from lmstack.rag.evaluate import evaluate
     from lmstack.rag.store import index_uri
     _check(min_score=min_score, limit=limit)
     return evaluate(qa, index_uri(index, backend), k, modes, generate, limit, model, adapter, max_new_tokens,
-                    min_score, out, progress)
+                    min_score, out, progress, bm25_weight, vector_weight)
 
 
 def embed(input: str, *, out: str, model: str = DEFAULT_EMBEDDING_MODEL, batch_size: int = 32,

@@ -151,7 +151,7 @@ def faithfulness(answer: str, hits: list[Hit]) -> float | None:
 def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, generate: bool = True,
              limit: int | None = None, model: str = DEFAULT_MODEL, adapter: str | None = None,
              max_new_tokens: int = 64, min_score: float = 0.48, out: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, bm25_weight: float = 0.3, vector_weight: float = 0.7) -> dict[str, Any]:
     from tqdm import tqdm
 
     from lmstack.rag.answer import AnswerOptions, answer, answer_config, get_generator
@@ -179,11 +179,13 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
             qvec = embedder.encode([item["question"]])[0]  # [D], shared by the modes
             hits_by_mode = {}
             for mode in modes:
-                hits = search(store, embedder, item["question"], k, mode, query_vector=qvec)
+                hits = search(store, embedder, item["question"], k, mode, bm25_weight=bm25_weight,
+                              vector_weight=vector_weight, query_vector=qvec)
                 hits_by_mode[mode] = hits
                 row[f"rank_{mode}"] = first_relevant_rank(hits, item, relevance)
             if generator is not None:
                 hits = hits_by_mode.get("hybrid") or search(store, embedder, item["question"], k, "hybrid",
+                                                            bm25_weight=bm25_weight, vector_weight=vector_weight,
                                                             query_vector=qvec)
                 result = answer(item["question"], hits, lambda: generator, cfg, embedder,
                                 AnswerOptions(min_score=min_score, short="model" if adapter else "span"))
@@ -194,7 +196,8 @@ def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, ge
                            citations_by=result["citations_by"])
             per_question.append(row)
     n = len(items)
-    report: dict[str, Any] = {"qa": qa, "index": index, "k": k, "questions": n, "retrieval": {}}
+    report: dict[str, Any] = {"qa": qa, "index": index, "k": k, "questions": n, "retrieval": {},
+                              "hybrid_weights": {"bm25": bm25_weight, "vector": vector_weight}}
     for mode in modes:
         ranks = [row[f"rank_{mode}"] for row in per_question]
         report["retrieval"][mode] = {f"recall@{k}": round(sum(r is not None for r in ranks) / n, 4),

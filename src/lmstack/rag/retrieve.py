@@ -1,9 +1,12 @@
-"""Retrieval over an index: BM25 (FTS5), exact vector search, and hybrid = weighted reciprocal rank fusion.
+"""Retrieval over an index: BM25 (FTS5), exact vector search, and hybrid = a convex combination of the two scores.
 
-Hybrid score of a chunk = w_bm25 / (60 + rank in BM25) + w_vector / (60 + rank in vector search), ranks from 1,
-a missing rank adding nothing (Cormack et al., 2009, with k = 60). Each list is read `depth` deep
-(default max(50, 4k)). Every hit also carries `similarity`, the cosine between the query and the chunk vector,
-whatever the mode: it is the calibrated number that `rag_ask` compares with its "I don't know" threshold.
+Hybrid score of a chunk = bm25_weight x BM25 / (the query's best BM25) + vector_weight x cosine, over the union of
+the two lists read `depth` deep (default max(50, 4k)); a chunk outside the BM25 list adds 0 for BM25, and every
+candidate's cosine is exact. The defaults 0.3 / 0.7 make it a convex combination. Scores, not ranks: reciprocal
+rank fusion lost chunks that only BM25 ranks first (Bruch et al., 2023, "An Analysis of Fusion Functions for
+Hybrid Retrieval"; docs/benchmarks.md, "RAG answers"). Every hit also carries `similarity`, the cosine between the
+query and the chunk vector, whatever the mode: it is the calibrated number that `rag_ask` compares with its
+"I don't know" threshold.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from lmstack.rag.store import ChunkRow, Filters, Store
 
 Mode = Literal["hybrid", "bm25", "vector"]
 MODES: tuple[str, ...] = ("bm25", "vector", "hybrid")
-RRF_K = 60
+BM25_WEIGHT, VECTOR_WEIGHT = 0.3, 0.7  # chosen on the tuning questions (docs/benchmarks.md, "RAG answers")
 
 
 @dataclass
 class Hit:
     chunk: ChunkRow
-    score: float  # the mode's score: -bm25, cosine, or the fused RRF score
+    score: float  # the mode's score: -bm25, cosine, or the fused score
     similarity: float  # cosine of the query and chunk vectors
     bm25_rank: int | None = None
     vector_rank: int | None = None
@@ -37,17 +40,18 @@ class Hit:
         return out
 
 
-def rrf(rankings: list[list[int]], weights: list[float], k: int = RRF_K) -> list[tuple[int, float]]:
-    """Weighted reciprocal rank fusion of ranked id lists -> (id, score) best first (ties: first seen first)."""
-    scores: dict[int, float] = {}
-    for ranking, weight in zip(rankings, weights):
-        for rank, item in enumerate(ranking, start=1):
-            scores[item] = scores.get(item, 0.0) + weight / (k + rank)
+def fuse(bm25: list[tuple[int, float]], cosine: dict[int, float], bm25_weight: float, vector_weight: float
+         ) -> list[tuple[int, float]]:
+    """Hybrid scores: bm25_weight x BM25 / max BM25 + vector_weight x cosine for each id of `cosine` (the
+    candidates; an id missing from `bm25` adds 0 for BM25) -> (id, score) best first (ties: first seen first)."""
+    top = max((s for _, s in bm25), default=0.0)
+    lexical = {cid: s / top for cid, s in bm25} if top > 0 else {}
+    scores = {cid: bm25_weight * lexical.get(cid, 0.0) + vector_weight * c for cid, c in cosine.items()}
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 
 def search(store: Store, embedder: Embedder | None, query: str, k: int = 5, mode: str = "hybrid",
-           filters: Filters | None = None, bm25_weight: float = 1.0, vector_weight: float = 1.0,
+           filters: Filters | None = None, bm25_weight: float = BM25_WEIGHT, vector_weight: float = VECTOR_WEIGHT,
            depth: int | None = None, query_vector: np.ndarray | None = None) -> list[Hit]:
     """The k best chunks for `query`. `embedder` must be the index's model (checked); `query_vector` [D] skips
     embedding the query (benchmarks pass random ones)."""
@@ -55,8 +59,9 @@ def search(store: Store, embedder: Embedder | None, query: str, k: int = 5, mode
         raise LmstackError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if k < 1:
         raise LmstackError(f"k must be >= 1, not {k}")
-    if bm25_weight < 0 or vector_weight < 0:
-        raise LmstackError("bm25_weight and vector_weight must be >= 0")
+    if not (bm25_weight >= 0 and vector_weight >= 0 and bm25_weight + vector_weight > 0):
+        raise LmstackError(f"bm25_weight and vector_weight must be >= 0, not both 0 (got {bm25_weight}, "
+                           f"{vector_weight})")
     if query_vector is None:
         if embedder is None:
             raise ValueError("search needs an embedder or a query vector")
@@ -65,17 +70,16 @@ def search(store: Store, embedder: Embedder | None, query: str, k: int = 5, mode
     depth = depth or max(50, 4 * k)
     bm25 = store.bm25(query, depth if mode == "hybrid" else k, filters) if mode != "vector" else []
     vector = store.vector_search(query_vector, depth if mode == "hybrid" else k, filters) if mode != "bm25" else []
+    rows = store.chunks(list(dict.fromkeys([cid for cid, _ in bm25 + vector])))  # Milvus may hold stale ids
+    bm25, vector = [(c, s) for c, s in bm25 if c in rows], [(c, s) for c, s in vector if c in rows]
+    ids = list(dict.fromkeys([cid for cid, _ in bm25 + vector]))
+    cosine = dict(zip(ids, (store.vectors_of(ids) @ query_vector).tolist()))  # every candidate's, exact
     if mode == "bm25":
-        ranked = bm25
+        ranked = bm25[:k]
     elif mode == "vector":
-        ranked = vector
+        ranked = vector[:k]
     else:
-        ranked = rrf([[i for i, _ in bm25], [i for i, _ in vector]], [bm25_weight, vector_weight])
+        ranked = fuse(bm25, cosine, bm25_weight, vector_weight)[:k]
     bm25_rank = {cid: r for r, (cid, _) in enumerate(bm25, start=1)}
     vector_rank = {cid: r for r, (cid, _) in enumerate(vector, start=1)}
-    rows = store.chunks([cid for cid, _ in ranked[:k + 10]])  # a few spare: Milvus may hold stale ids
-    ranked = [(cid, s) for cid, s in ranked if cid in rows][:k]
-    ids = [cid for cid, _ in ranked]
-    sims = store.vectors_of(ids) @ query_vector if ids else np.zeros(0)  # [k]
-    return [Hit(rows[cid], float(s), float(sim), bm25_rank.get(cid), vector_rank.get(cid))
-            for (cid, s), sim in zip(ranked, sims)]
+    return [Hit(rows[cid], float(s), cosine[cid], bm25_rank.get(cid), vector_rank.get(cid)) for cid, s in ranked]
