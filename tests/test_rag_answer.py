@@ -253,7 +253,7 @@ def test_repetition_is_a_repeated_8_gram() -> None:
     assert repeated_ngram("One two three four five six seven eight [1]. one two three four five six seven eight")
 
 
-def test_headings_are_not_evidence() -> None:
+def test_headings_quiz_questions_and_their_options_are_not_evidence() -> None:
     from lmstack.rag.answer import evidence_candidates, is_heading
 
     assert is_heading("Steps in a Transformer Decoder", None) and is_heading("Types of attention:", None)
@@ -265,6 +265,11 @@ def test_headings_are_not_evidence() -> None:
         (1, "They predict the next token from the previous ones.", "Decoder only – Autoregressive models")]
     # no heading, no quiz question; the statement keeps the title line above it, and the chunk's heading
     assert evidence_candidates([("Scaling\n" + text, "Notes")])[0][2] == "Notes Decoder only – Autoregressive models"
+    quiz = (text + "\n- A. LoRA trains a smaller, distilled version of the pre-trained LLM.\n"
+            "B) LoRA freezes the weights and trains two low-rank matrices.\n"
+            "A LoRA adapter is small enough to ship with each task.")  # an article "A" is no option
+    assert [s for _, s, _ in evidence_candidates([(quiz, None)])] == [
+        "They predict the next token from the previous ones.", "A LoRA adapter is small enough to ship with each task."]
 
 
 def test_evidence_ranking_favours_the_line_that_keeps_the_questions_phrase() -> None:

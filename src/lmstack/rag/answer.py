@@ -60,6 +60,7 @@ _REFUSAL = re.compile(
     r"|\bno (?:relevant )?information (?:about|on|in)\b", re.I)
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _BULLET = re.compile(r"^[\s\-*\u2022\u25ba\u25b6\u2756\u27a2\u2713\u25cf#>]+")
+_OPTION = re.compile(r"^[\s\-*\u2022]*[A-E][.)]\s")  # "- B. ...", an option of a multiple-choice question
 
 
 @dataclass
@@ -141,13 +142,14 @@ def is_heading(line: str, heading: str | None) -> bool:
 
 def evidence_candidates(passages: list[tuple[str, str | None]]) -> list[tuple[int, str, str]]:
     """(passage number, statement, its headings) for each distinct statement of the (text, heading) passages: a
-    line of notes is a unit too; headings, questions (a quiz line answers nothing) and lines of fewer than three
-    content words are left out. The headings are the passage's and the last title line above the statement in
+    line of notes is a unit too; headings, questions and the options of a multiple-choice question ("- B. ...":
+    most are false on purpose) answer nothing, and lines of fewer than three content words are left out. The headings are the passage's and the last title line above the statement in
     it: a statement often leaves its topic to them ("Decoder-only models" / "The training objective is to
     predict the next token")."""
     out: dict[tuple[int, str], str] = {}
     for n, (text, heading) in enumerate(passages, start=1):
         title, heading_key = "", (heading or "").strip(" *#:-").lower()
+        text = "\n".join(line for line in text.splitlines() if not _OPTION.match(line))
         for s in sentences(text):
             for line in s.splitlines():
                 line = _BULLET.sub("", line).strip()
