@@ -23,7 +23,8 @@ or "test5" (held out: 24 more, seed 20261206, the same way, written before rows 
 were read after row 25) or "test6" (held out: 24 more, seed 20261207, the same way, written before the evidence
 pool of row 29 was first run; questions repeating a tuning question skipped) or "test7" (held out: 24 more, seed
 20261208, the same way, written before the hybrid score fusion of rows 47-58 was run on it) or "test8" (held out:
-24 more, seed 20261209, written after rows 47-58, before rows 59-60, with the pipeline unchanged);
+24 more, seed 20261209, written after rows 47-58, before rows 59-60, with the pipeline unchanged) or "test9" (held
+out: 24 more, seed 20261210, written after rows 61-62, before rows 63-64);
 an `"answer": null` question is not answerable from the notes. --split dev also adds the 47 questions of
 tests/data/course_notes_qa.jsonl.
 
@@ -145,7 +146,7 @@ FINETUNE = ["--method", "lora", "--rank", "16", "--alpha", "32", "--targets", "a
 
 
 def train_adapter(out: Path, splits: list[str]) -> str:
-    """A short-answer adapter from the answerable questions of `splits` only (never test4-8): `raft build
+    """A short-answer adapter from the answerable questions of `splits` only (never test4-9): `raft build
     --target short` twice (seeds 0 and 1: other distractors), then `lmstack finetune` (LoRA) on both sets; -> the
     adapter folder."""
     from lmstack.rag import raft_build
@@ -210,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
     parser.add_argument("--split", choices=["dev", "test", "test2", "test3", "test4", "test5", "test6", "test7",
-                                            "test8"], default="test8")
+                                            "test8", "test9"], default="test9")
     parser.add_argument("--set", action="append", default=[], help="a rag_ask keyword: key=value (JSON value)")
     parser.add_argument("--latency", type=int, default=0, help="time N fresh `rag ask` processes")
     parser.add_argument("--index", default=None, help="a course-notes index (built in a temporary folder if absent)")
