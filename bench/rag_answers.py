@@ -253,8 +253,8 @@ def render(rows: dict[str, dict[str, Any]]) -> None:
              "column); row 5: `--train-adapter DIR` instead of an adapter setting; row 10: the adapter of "
              "`--train-adapter DIR --train-splits dev test`, trained once and answered with "
              "`--set adapter=DIR/adapter`; row 13: `--train-adapter DIR --train-splits dev test test2`; row 24: "
-             "`--train-adapter DIR --train-splits dev test test2 test3`, and the same for row 55, whose adapter rows "
-             "56-58 and 60 answer with `--set adapter=DIR/adapter`.")
+             "`--train-adapter DIR --train-splits dev test test2 test3`, and the same for rows 55 and 63, whose "
+             "adapters rows 56-58, 60, 62 and 65-69 answer with `--set adapter=DIR/adapter`.")
     record(TITLE, body, "python bench/rag_answers.py --label LABEL --split SPLIT [--set KEY=VALUE ...] [--latency 3]")
 
 

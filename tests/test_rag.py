@@ -264,10 +264,12 @@ def test_vector_and_hybrid_ranks(corpus_index, embedder) -> None:
         assert Path(vector[0].chunk.path).stem == "bread"
         hybrid = search(store, embedder, query, 5, "hybrid", bm25_weight=2.0, vector_weight=1.0)
         lexical = dict(store.bm25(query, 50))
+        cosine = dict(zip(all_ids, (matrix @ q).tolist()))  # the corpus is under the depth: every chunk a candidate
+        hand = {cid: 2.0 * lexical.get(cid, 0.0) / max(lexical.values()) + cosine[cid] for cid in all_ids}
+        assert [h.chunk.id for h in hybrid] == sorted(all_ids, key=lambda cid: -hand[cid])[:5]
         for h in hybrid:  # each fused score by hand: 2 x BM25 over the best + 1 x the exact cosine
-            hand = 2.0 * lexical.get(h.chunk.id, 0.0) / max(lexical.values()) + float(matrix[all_ids.index(h.chunk.id)] @ q)
-            assert h.score == pytest.approx(hand, abs=1e-5)
-            assert h.similarity == pytest.approx(float(matrix[all_ids.index(h.chunk.id)] @ q), abs=1e-5)
+            assert h.score == pytest.approx(hand[h.chunk.id], abs=1e-5)
+            assert h.similarity == pytest.approx(cosine[h.chunk.id], abs=1e-5)
         bm25 = search(store, embedder, query, 5, "bm25")
         assert {h.chunk.id: h.bm25_rank for h in hybrid if h.bm25_rank} == \
             {h.chunk.id: r for r, h in enumerate(bm25, 1) if h.chunk.id in {x.chunk.id for x in hybrid}}

@@ -143,9 +143,9 @@ def is_heading(line: str, heading: str | None) -> bool:
 def evidence_candidates(passages: list[tuple[str, str | None]]) -> list[tuple[int, str, str]]:
     """(passage number, statement, its headings) for each distinct statement of the (text, heading) passages: a
     line of notes is a unit too; headings, questions and the options of a multiple-choice question ("- B. ...":
-    most are false on purpose) answer nothing, and lines of fewer than three content words are left out. The headings are the passage's and the last title line above the statement in
-    it: a statement often leaves its topic to them ("Decoder-only models" / "The training objective is to
-    predict the next token")."""
+    most are false on purpose) answer nothing, and lines of fewer than three content words are left out. The
+    headings are the passage's and the last title line above the statement in it: a statement often leaves its
+    topic to them ("Decoder-only models" / "The training objective is to predict the next token")."""
     out: dict[tuple[int, str], str] = {}
     for n, (text, heading) in enumerate(passages, start=1):
         title, heading_key = "", (heading or "").strip(" *#:-").lower()

@@ -4,9 +4,9 @@ Hybrid score of a chunk = bm25_weight x BM25 / (the query's best BM25) + vector_
 the two lists read `depth` deep (default max(50, 4k)); a chunk outside the BM25 list adds 0 for BM25, and every
 candidate's cosine is exact. The defaults 0.3 / 0.7 make it a convex combination. Scores, not ranks: reciprocal
 rank fusion lost chunks that only BM25 ranks first (Bruch et al., 2023, "An Analysis of Fusion Functions for
-Hybrid Retrieval"; docs/benchmarks.md, "RAG answers"). Every hit also carries `similarity`, the cosine between the
-query and the chunk vector, whatever the mode: it is the calibrated number that `rag_ask` compares with its
-"I don't know" threshold.
+Hybrid Retrieval"; docs/benchmarks.md, "RAG retrieval: score fusion"). Every hit also carries `similarity`, the
+cosine between the query and the chunk vector, whatever the mode: it is the calibrated number that `rag_ask`
+compares with its "I don't know" threshold.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lmstack.rag.store import ChunkRow, Filters, Store
 
 Mode = Literal["hybrid", "bm25", "vector"]
 MODES: tuple[str, ...] = ("bm25", "vector", "hybrid")
-BM25_WEIGHT, VECTOR_WEIGHT = 0.3, 0.7  # chosen on the tuning questions (docs/benchmarks.md, "RAG answers")
+BM25_WEIGHT, VECTOR_WEIGHT = 0.3, 0.7  # chosen on the tuning questions (docs/benchmarks.md, "RAG retrieval")
 
 
 @dataclass
