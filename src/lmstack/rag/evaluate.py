@@ -32,7 +32,7 @@ from lmstack.evaluation.metrics import exact_match_score, normalize_answer, toke
 from lmstack.io import atomic_write_json, require_path
 from lmstack.rag.answer import IDK, cited_numbers, strip_citations
 from lmstack.rag.extract import extract, json_lines
-from lmstack.rag.retrieve import MODES, Hit
+from lmstack.rag.retrieve import BM25_WEIGHT, MODES, VECTOR_WEIGHT, Hit
 from lmstack.rag.grounding import SUPPORT_MIN, content_words
 
 FAITHFUL_MIN_OVERLAP = SUPPORT_MIN  # 0.7, as the answer pipeline's check
@@ -151,7 +151,8 @@ def faithfulness(answer: str, hits: list[Hit]) -> float | None:
 def evaluate(qa: str, index: str, k: int = 5, modes: list[str] | None = None, generate: bool = True,
              limit: int | None = None, model: str = DEFAULT_MODEL, adapter: str | None = None,
              max_new_tokens: int = 64, min_score: float = 0.48, out: str | None = None,
-             progress: bool = True, bm25_weight: float = 0.3, vector_weight: float = 0.7) -> dict[str, Any]:
+             progress: bool = True, bm25_weight: float = BM25_WEIGHT,
+             vector_weight: float = VECTOR_WEIGHT) -> dict[str, Any]:
     from tqdm import tqdm
 
     from lmstack.rag.answer import AnswerOptions, answer, answer_config, get_generator
