@@ -112,6 +112,22 @@ def test_invalid_sampling_is_reported_before_loading() -> None:
     assert_one_line_error(run_cli("generate", "--model", "/nonexistent", "--prompt", "hi", "--top-p", "2"), "top_p")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_generate_on_a_missing_gpu_is_one_line(tiny: Path) -> None:
+    assert_one_line_error(run_cli("generate", "--model", tiny, "--prompt", "hi", "--device", "cuda"),
+                          "no CUDA GPU")
+
+
+def test_resolve_device() -> None:
+    from lmstack.checkpoints.load import resolve_device
+    from lmstack.errors import LmstackError
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "mps", "gpu0"):
+        with pytest.raises(LmstackError, match="device"):
+            resolve_device(bad)
+
+
 def test_usage_error_exits_2() -> None:
     result = run_cli("generate", "--prompt", "hi", "--no-such-flag")
     assert result.exit_code == 2 and "No such option" in result.stderr
@@ -254,9 +270,11 @@ def test_generate_json_and_stream_agree(tiny: Path) -> None:
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     assert set(out) == {"text", "prompt_tokens", "new_tokens", "load_s", "prefill_tokens_per_s",
-                        "decode_tokens_per_s", "finish_reason", "dtype", "weights"}
-    from lmstack.checkpoints.load import auto_dtype
-    assert out["dtype"] == str(auto_dtype("cpu")).removeprefix("torch.")  # --dtype auto, the default, says what it chose
+                        "decode_tokens_per_s", "finish_reason", "dtype", "device", "weights"}
+    from lmstack.checkpoints.load import auto_dtype, resolve_device
+    device = resolve_device("auto")  # --device auto, the default: the GPU when torch sees one
+    assert out["device"].split(":")[0] == device
+    assert out["dtype"] == str(auto_dtype(device)).removeprefix("torch.")  # --dtype auto says what it chose
     loaded = load_model(str(tiny), dtype="float32")
     assert out["prompt_tokens"] == len(loaded.tokenizer.encode("hello world"))
     assert 1 <= out["new_tokens"] <= 8 and out["finish_reason"] in ("stop", "length")

@@ -326,6 +326,16 @@ def test_quantize_covers_blocks_head_and_tied_embedding(scheme: str, tol: float)
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 
 
+def test_int4_refuses_a_model_off_the_cpu() -> None:
+    # the int4 kernel is torch's CPU one: a GPU model gets one line at quantize time, not a dispatcher dump at the
+    # first forward (the meta device stands in for a GPU here)
+    model = tiny_llama().to("meta")
+    with pytest.raises(LmstackError, match="CPU int4 kernel only"):
+        quantize_(model, "int4-g32")
+    with pytest.raises(LmstackError, match="CPU int4 kernel only"):
+        quantize_(model, "int8", embedding_scheme="int4-g32")
+
+
 def test_quantize_untied_head_and_w8a8() -> None:
     model = tiny_llama(tie_embeddings=False)
     float_logits = model(torch.randint(0, 256, (1, 6)))

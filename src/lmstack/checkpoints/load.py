@@ -69,6 +69,21 @@ def auto_dtype(device: str | torch.device = "cpu", cpuinfo: str | Path = CPUINFO
     return torch.float32
 
 
+def resolve_device(name: str) -> str:
+    """A device name ("auto", "cpu", "cuda", "cuda:N") as torch names it: auto is the GPU when torch sees one."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise LmstackError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LmstackError(f"device {name!r}: torch sees no CUDA GPU here (torch {torch.__version__}); use cpu")
+    if kind not in ("cpu", "cuda"):
+        raise LmstackError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return name
+
+
 def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     """A dtype name ("auto", "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16") as a torch dtype."""
     if name == "auto":

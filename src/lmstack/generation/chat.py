@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from lmstack.generation import GenerationResult, Generator
 
 DType = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on a GPU or a CPU with native bf16, else float32
+Device = Literal["auto", "cpu", "cuda"]  # auto: the GPU when torch sees one, else the CPU
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -43,6 +44,7 @@ class GenerateOutput:
     decode_tokens_per_s: float
     finish_reason: str
     dtype: str  # the compute dtype the model ran in (what --dtype auto chose)
+    device: str  # where it ran (what --device auto chose)
     weights: str  # how the weights are stored (e.g. "int4-g32 + bfloat16": a GGUF's Q4 weights kept packed)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,14 +100,16 @@ def sampling_defaults(source: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_generator(model: str | None, dtype: DType = "auto", compile: bool = False,
-                   adapter: str | None = None) -> tuple["Generator", "LoadedModel", float]:
-    """Load `model` (registry name or path), with `adapter` applied unmerged when given, and wrap it in a
-    Generator; also returns the load time in s. No model: the adapter's base, else DEFAULT_MODEL."""
+                   adapter: str | None = None, device: str = "auto") -> tuple["Generator", "LoadedModel", float]:
+    """Load `model` (registry name or path) onto `device`, with `adapter` applied unmerged when given, and wrap it
+    in a Generator; also returns the load time in s. No model: the adapter's base, else DEFAULT_MODEL."""
     from lmstack.checkpoints import load_model
+    from lmstack.checkpoints.load import resolve_device
     from lmstack.generation import Generator
+    device = resolve_device(device)  # a bad name fails before the model loads
     start = time.perf_counter()
     loaded = load_model(model or (None if adapter else DEFAULT_MODEL), adapter=adapter, dtype=dtype,
-                        inference=True, compile=compile)
+                        device=device, inference=True, compile=compile)
     if loaded.tokenizer is None:  # the verbs take text: name the folder and the missing file
         raise LmstackError(f"{loaded.source}: no tokenizer.json beside the weights, so text cannot be encoded; "
                            "copy the tokenizer.json of the model it was trained from into the folder")
@@ -128,8 +132,9 @@ def run_generation(generator: "Generator", prompt: "str | list[int]", cfg: "Gene
 
 
 def generate(*, prompt: str, model: str | None = None, chat: bool = False, system: str | None = None,
-             sampling: SamplingOptions | None = None, dtype: DType = "auto", compile: bool = False,
-             adapter: str | None = None, on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+             sampling: SamplingOptions | None = None, dtype: DType = "auto", device: Device = "auto",
+             compile: bool = False, adapter: str | None = None,
+             on_text: Callable[[str], None] | None = None) -> GenerateOutput:
     """Continue a prompt (or answer it as a chat message with --chat) and report timings.
 
     Args:
@@ -142,6 +147,7 @@ def generate(*, prompt: str, model: str | None = None, chat: bool = False, syste
             generation_config.json), else greedy decoding, 128 tokens and a repetition penalty of 1.1.
         dtype: Compute dtype of the weights: auto (bfloat16 where the CPU has native bf16 or on a GPU, else
             float32), float32 or bfloat16.
+        device: Where the model runs: auto (the GPU when torch sees one, else the CPU), cpu or cuda.
         compile: torch.compile the decode step (slow first call, faster after).
         adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
         on_text: Called with each new piece of text as it is decoded.
@@ -149,7 +155,7 @@ def generate(*, prompt: str, model: str | None = None, chat: bool = False, syste
     sampling_config(sampling)  # a bad value fails before the model loads
     if system is not None and not chat:
         raise LmstackError("--system needs --chat (a plain prompt has no system message)")
-    generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
+    generator, loaded, load_s = load_generator(model, dtype, compile, adapter, device)
     cfg = sampling_config(None, **sampling_defaults(loaded.source, given(sampling)))
     source: str | list[int] = prompt
     if chat:
@@ -159,7 +165,8 @@ def generate(*, prompt: str, model: str | None = None, chat: bool = False, syste
     return GenerateOutput(text=result.text, prompt_tokens=result.prompt_tokens, new_tokens=result.new_tokens,
                           load_s=round(load_s, 3), prefill_tokens_per_s=round(result.prefill_tokens_per_s, 1),
                           decode_tokens_per_s=round(result.decode_tokens_per_s, 1),
-                          finish_reason=result.finish_reason, dtype=loaded.dtype, weights=loaded.weights)
+                          finish_reason=result.finish_reason, dtype=loaded.dtype, device=str(loaded.model.device),
+                          weights=loaded.weights)
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -206,8 +213,8 @@ CHAT_HELP = "/reset clears the history, /system TEXT sets the system message, /e
 
 
 def chat(*, model: str | None = None, system: str | None = None, sampling: SamplingOptions | None = None,
-         dtype: DType = "auto", compile: bool = False, adapter: str | None = None, input: TextIO | None = None,
-         output: TextIO | None = None, notices: TextIO | None = None) -> int:
+         dtype: DType = "auto", device: Device = "auto", compile: bool = False, adapter: str | None = None,
+         input: TextIO | None = None, output: TextIO | None = None, notices: TextIO | None = None) -> int:
     """Chat with a model: one message per line on stdin, streamed replies on stdout, until EOF or /exit.
 
     Commands: /reset clears the history, /system TEXT sets the system message, /exit quits. Replies go to
@@ -222,6 +229,7 @@ def chat(*, model: str | None = None, system: str | None = None, sampling: Sampl
             per reply and a repetition penalty of 1.1 (with beams, replies appear whole).
         dtype: Compute dtype of the weights: auto (bfloat16 where the CPU has native bf16 or on a GPU, else
             float32), float32 or bfloat16.
+        device: Where the model runs: auto (the GPU when torch sees one, else the CPU), cpu or cuda.
         compile: torch.compile the decode step (slow first call, faster after).
         adapter: An adapter folder from `lmstack finetune` (or a peft LoRA folder), applied unmerged.
         input: Where the user's lines come from (default stdin).
@@ -232,7 +240,7 @@ def chat(*, model: str | None = None, system: str | None = None, sampling: Sampl
     if hasattr(input, "reconfigure"):  # a line that is not UTF-8 fails its turn, not the whole chat
         input.reconfigure(errors="surrogateescape")
     sampling_config(sampling, max_new_tokens=256)  # a bad value fails before the model loads
-    generator, loaded, load_s = load_generator(model, dtype, compile, adapter)
+    generator, loaded, load_s = load_generator(model, dtype, compile, adapter, device)
     cfg = sampling_config(None, **sampling_defaults(loaded.source, {"max_new_tokens": 256, **given(sampling)}))
     context = getattr(loaded.model, "config", loaded.config).max_seq_len  # prompt tuning takes N positions
     session = ChatSession(generator, cfg, context=context, system=system)

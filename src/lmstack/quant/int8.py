@@ -118,7 +118,10 @@ class Int8Linear(nn.Module):
         if self.mode == "w8a8":
             t = (x2.float().abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8)  # [M, 1] per-token scale
             a = torch.round(x2.float() / t).clamp(-127, 127).to(torch.int8)  # [M, K]
-            y = (torch._int_mm(a, self.qweight.t()).float() * t * self.scales).to(x.dtype)  # [M, N]
+            M = a.shape[0]
+            if a.is_cuda and M <= 16:  # the CUDA kernel wants more than 16 rows; a decode step has one
+                a = torch.cat([a, a.new_zeros(17 - M, a.shape[1])])  # [17, K]
+            y = (torch._int_mm(a, self.qweight.t())[:M].float() * t * self.scales).to(x.dtype)  # [M, N]
         elif self.group_size:
             y = self._grouped_mm(x2)  # [M, N]
         else:

@@ -136,6 +136,10 @@ def quantize_(model: nn.Module, scheme: str, *, embedding_scheme: str | None = N
     """
     check_scheme(scheme)
     embedding_scheme = check_scheme(embedding_scheme or scheme)
+    where = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if where.type != "cpu" and "int4" in scheme + embedding_scheme:
+        raise LmstackError(f"int4 runs on torch's CPU int4 kernel only, and this model is on {where.type}; "
+                           "on a GPU use int8 or nf4")
     report: list[LayerChoice] = []
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name not in skip]
     for name, linear in targets:
