@@ -16,6 +16,7 @@
 #   generate-gpu     bench/gpu_generate.py on the bench's checkpoint: bf16 eager / compiled, int8, nf4 (int4
 #                    and w8a8 tried, reported as CPU-only by design when they fail)
 #   generate-cli     `lmstack generate --json` on the same checkpoint, --device auto (the GPU)
+#   finetune-gpu     `lmstack finetune` lora and qlora, 10 steps, --device auto (the GPU)
 #   bench-compile    bench/gpu_pretrain.py --compile
 # and ends with a PASS/FAIL summary. Files in $OUT: gpu_check.log (everything printed), gpu_pretrain-eager.{md,json},
 # gpu_pretrain-compile.{md,json}, distributed.json, gpu_generate.json. About 6 minutes on an H200; steps are cut
@@ -151,7 +152,21 @@ sys.exit(0 if same and err < 0.1 else 1)
 EOF
 }
 
-export -f environment data bench pretrain losses_match checkpoint generate_gpu generate_cli w8a8_rows
+finetune_gpu() {  # lmstack finetune, lora and qlora, on --device auto (the GPU when there is one)
+    local model m; model=$(checkpoint)
+    $PY -c 'import json; [print(json.dumps({"instruction": f"say {i}", "output": f"I say {i}."})) for i in range(64)]' \
+        > "$WORK/say.jsonl"
+    for m in lora qlora; do
+        $PY -m lmstack finetune --method "$m" --model "$model" --data "$WORK/say.jsonl" --template plain \
+            --out "$WORK/ft-$m" --max-seq-len 32 --max-steps 10 --batch-size 8 --eval-every 5 --eval-batches 2 \
+            --no-progress > "$WORK/ft-$m.json" || return 1
+        $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[2], {k: r[k] for k in ("device",
+            "steps", "train_loss", "best_val_loss", "elapsed_s", "trainable_params")}); sys.exit(r["device"] != sys.argv[3])' \
+            "$WORK/ft-$m.json" "$m" "$DEVICE" || return 1
+    done
+}
+
+export -f environment data bench pretrain losses_match checkpoint generate_gpu generate_cli w8a8_rows finetune_gpu
 
 SUMMARY=()
 STOP=""  # why the remaining steps are skipped, once they must be
@@ -198,6 +213,7 @@ main() {
     step w8a8-rows        60 w8a8_rows
     step generate-gpu    180 generate_gpu
     step generate-cli     90 generate_cli
+    step finetune-gpu    120 finetune_gpu
     step bench-compile   300 bench --compile  # last: the longest, and the one the budget may cut
 
     echo; echo "=== summary ($DEVICE, $SECONDS s in all)"

@@ -84,6 +84,7 @@ def test_finetune_writes_an_adapter_that_changes_only_its_own_weights(tiny: Path
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and all(r["val_loss"] > 0 for r in records)
     assert result["steps"] == 4 and result["method"] == method
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert result["adapter_bytes"] == (out / "adapter.safetensors").stat().st_size
     adapter = read_safetensors(out / "adapter.safetensors")
     assert sum(t.numel() for t in adapter.values()) == result["trainable_params"]
@@ -272,6 +273,13 @@ def test_unknown_target_is_refused_before_loading(tmp_path: Path) -> None:
     result = run_cli("finetune", "--model", tmp_path / "never-loaded", "--data", tmp_path / "x.jsonl",
                      "--out", tmp_path / "o", "--targets", "q,attn")
     assert_one_line_error(result, "unknown LoRA target 'attn'", "q, k, v, o, gate, up, down")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_missing_gpu_is_refused_before_loading(tmp_path: Path) -> None:
+    result = run_cli("finetune", "--model", tmp_path / "never-loaded", "--data", tmp_path / "x.jsonl",
+                     "--out", tmp_path / "o", "--device", "cuda")
+    assert_one_line_error(result, "no CUDA GPU")
 
 
 def test_adapter_for_another_base_names_the_shapes(lora_dir: Path, tmp_path: Path) -> None:

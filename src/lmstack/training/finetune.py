@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lmstack.checkpoints import load_model, save_native
+from lmstack.checkpoints.load import resolve_device
 from lmstack import runconfig
 from lmstack.errors import LmstackError
 from lmstack.io import atomic_write_json
@@ -57,6 +58,7 @@ class FinetuneResult:
     val_loss_by_task: dict[str, float]
     stop_reason: str
     elapsed_s: float
+    device: str  # where it trained (what --device auto chose)
     trainable_params: int
     total_params: int
     trainable_pct: float
@@ -171,6 +173,7 @@ class FinetuneRun:
     model: str | None = None
     out: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when torch sees one
     data: list[str] | str | None = None
     val_data: list[str] | None = None
     weights: list[float] | None = None
@@ -209,6 +212,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
              prompt_init: str | None = None, prefix_len: int | None = None, prefix_hidden: int | None = None,
              bottleneck: int | None = None, qat: str | None = None, qat_embedding: str | None = None,
              dtype: Literal["float32", "bfloat16"] | None = None,
+             device: Literal["auto", "cpu", "cuda"] | None = None,
              train: TrainOptions | None = None,  # type: ignore[valid-type]
              resume: bool = True) -> FinetuneResult:
     """Fine-tune a model on instruction / chat JSONL with full, lora, qlora, prompt, prefix or adapter.
@@ -249,6 +253,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
             fine-tuning only): OUT is the quantized checkpoint. int3/int2 are stored as int4 codes.
         qat_embedding: the token embedding's (and tied head's) QAT scheme, or none (default: --qat).
         dtype: dtype of the loaded base weights.
+        device: where it trains: auto (the GPU when torch sees one, else the CPU), cpu or cuda.
         train: the trainer's options (fine-tuning defaults: 200 steps, batch 8, a per-method learning rate).
         resume: continue from the newest checkpoint in --out.
     """
@@ -260,7 +265,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
                  max_seq_len=max_seq_len, overflow=overflow, pack=pack, val_fraction=val_fraction, rank=rank,
                  alpha=alpha, dropout=dropout, targets=targets, n_virtual=n_virtual, prompt_init=prompt_init,
                  prefix_len=prefix_len, prefix_hidden=prefix_hidden, bottleneck=bottleneck, qat=qat,
-                 qat_embedding=qat_embedding, dtype=dtype,
+                 qat_embedding=qat_embedding, dtype=dtype, device=device,
                  train=runconfig.given(train) or None)
     typed = runconfig.load(FinetuneRun, config, given)
     run = {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed) if getattr(typed, f.name) is not None}
@@ -277,6 +282,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
     cfg = train_config(method, run, str(run["out"]))
     max_seq_len = int(run.get("max_seq_len") or 512)
     overflow = run.get("overflow", "truncate")
+    where = resolve_device(run.get("device", "auto"))  # a bad device fails before the data is read
 
     # Data first: a bad line is reported before the model loads.
     tokenizer = load_tokenizer(str(run["model"]))
@@ -288,7 +294,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
         raise LmstackError("no validation examples: raise val_fraction or give --val-data")
 
     torch.manual_seed(cfg.seed)
-    loaded = load_model(str(run["model"]), dtype=run.get("dtype", "float32"))
+    loaded = load_model(str(run["model"]), dtype=run.get("dtype", "float32"), device=where)
     if loaded.config.family != "decoder":
         raise LmstackError(f"finetune trains decoder models; {run['model']} is a {loaded.config.family}")
     if max_seq_len > loaded.config.max_seq_len:
@@ -335,7 +341,7 @@ def finetune(*, method: Literal["full", "lora", "qlora", "prompt", "prefix", "ad
     last = trainer.history[-1] if trainer.history else {}
     return FinetuneResult(out=str(out_dir), method=method, steps=result.step, train_loss=result.train_loss,
                           best_val_loss=result.best_val_loss, val_loss_by_task=last.get("val_loss_by_task", {}),
-                          stop_reason=result.stop_reason, elapsed_s=round(result.elapsed_s, 2),
+                          stop_reason=result.stop_reason, elapsed_s=round(result.elapsed_s, 2), device=where,
                           trainable_params=trainable, total_params=total,
                           trainable_pct=round(100.0 * trainable / total, 4),
                           adapter_bytes=weights_file.stat().st_size, data=summary)
