@@ -4,9 +4,9 @@ and compiled, and the quantization schemes of `lmstack quantize`, applied in mem
     python bench/gpu_generate.py --model runs/bench/gpu_pretrain/lmstack-eager/final [--device cuda]
                                  [--new-tokens 200] [--rows bf16 bf16-compile int8 nf4 int4-g32 w8a8] [--out F.json]
 
-This loads as `lmstack generate --device` does (load_model with inference=True and the compile flag) and drives
-the same Generator. Quantized rows quantize the bf16 model in memory as `lmstack quantize` does (fuse q|k|v, then
-quantize_), since quantized native checkpoints load on the CPU only (checkpoints/load.py). int4 runs on the CPU
+The bf16 rows load as `lmstack generate --device` does (its load_generator). Quantized rows quantize the bf16
+model in memory as `lmstack quantize` does (fuse q|k|v, then quantize_), since quantized native checkpoints load
+on the CPU only (checkpoints/load.py). int4 runs on the CPU
 int4 kernel only (quant/int4.py): it is tried on a GPU, and its refusal there is reported as expected.
 
 Each row: one short generation first (compilation, CUDA graph capture), then the median decode tokens/s of
@@ -28,6 +28,7 @@ import torch
 
 from lmstack.checkpoints import load_model
 from lmstack.generation import GenerationConfig, Generator
+from lmstack.generation.chat import load_generator
 from lmstack.quant.quantize import fuse_projections_, quantize_
 
 ROWS = ("bf16", "bf16-compile", "int8", "nf4", "int4-g32", "w8a8")
@@ -36,13 +37,12 @@ EXPECTED_ON_GPU = {"int4-g32": "CPU-only by design: quantize_ refuses int4 off t
 
 def generator_for(row: str, model: str, device: str) -> Generator:
     """The bf16 rows load as `lmstack generate` does; the others are quantized as `lmstack quantize` does."""
-    compiled = row.endswith("-compile")
-    loaded = load_model(model, dtype=torch.bfloat16, device=device, inference=row.startswith("bf16"),
-                        compile=compiled)
-    if not row.startswith("bf16"):
-        fuse_projections_(loaded.model)
-        quantize_(loaded.model, row)
-    return Generator(loaded.model, loaded.tokenizer, compile=compiled)
+    if row.startswith("bf16"):
+        return load_generator(model, "bfloat16", compile=row.endswith("-compile"), device=device)[0]
+    loaded = load_model(model, dtype=torch.bfloat16, device=device)
+    fuse_projections_(loaded.model)
+    quantize_(loaded.model, row)
+    return Generator(loaded.model, loaded.tokenizer)
 
 
 def measure(row: str, args: argparse.Namespace) -> dict[str, Any]:
